@@ -1,0 +1,1 @@
+"""kaito.image_builder"""

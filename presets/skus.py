@@ -1,0 +1,125 @@
+"""GPU SKU tables and Kaito's fit rules.
+
+Called by the CLI (`kaito presets fit`), the operator's admission checks and
+rendering (GPU requests per node). Tables live in `sku_tables/*.yaml`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+
+from kaito.presets.errors import InvalidInput
+from kaito.presets.spec import PresetSpec
+
+TABLE_DIR = Path(__file__).parent / "sku_tables"
+
+
+@dataclass(frozen=True)
+class GPUSku:
+    """One cloud instance type with GPUs."""
+
+    name: str
+    cloud: str
+    gpus: int
+    gpu_memory_gib: float  # total over all GPUs of the node
+    gpu_model: str
+
+    @property
+    def per_gpu_memory_gib(self) -> float:
+        return self.gpu_memory_gib / self.gpus
+
+
+@functools.lru_cache(maxsize=1)
+def sku_table() -> dict[str, GPUSku]:
+    table: dict[str, GPUSku] = {}
+    for path in sorted(TABLE_DIR.glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        for name, row in doc["skus"].items():
+            table[name] = GPUSku(name=name, cloud=doc["cloud"], **row)
+    return table
+
+
+def get_sku(instance_type: str) -> GPUSku:
+    table = sku_table()
+    if instance_type in table:
+        return table[instance_type]
+    # Azure SKU names are case-insensitive in the API.
+    for name, sku in table.items():
+        if name.lower() == instance_type.lower():
+            return sku
+    raise InvalidInput(
+        f"unknown instance type {instance_type!r}: supported GPU SKUs are {', '.join(sorted(table))}"
+    )
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of a fit check: ok, or the rule that failed with its numbers."""
+
+    preset: str
+    instance_type: str
+    count: int
+    ok: bool
+    rule: Optional[str] = None
+    message: str = ""
+    alternatives: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _check(preset: PresetSpec, sku: GPUSku, count: int) -> Optional[tuple[str, str]]:
+    need = preset.gpu
+    have_gpus = count * sku.gpus
+    if have_gpus < need.gpu_count:
+        return (
+            "gpu-count",
+            f"GPU count: {count} x {sku.name} gives {have_gpus} GPU(s), {preset.name} needs {need.gpu_count}",
+        )
+    if sku.per_gpu_memory_gib < need.per_gpu_memory_gib:
+        return (
+            "per-gpu-memory",
+            f"per-GPU memory: {sku.name} has {sku.per_gpu_memory_gib:g} GiB per GPU, "
+            f"{preset.name} needs {need.per_gpu_memory_gib:g} GiB per GPU",
+        )
+    have_mem = count * sku.gpu_memory_gib
+    if have_mem < need.total_gpu_memory_gib:
+        return (
+            "total-gpu-memory",
+            f"total GPU memory: {count} x {sku.name} gives {have_mem:g} GiB, "
+            f"{preset.name} needs {need.total_gpu_memory_gib:g} GiB",
+        )
+    return None
+
+
+def fitting_skus(preset: PresetSpec, count: int = 1) -> list[GPUSku]:
+    """SKUs that fit at this node count, smallest total GPU memory first."""
+    fits = [s for s in sku_table().values() if _check(preset, s, count) is None]
+    return sorted(fits, key=lambda s: (s.gpu_memory_gib, s.gpus, s.name))
+
+
+def fit(preset: PresetSpec, instance_type: Union[str, GPUSku], count: int = 1) -> FitResult:
+    """Apply Kaito's three rules: GPU count, per-GPU memory, total GPU memory."""
+    if count < 1:
+        raise InvalidInput(f"count must be at least 1, got {count}")
+    sku = instance_type if isinstance(instance_type, GPUSku) else get_sku(instance_type)
+    failed = _check(preset, sku, count)
+    if failed is None:
+        return FitResult(preset.name, sku.name, count, True, message=f"{preset.name} fits {count} x {sku.name}")
+    rule, detail = failed
+    alts = tuple(s.name for s in fitting_skus(preset, count) if s.cloud == sku.cloud)[:5]
+    hint = f"; SKUs that fit at count {count}: {', '.join(alts)}" if alts else ""
+    return FitResult(preset.name, sku.name, count, False, rule, f"{detail}{hint}", alts)
+
+
+def smallest_fit(preset: PresetSpec, cloud: Optional[str] = "azure") -> GPUSku:
+    """The single-node SKU with the least GPU memory that fits the preset."""
+    fits = [s for s in fitting_skus(preset, 1) if cloud is None or s.cloud == cloud]
+    if not fits:
+        raise InvalidInput(f"no single {cloud or ''} SKU fits {preset.name}; use several nodes (count > 1)")
+    return fits[0]
