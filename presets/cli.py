@@ -187,7 +187,9 @@ def _load_plugins() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     _load_plugins()
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int):  # click returns typer.Exit's code when not standalone
+            return rv
     except InvalidInput as e:
         err_console.print(f"[red]error:[/red] {e}")
         return 2

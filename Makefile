@@ -1,0 +1,57 @@
+# Kaito in Python. `make demo` runs the main job on the embedded default;
+# `make test` passes the tests. Both install what they need first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned: an unpinned torch (or peft/transformers
+# before torch) pulls a multi-GB CUDA build. For CUDA images use e.g.
+#   make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+EXTRAS ?= all
+MODEL ?= tiny-phi-3
+REGISTRY ?= out/registry
+TAG ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench build-preset crd lint e2e-container clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) tests/e2e/demo.py $(if $(filter-out out/registry,$(REGISTRY)),--registry $(REGISTRY))
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/image_push.py
+	$(PY) bench/serving.py
+	$(PY) bench/tuning.py
+	$(PY) bench/operator.py
+
+build-preset: install
+	$(VENV)/bin/kaito image build-preset $(MODEL) --registry $(REGISTRY) $(if $(TAG),--tag $(TAG))
+
+crd: install
+	$(VENV)/bin/kaito operator crd --output deploy/crd.yaml
+
+lint: install
+	$(VENV)/bin/lint-imports
+
+e2e-container: install
+	$(PY) tests/e2e/container.py
+
+clean:
+	rm -rf out build dist *.egg-info

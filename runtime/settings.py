@@ -1,0 +1,126 @@
+"""Runtime settings: one pydantic-settings model for every knob of the server.
+
+Read by `kaito.runtime.__main__` and `kaito serve` (via `load_settings`), then
+passed to `build_app(settings)`. Sources, highest priority first: command-line
+flags, `KAITO_*` environment variables, the YAML config file
+(`--config /mnt/config/inference_config.yaml`, keys are the field names below,
+optionally under a top-level `runtime:` key), then defaults. Kaito's own
+environment contract is honoured too: `LOCAL_RANK` shifts the port
+(5000 + LOCAL_RANK) and an env var named exactly like an adapter gives that
+adapter's strength (e.g. `phi-3-adapter=0.5`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kaito.presets.errors import InvalidInput
+
+
+class RuntimeSettings(BaseSettings):
+    """Everything the inference server can be told; field names are the config-file keys."""
+
+    model_config = SettingsConfigDict(env_prefix="KAITO_", extra="forbid", validate_default=True)
+
+    model_dir: Path = Field(Path("/workspace/weights"), description="Directory holding config.json, tokenizer and safetensors weights.")
+    preset: Optional[str] = Field(None, description="Preset name (kaito.presets); gives dtype, trust_remote_code, chat template and context length.")
+    served_model_name: Optional[str] = Field(None, description="Model id clients send as `model`; default the preset name, else the model dir's name.")
+    host: str = Field("0.0.0.0", description="Interface uvicorn binds to.")
+    port: int = Field(5000, ge=1, le=65535, description="Base port; the process listens on port + LOCAL_RANK as Kaito did.")
+    dtype: str = Field("auto", description="torch dtype: auto (the preset's, else bfloat16 on CUDA and float32 on CPU), float32, bfloat16, float16.")
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code; refused unless the preset allows it.")
+    adapters_dir: Path = Field(Path("/mnt/adapter"), description="Every sub-directory holding adapter_config.json is loaded at start.")
+    adapter_strengths: dict[str, float] = Field(default_factory=dict, description="Strength per adapter name; the env var named after the adapter wins, default 1.0.")
+    enable_lora_loading: bool = Field(True, description="Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter at run time.")
+    adapter_pull_root: Path = Field(Path("/tmp/kaito-adapters"), description="Where adapter images named in load_lora_adapter are extracted.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together in one forward pass.")
+    max_waiting: int = Field(256, ge=0, description="Requests queued beyond the running batch; more get 429 with Retry-After.")
+    max_model_len: Optional[int] = Field(None, ge=8, description="Context length enforced (prompt + completion); default the preset's, else the model config's.")
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="Completion length when a /v1 request gives no max_tokens (capped by the context).")
+    max_n: int = Field(8, ge=1, le=64, description="Largest `n` (choices per request).")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Request bodies above this size get 413.")
+    api_key: Optional[SecretStr] = Field(None, description="When set, /v1 and /chat need `Authorization: Bearer <key>`.")
+    chat_template: Optional[str] = Field(None, description="Chat template override: a file path or the Jinja text itself.")
+    pipeline: Optional[Literal["text-generation", "conversational"]] = Field(None, description="Kaito pipeline for /chat error messages; default the preset's run_params.pipeline.")
+    tensor_parallel: bool = Field(True, description="Under torchrun on CUDA, shard with transformers' tp_plan when the model has one; else replicate.")
+    log_level: str = Field("info", description="uvicorn and kaito log level.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        ok = {"auto", "float32", "bfloat16", "float16"}
+        if v not in ok:
+            raise ValueError(f"dtype {v!r} is not one of {sorted(ok)}")
+        return v
+
+
+FIELD_NAMES = sorted(RuntimeSettings.model_fields)
+
+
+def read_config_file(path: Optional[Path]) -> dict[str, Any]:
+    """The YAML config's settings (top level or under `runtime:`); unknown keys are an error naming the valid ones."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"--config {path}: no such file; give the path of a YAML file with runtime settings")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InvalidInput(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"--config {path}: expected a mapping of setting names to values")
+    if "runtime" in data and isinstance(data["runtime"], dict) and len(data) == 1:
+        data = data["runtime"]
+    unknown = sorted(set(data) - set(FIELD_NAMES))
+    if unknown:
+        raise InvalidInput(f"--config {path}: unknown setting(s) {unknown}; valid settings are: {', '.join(FIELD_NAMES)}")
+    return data
+
+
+def _format(err: ValidationError, where: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "settings"
+        parts.append(f"{loc}: {e['msg']}")
+    return f"invalid runtime settings ({where}): " + "; ".join(parts)
+
+
+def load_settings(overrides: Optional[dict[str, Any]] = None, config: Optional[Path] = None) -> RuntimeSettings:
+    """Merge flags (overrides, None values skipped) over KAITO_* env over the config file over defaults."""
+    file_data = read_config_file(config)
+    try:
+        env = RuntimeSettings()
+    except ValidationError as e:
+        raise InvalidInput(_format(e, "KAITO_* environment")) from None
+    merged = dict(file_data)
+    merged.update({k: getattr(env, k) for k in env.model_fields_set})
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return RuntimeSettings(**merged)
+    except ValidationError as e:
+        raise InvalidInput(_format(e, "flags/env/config")) from None
+
+
+def listen_port(settings: RuntimeSettings) -> int:
+    """Kaito's rule: each local rank listens on base port + LOCAL_RANK."""
+    return settings.port + int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def adapter_strength(settings: RuntimeSettings, name: str) -> float:
+    """Strength of an adapter: the env var named exactly like it (Kaito), else settings, else 1.0."""
+    raw = os.environ.get(name)
+    if raw is not None:
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidInput(f"env var {name}={raw!r}: an adapter's strength must be a number such as 1.0") from None
+    return float(settings.adapter_strengths.get(name, 1.0))

@@ -1,0 +1,146 @@
+"""Weight sources: local dirs, the hub at a pinned revision (local endpoint), tiny; pickle refused."""
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from kaito.presets import InvalidInput, KaitoError, get_preset, make_tiny
+from kaito.presets.spec import GPURequirements, PresetSpec
+from kaito.presets.weights import materialize_weights
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _preset(**kw):
+    base = dict(name="hubby", family="phi3", hf_repo="org/hubby", hf_revision=REV, image_tag="1",
+                gpu=GPURequirements(total_gpu_memory_gib=1))
+    return PresetSpec(**{**base, **kw})
+
+
+def test_tiny_source(tmp_path):
+    d = materialize_weights(get_preset("tiny-phi-3"), tmp_path / "w")
+    assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
+
+
+def test_local_directory_source_skips_pickles_and_code(tmp_path):
+    src = make_tiny(tmp_path / "src")
+    (src / "training_args.bin").write_bytes(b"\x80\x04pickle")
+    (src / "modeling_evil.py").write_text("import os")
+    d = materialize_weights(_preset(), tmp_path / "w", source=src)
+    names = {p.name for p in d.iterdir()}
+    assert "model.safetensors" in names and "training_args.bin" not in names and "modeling_evil.py" not in names
+
+
+def test_pickle_only_weights_refused_and_nothing_left(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(InvalidInput) as e:
+        materialize_weights(_preset(), tmp_path / "w", source=src)
+    assert "pytorch_model.bin" in str(e.value) and "execute code" in str(e.value) and "safetensors" in str(e.value)
+    assert not (tmp_path / "w").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".w.")] == []
+
+
+def test_missing_weight_file_fails_atomically(tmp_path):
+    src = make_tiny(tmp_path / "src")
+    p = _preset(weight_files=["model-00001-of-00002.safetensors"])
+    with pytest.raises(KaitoError, match="missing model-00001-of-00002.safetensors"):
+        materialize_weights(p, tmp_path / "w", source=src)
+    assert not (tmp_path / "w").exists()
+
+
+class _Hub(BaseHTTPRequestHandler):
+    """A local stand-in for the hub's file API, serving one repo at one commit."""
+
+    files: dict = {}
+    hits: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def _file(self):
+        prefix = f"/org/hubby/resolve/{REV}/"
+        if not self.path.startswith(prefix):
+            return None
+        return self.files.get(self.path[len(prefix):].split("?")[0])
+
+    def _headers(self, body):
+        self.send_header("X-Repo-Commit", REV)
+        self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+
+    def do_HEAD(self):
+        body = self._file()
+        if body is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self._headers(body)
+        self.end_headers()
+
+    def do_GET(self):
+        self.hits.append(self.path)
+        if self.path.startswith("/api/models/org/hubby"):
+            if "/tree/" in self.path:  # the recursive tree listing snapshot_download asks for
+                info = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                        for n, b in self.files.items()]
+            else:
+                info = {"id": "org/hubby", "sha": REV, "siblings": [{"rfilename": n} for n in self.files]}
+            body = json.dumps(info).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        body = self._file()
+        if body is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self._headers(body)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    src = make_tiny(tmp_path / "hubsrc")
+    files = {p.name: p.read_bytes() for p in src.iterdir()}
+    files["pytorch_model.bin"] = b"\x80\x04pickle"
+    handler = type("H", (_Hub,), {"files": files, "hits": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_port}", handler, files
+    server.shutdown()
+
+
+def test_hub_download_at_pinned_revision(tmp_path, hub, monkeypatch):
+    endpoint, handler, files = hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False, raising=False)
+    d = materialize_weights(_preset(), tmp_path / "w", endpoint=endpoint, cache_dir=tmp_path / "cache")
+    assert (d / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert not (d / "pytorch_model.bin").exists()
+    assert not any("pytorch_model.bin" in h for h in handler.hits)  # the pickle was never fetched
+    assert all(REV in h for h in handler.hits if "/resolve/" in h)
+    # A second run is served from the cache: offline mode works once downloaded.
+    d2 = materialize_weights(_preset(), tmp_path / "w2", endpoint=endpoint, cache_dir=tmp_path / "cache",
+                             local_files_only=True)
+    assert (d2 / "model.safetensors").read_bytes() == files["model.safetensors"]
+
+
+def test_hub_error_is_wrapped(tmp_path):
+    with pytest.raises(KaitoError, match="downloading org/hubby@0123456789ab for preset hubby"):
+        materialize_weights(_preset(), tmp_path / "w", cache_dir=tmp_path / "c", local_files_only=True)
+    assert not (tmp_path / "w").exists()
