@@ -1,0 +1,155 @@
+"""OCI value types: media types, descriptors and manifest/index (de)serialisation.
+
+Pure data, no I/O. Read by image, layout, remote and the pull/inspect code.
+Docker schema2 manifests and manifest lists are read as their OCI twins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from kaito.image_builder.oci.errors import OCIError, VerificationError
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+
+# CNCF ModelPack (github.com/modelpack/model-spec)
+MODEL_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
+MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
+MODEL_WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
+MODEL_WEIGHT_CONFIG_TAR = "application/vnd.cncf.model.weight.config.v1.tar"
+MODEL_WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
+MODEL_FILEPATH = "org.cncf.model.filepath"
+
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
+
+# Kaito annotations
+ANN_MODEL_NAME = "sh.kaito.model.name"  # Kaito's adapter contract
+ANN_CONTENT_ROOT = "sh.kaito.content.root"  # the directory a plain pull strips (data, workspace/weights)
+ANN_TITLE = "org.opencontainers.image.title"
+ANN_REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON: same value, same bytes, same digest."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """An OCI content descriptor: what a manifest says about one blob."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    artifact_type: Optional[str] = None
+    platform: Optional[Mapping[str, str]] = None
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            d["annotations"] = dict(self.annotations)
+        if self.artifact_type:
+            d["artifactType"] = self.artifact_type
+        if self.platform:
+            d["platform"] = dict(self.platform)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Descriptor":
+        try:
+            return cls(
+                media_type=d["mediaType"],
+                digest=d["digest"],
+                size=int(d["size"]),
+                annotations=dict(d.get("annotations") or {}),
+                artifact_type=d.get("artifactType"),
+                platform=d.get("platform"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise OCIError(f"reading a descriptor: missing or bad field {e} in {dict(d)!r}") from None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed image manifest (OCI or Docker schema2)."""
+
+    media_type: str
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    annotations: Mapping[str, str]
+    artifact_type: Optional[str]
+    raw: bytes
+
+    @property
+    def digest(self) -> str:
+        return sha256_digest(self.raw)
+
+
+@dataclass(frozen=True)
+class Index:
+    media_type: str
+    manifests: tuple[Descriptor, ...]
+    raw: bytes
+
+
+def parse_manifest(raw: bytes, media_type: Optional[str] = None) -> "Manifest | Index":
+    try:
+        d = json.loads(raw)
+    except ValueError as e:
+        raise OCIError(f"reading a manifest: not JSON ({e})") from None
+    mt = d.get("mediaType") or media_type or (OCI_INDEX if "manifests" in d else OCI_MANIFEST)
+    if mt in INDEX_TYPES or "manifests" in d:
+        return Index(mt, tuple(Descriptor.from_json(m) for m in d.get("manifests", [])), raw)
+    if mt not in MANIFEST_TYPES:
+        raise OCIError(f"reading a manifest: unsupported media type {mt!r} (expected one of {ACCEPT})")
+    if "config" not in d:
+        raise OCIError("reading a manifest: it has no config descriptor")
+    return Manifest(
+        media_type=mt,
+        config=Descriptor.from_json(d["config"]),
+        layers=tuple(Descriptor.from_json(x) for x in d.get("layers", [])),
+        annotations=dict(d.get("annotations") or {}),
+        artifact_type=d.get("artifactType"),
+        raw=raw,
+    )
+
+
+def pick_platform(index: Index, os_: str = "linux", arch: str = "amd64") -> Descriptor:
+    """The index entry for os/arch (first manifest when none declares a platform)."""
+    for m in index.manifests:
+        p = m.platform or {}
+        if p.get("os") == os_ and p.get("architecture") == arch:
+            return m
+    for m in index.manifests:
+        if not m.platform and m.media_type in MANIFEST_TYPES:
+            return m
+    have = [f"{(m.platform or {}).get('os')}/{(m.platform or {}).get('architecture')}" for m in index.manifests]
+    raise OCIError(f"selecting a platform: no {os_}/{arch} image in the index (it has {', '.join(have) or 'none'})")
+
+
+def verify_bytes(data: bytes, digest: str, what: str) -> bytes:
+    got = sha256_digest(data)
+    if got != digest:
+        raise VerificationError(f"verifying {what}: content has digest {got}, expected {digest}")
+    return data
