@@ -19,12 +19,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
-from safetensors.torch import load_file
-
 from kaito.presets.errors import InvalidInput
+from safetensors.torch import load_file
 
 # A row's adapter use: ((adapter name, strength), ...); () is the bare base model.
 RowSpec = tuple[tuple[str, float], ...]
@@ -83,7 +81,7 @@ def read_adapter(path: Path, name: str, model: torch.nn.Module) -> LoraAdapter:
     for key, t in tensors.items():
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
         if not m:
-            if "lora_embedding" in key or key.endswith(".weight") or key.endswith(".bias"):
+            if "lora_embedding" in key or key.endswith((".weight", ".bias")):
                 raise InvalidInput(
                     f"adapter {name}: tensor {key!r} is not a LoRA A/B matrix (modules_to_save, biases and "
                     "embedding LoRA are not supported)"
@@ -121,7 +119,7 @@ class LoraManager:
         self._hooked: set[str] = set()
         self._modules = dict(model.named_modules())
         # adapter name -> (row indices, per-row coefficient [n,1,1]); empty when no row uses adapters.
-        self._plan: dict[str, tuple[Optional[torch.Tensor], torch.Tensor]] = {}
+        self._plan: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     def add(self, adapter: LoraAdapter) -> None:
         self.adapters[adapter.name] = adapter

@@ -10,7 +10,6 @@ seeded request samples the same tokens alone or inside any batch. Greedy rows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -21,14 +20,14 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
-    seed: Optional[int] = None
+    seed: int | None = None
     repetition_penalty: float = 1.0  # HF/CTRL: divide positive logits of seen tokens
     presence_penalty: float = 0.0  # OpenAI: subtract once per generated token id
     frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
-    logprobs: Optional[int] = None  # None: off; k >= 0: chosen token's logprob and top-k alternatives
+    logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob and top-k alternatives
 
 
 def _penalise(logits: torch.Tensor, rows: list, seqs: list) -> None:

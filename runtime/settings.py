@@ -12,15 +12,17 @@ adapter's strength (e.g. `phi-3-adapter=0.5`).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
+from kaito.presets.errors import InvalidInput
+
+log = logging.getLogger("kaito.runtime.settings")
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from kaito.presets.errors import InvalidInput
 
 
 class RuntimeSettings(BaseSettings):
@@ -29,8 +31,8 @@ class RuntimeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KAITO_", extra="forbid", validate_default=True)
 
     model_dir: Path = Field(Path("/workspace/weights"), description="Directory holding config.json, tokenizer and safetensors weights.")
-    preset: Optional[str] = Field(None, description="Preset name (kaito.presets); gives dtype, trust_remote_code, chat template and context length.")
-    served_model_name: Optional[str] = Field(None, description="Model id clients send as `model`; default the preset name, else the model dir's name.")
+    preset: str | None = Field(None, description="Preset name (kaito.presets); gives dtype, trust_remote_code, chat template and context length.")
+    served_model_name: str | None = Field(None, description="Model id clients send as `model`; default the preset name, else the model dir's name.")
     host: str = Field("0.0.0.0", description="Interface uvicorn binds to.")
     port: int = Field(5000, ge=1, le=65535, description="Base port; the process listens on port + LOCAL_RANK as Kaito did.")
     dtype: str = Field("auto", description="torch dtype: auto (the preset's, else bfloat16 on CUDA and float32 on CPU), float32, bfloat16, float16.")
@@ -38,18 +40,21 @@ class RuntimeSettings(BaseSettings):
     trust_remote_code: bool = Field(False, description="Run the model repository's own code; refused unless the preset allows it.")
     adapters_dir: Path = Field(Path("/mnt/adapter"), description="Every sub-directory holding adapter_config.json is loaded at start.")
     adapter_strengths: dict[str, float] = Field(default_factory=dict, description="Strength per adapter name; the env var named after the adapter wins, default 1.0.")
-    enable_lora_loading: bool = Field(True, description="Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter at run time.")
+    # Off by default, as in vLLM: loading reads any server path or pulls any image the caller names.
+    enable_lora_loading: bool = Field(False, description="Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter at run time.")
     adapter_pull_root: Path = Field(Path("/tmp/kaito-adapters"), description="Where adapter images named in load_lora_adapter are extracted.")
+    adapter_pull_auth_file: Path | None = Field(None, description="dockerconfigjson used to pull adapter images (never logged).")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together in one forward pass.")
     max_waiting: int = Field(256, ge=0, description="Requests queued beyond the running batch; more get 429 with Retry-After.")
-    max_model_len: Optional[int] = Field(None, ge=8, description="Context length enforced (prompt + completion); default the preset's, else the model config's.")
+    max_model_len: int | None = Field(None, ge=8, description="Context length enforced (prompt + completion); default the preset's, else the model config's.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="Completion length when a /v1 request gives no max_tokens (capped by the context).")
     max_n: int = Field(8, ge=1, le=64, description="Largest `n` (choices per request).")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Request bodies above this size get 413.")
-    api_key: Optional[SecretStr] = Field(None, description="When set, /v1 and /chat need `Authorization: Bearer <key>`.")
-    chat_template: Optional[str] = Field(None, description="Chat template override: a file path or the Jinja text itself.")
-    pipeline: Optional[Literal["text-generation", "conversational"]] = Field(None, description="Kaito pipeline for /chat error messages; default the preset's run_params.pipeline.")
+    api_key: SecretStr | None = Field(None, description="When set, /v1 and /chat need `Authorization: Bearer <key>`.")
+    chat_template: str | None = Field(None, description="Chat template override: a file path or the Jinja text itself.")
+    pipeline: Literal["text-generation", "conversational"] | None = Field(None, description="Kaito pipeline for /chat error messages; default the preset's run_params.pipeline.")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op CPU threads; default torch's. 1 avoids OpenMP stalls on small or shared CPUs.")
     tensor_parallel: bool = Field(True, description="Under torchrun on CUDA, shard with transformers' tp_plan when the model has one; else replicate.")
     log_level: str = Field("info", description="uvicorn and kaito log level.")
 
@@ -65,8 +70,32 @@ class RuntimeSettings(BaseSettings):
 FIELD_NAMES = sorted(RuntimeSettings.model_fields)
 
 
-def read_config_file(path: Optional[Path]) -> dict[str, Any]:
-    """The YAML config's settings (top level or under `runtime:`); unknown keys are an error naming the valid ones."""
+# Kaito's own inference_config.yaml keys (its template has `vllm:` and `max_probe_steps:`). Users' existing
+# ConfigMaps must keep working, so these are accepted: the vLLM options we have an equivalent for are mapped,
+# the rest (GPU memory fraction, swap, probing) have no meaning for this engine and are ignored with a log line.
+KAITO_KEYS = {"vllm", "max_probe_steps"}
+VLLM_MAP = {"max-model-len": "max_model_len", "max-num-seqs": "max_batch_size", "served-model-name": "served_model_name",
+            "dtype": "dtype", "chat-template": "chat_template"}
+
+
+def _from_kaito(data: dict, path: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    vllm = data.get("vllm") or {}
+    if not isinstance(vllm, dict):
+        raise InvalidInput(f"--config {path}: `vllm:` must be a mapping of vLLM option names to values")
+    for key, value in vllm.items():
+        if key in VLLM_MAP:
+            out[VLLM_MAP[key]] = value
+        else:
+            log.info("config %s: vllm option %r has no equivalent in kaito.runtime; ignored", path, key)
+    return out
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    """Settings from the YAML config: field names at top level or under `runtime:`, plus Kaito's `vllm:` keys.
+
+    Unknown keys are an error naming the valid ones.
+    """
     if path is None:
         return {}
     path = Path(path)
@@ -78,12 +107,22 @@ def read_config_file(path: Optional[Path]) -> dict[str, Any]:
         raise InvalidInput(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise InvalidInput(f"--config {path}: expected a mapping of setting names to values")
-    if "runtime" in data and isinstance(data["runtime"], dict) and len(data) == 1:
-        data = data["runtime"]
-    unknown = sorted(set(data) - set(FIELD_NAMES))
+    settings = _from_kaito(data, path)
+    if "runtime" in data:
+        section = data["runtime"] or {}
+        if not isinstance(section, dict):
+            raise InvalidInput(f"--config {path}: `runtime:` must be a mapping of setting names to values")
+        rest = set(data) - KAITO_KEYS - {"runtime"}
+        if rest:
+            raise InvalidInput(f"--config {path}: unknown top-level key(s) {sorted(rest)}; put settings under `runtime:` "
+                               f"(valid settings are: {', '.join(FIELD_NAMES)})")
+    else:
+        section = {k: v for k, v in data.items() if k not in KAITO_KEYS}
+    unknown = sorted(set(section) - set(FIELD_NAMES))
     if unknown:
         raise InvalidInput(f"--config {path}: unknown setting(s) {unknown}; valid settings are: {', '.join(FIELD_NAMES)}")
-    return data
+    settings.update(section)
+    return settings
 
 
 def _format(err: ValidationError, where: str) -> str:
@@ -94,7 +133,7 @@ def _format(err: ValidationError, where: str) -> str:
     return f"invalid runtime settings ({where}): " + "; ".join(parts)
 
 
-def load_settings(overrides: Optional[dict[str, Any]] = None, config: Optional[Path] = None) -> RuntimeSettings:
+def load_settings(overrides: dict[str, Any] | None = None, config: Path | None = None) -> RuntimeSettings:
     """Merge flags (overrides, None values skipped) over KAITO_* env over the config file over defaults."""
     file_data = read_config_file(config)
     try:

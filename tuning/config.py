@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from kaito.presets.errors import InvalidInput
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SECTIONS = ("ModelConfig", "QuantizationConfig", "LoraConfig", "TrainingArguments", "DataCollator", "DatasetConfig")
 # Kaito's pods mount results here; configs written for Kaito name it, and a
@@ -86,7 +85,7 @@ class TuningConfig(BaseModel):
 def _unknown(section: str, key: str, valid: set[str], what: str) -> InvalidInput:
     close = difflib.get_close_matches(key, sorted(valid), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    listing = "" if len(valid) > 40 else f" (valid: {', '.join(sorted(valid))})"
+    listing = "" if len(valid) > 60 else f" (valid: {', '.join(sorted(valid))})"
     return InvalidInput(f"training_config.{section}.{key}: not a field of {what}{hint}{listing}")
 
 
@@ -203,7 +202,11 @@ def parse_config(source: Union[str, Path, dict], *, method: str, results_root: U
 
 def _check_fields(sec: dict[str, dict]) -> None:
     from peft import LoraConfig
-    from transformers import BitsAndBytesConfig, DataCollatorForLanguageModeling, TrainingArguments
+    from transformers import (
+        BitsAndBytesConfig,
+        DataCollatorForLanguageModeling,
+        TrainingArguments,
+    )
 
     checks = {
         "ModelConfig": (set(MODEL_KWARGS), "from_pretrained"),
@@ -264,6 +267,12 @@ def build_lora(cfg: TuningConfig, default_targets: list[str]):
     from peft import LoraConfig, TaskType
 
     kw = dict(cfg.lora)
+    r = kw.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise InvalidInput(f"training_config.LoraConfig.r must be a positive integer (the adapter rank), got {r!r}")
+    dropout = kw.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise InvalidInput(f"training_config.LoraConfig.lora_dropout must be in [0, 1), got {dropout!r}")
     kw.setdefault("task_type", TaskType.CAUSAL_LM)
     if not kw.get("target_modules"):
         if not default_targets:

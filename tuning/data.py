@@ -228,8 +228,9 @@ def tokenize(tok, ex: Example, max_len: int) -> Optional[dict[str, list[int]]]:
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"][:max_len]
     labels = [IGNORE] * len(ids)
-    for k, (s, _) in enumerate(enc["offset_mapping"][: len(ids)]):
-        if any(a <= s < b for a, b in spans):
+    for k, (s, e) in enumerate(enc["offset_mapping"][: len(ids)]):
+        # Whole tokens only: a span may end inside a shared prefix such as "<|".
+        if any(a <= s and e <= b and s < e for a, b in spans):
             labels[k] = ids[k]
     if all(x == IGNORE for x in labels):
         return None

@@ -30,6 +30,7 @@ class Reference:
     path: Optional[Path] = None  # layout directory
     tag: Optional[str] = None
     digest: Optional[str] = None
+    daemon: Optional[str] = None  # docker-daemon:NAME[:TAG] (a source only)
 
     @property
     def is_layout(self) -> bool:
@@ -51,6 +52,8 @@ class Reference:
         return bool(self.registry) and self.registry.startswith(LOOPBACK)
 
     def __str__(self) -> str:
+        if self.daemon:
+            return f"docker-daemon:{self.daemon}"
         if self.is_layout:
             base = f"oci:{self.path}"
             return base + (f"@{self.digest}" if self.digest else f":{self.tag}" if self.tag else "")
@@ -86,6 +89,11 @@ def parse_reference(ref: str, field: str = "reference") -> Reference:
     """Parse `host[:port]/repo[:tag][@digest]` or `oci:PATH[:TAG]` (a bare existing directory is a layout too)."""
     if not ref or ref.strip() != ref:
         raise BadReference(f"{field}: empty or padded image reference {ref!r}")
+    if ref.startswith("docker-daemon:"):
+        name = ref[len("docker-daemon:") :]
+        if not name:
+            raise BadReference(f"{field}: {ref!r} names no image; use docker-daemon:NAME[:TAG]")
+        return Reference(daemon=name)
     if ref.startswith("oci:"):
         body = ref[4:]
         digest = tag = None
@@ -113,8 +121,15 @@ def parse_reference(ref: str, field: str = "reference") -> Reference:
 
 
 def is_path_like(registry: str) -> bool:
-    """True when a REGISTRY argument names a directory (layout registry) rather than a host."""
-    return registry.startswith(("oci:", "/", "./", "../", "~")) or Path(registry).is_dir()
+    """True when a REGISTRY argument names a directory (layout registry) rather than a host.
+
+    A registry argument always starts with a host (`docker.io/me`, `127.0.0.1:5000`,
+    `localhost/x`), so anything whose first component cannot be a host is a path (`out/registry`).
+    """
+    if registry.startswith(("oci:", "/", "./", "../", "~")) or Path(registry).is_dir():
+        return True
+    first = registry.split("/", 1)[0]
+    return not ("." in first or ":" in first or first == "localhost")
 
 
 def image_ref_for(registry: str, name: str, tag: str) -> Reference:

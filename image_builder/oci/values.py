@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -43,6 +44,13 @@ ANN_MODEL_NAME = "sh.kaito.model.name"  # Kaito's adapter contract
 ANN_CONTENT_ROOT = "sh.kaito.content.root"  # the directory a plain pull strips (data, workspace/weights)
 ANN_TITLE = "org.opencontainers.image.title"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
+
+
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def is_digest(s: str) -> bool:
+    return bool(DIGEST_RE.match(s))
 
 
 def sha256_digest(data: bytes) -> str:

@@ -1,0 +1,178 @@
+"""Reading images from, and writing them to, any reference: OCI layouts or registries; inspect and copy.
+
+The glue between references and the oci sources/sinks; called by build,
+pull, the CLI and other packages (through kaito.image_builder's public face).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from kaito.image_builder.oci import values as V
+from kaito.image_builder.oci.errors import OCIError
+from kaito.image_builder.oci.image import Image, validate
+from kaito.image_builder.oci.layout import Layout, image_from_manifest
+from kaito.image_builder.oci.progress import NULL, Progress
+from kaito.image_builder.oci.push import DEFAULT_CHUNK, Pusher
+from kaito.image_builder.oci.reference import Reference, parse_reference
+from kaito.image_builder.oci.remote import Registry, RemoteRepo
+
+RefLike = Union[str, Reference]
+
+
+def as_ref(ref: RefLike, field_name: str = "reference") -> Reference:
+    return ref if isinstance(ref, Reference) else parse_reference(str(ref), field_name)
+
+
+@dataclass
+class Connection:
+    """Options for reaching registries (auth file, --insecure); registries are opened once per host."""
+
+    auth_file: Optional[Union[str, Path]] = None
+    insecure: Optional[bool] = None
+    _open: dict = field(default_factory=dict)
+
+    def registry(self, host: str) -> Registry:
+        if host not in self._open:
+            self._open[host] = Registry(host, insecure=self.insecure, auth_file=self.auth_file)
+        return self._open[host]
+
+    def close(self) -> None:
+        for r in self._open.values():
+            r.close()
+        self._open.clear()
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_image(ref: RefLike, conn: Connection) -> Image:
+    """The image at `ref` (an index resolves to linux/amd64); its layers stream from the source on demand."""
+    ref = as_ref(ref)
+    if ref.daemon:
+        from kaito.image_builder.oci.daemon import read_daemon_image
+
+        return read_daemon_image(ref.daemon)
+    if ref.is_layout:
+        return Layout(ref.path).read_image(ref.digest or ref.tag)
+    reg = conn.registry(ref.registry)
+    raw, mt = reg.get_manifest(ref.repository, ref.target)
+    m = V.parse_manifest(raw, mt)
+    if isinstance(m, V.Index):
+        desc = V.pick_platform(m)
+        raw, mt = reg.get_manifest(ref.repository, desc.digest)
+        m = V.parse_manifest(raw, mt)
+    src = RemoteRepo(reg, ref.repository)
+    cfg = b"".join(src.open_blob(m.config.digest, m.config.size))
+    return image_from_manifest(m, cfg, src)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where an image went and what it cost: `bytes_uploaded` is what crossed the wire (or was written)."""
+
+    ref: str
+    digest: str
+    size: int
+    bytes_uploaded: int
+    uploaded: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    mounted: tuple[str, ...] = ()
+    resumed: tuple[str, ...] = ()
+
+    @property
+    def pinned(self) -> str:
+        return f"{self.ref.split('@')[0]}@{self.digest}"
+
+
+def write_image(
+    image: Image,
+    ref: RefLike,
+    conn: Connection,
+    *,
+    jobs: int = 4,
+    progress: Progress = NULL,
+    chunk_size: int = DEFAULT_CHUNK,
+    rate_limit: Optional[float] = None,
+) -> PushResult:
+    """Write `image` at `ref`: blobs first (skipping what exists), the manifest last."""
+    ref = as_ref(ref, "destination")
+    validate(image)
+    if ref.digest:
+        raise OCIError(f"writing {ref}: a destination takes a tag, not a digest")
+    if ref.daemon:
+        raise OCIError(f"writing {ref}: a docker daemon is a source only; push to a registry or oci:DIR")
+    if ref.is_layout:
+        layout = Layout(ref.path)
+
+        def task(b):
+            return progress.task(b.digest, f"write {b.annotations.get(V.MODEL_FILEPATH, b.digest[7:19])}", b.size)
+
+        written = layout.write_image(image, ref.tag or "latest", task)
+        return PushResult(str(ref.with_tag(ref.tag or "latest")), image.digest, image.size, written)
+    pusher = Pusher(
+        conn.registry(ref.registry),
+        ref.repository,
+        jobs=jobs,
+        chunk_size=chunk_size,
+        rate_limit=rate_limit,
+        progress=progress,
+    )
+    digest = pusher.push_image(image, ref.tag or "latest")
+    s = pusher.stats
+    return PushResult(
+        str(ref.with_tag(ref.tag or "latest")),
+        digest,
+        image.size,
+        s.bytes_uploaded,
+        tuple(s.uploaded),
+        tuple(s.skipped),
+        tuple(s.mounted),
+        tuple(s.resumed),
+    )
+
+
+def copy(src: RefLike, dst: RefLike, conn: Connection, **kw) -> PushResult:
+    """Copy an image (manifest bytes unchanged, so the digest is kept) between layouts and registries."""
+    return write_image(read_image(src, conn), dst, conn, **kw)
+
+
+def inspect(ref: RefLike, conn: Optional[Connection] = None) -> dict:
+    """Manifest facts: digest, media types, annotations, config summary and layers."""
+    own = conn is None
+    conn = conn or Connection()
+    try:
+        ref = as_ref(ref)
+        img = read_image(ref, conn)
+        cfg = img.config if img.config_media_type in (V.OCI_CONFIG, V.DOCKER_CONFIG, V.MODEL_CONFIG) else {}
+        return {
+            "ref": str(ref),
+            "digest": img.digest,
+            "mediaType": img.media_type,
+            "artifactType": img.artifact_type,
+            "annotations": dict(img.annotations),
+            "labels": (cfg.get("config") or {}).get("Labels") or {} if isinstance(cfg.get("config"), dict) else {},
+            "config": {
+                "mediaType": img.config_media_type,
+                "digest": img.config_blob.digest,
+                "size": len(img.config_bytes),
+            },
+            "size": img.size,
+            "layers": [
+                {"digest": x.digest, "size": x.size, "mediaType": x.media_type, "annotations": dict(x.annotations)}
+                for x in img.layers
+            ],
+        }
+    finally:
+        if own:
+            conn.close()
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,189 @@
+"""Kopf handlers of the Kaito operator: thin wrappers over `kaito.operator.reconcile`.
+
+`build_registry(settings)` returns a fresh `kopf.OperatorRegistry` (no
+module-global handlers), used by `kaito operator run`, the integration tests
+and the benchmark through `run_operator`. Handlers:
+- login: Kopf's own login (service account or kubeconfig), or the
+  ConnectionInfo given (tests); it also builds the operator's `KubeAPI`.
+- create/update/resume: a reconcile pass; invalid specs raise
+  `kopf.PermanentError` (after a False condition and a Warning Event), waits
+  raise `kopf.TemporaryError` so Kopf retries with a delay.
+- child events (Deployments, StatefulSets, Jobs, NodeClaims, Nodes labelled
+  with kaito.sh/workspace): re-run the owning workspace's pass at once.
+- timer: re-checks status (a pod crashed, a node went away) without writes
+  when nothing changed.
+- delete: deletes the workspace's NodeClaims (Kopf's finalizer holds the
+  object until then).
+- validate: the admission webhook (`/validate-workspace`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import kopf
+
+from kaito.operator import admission, reconcile, schema
+from kaito.operator.kube import APIError, KubeAPI
+from kaito.operator.settings import OperatorSettings
+
+FINALIZER = "workspace.finalizer.kaito.sh"
+WORKSPACES = dict(group=schema.GROUP, version=schema.STORAGE_VERSION, plural=schema.PLURAL)
+CHILD_LABELS = {schema.LABEL_WORKSPACE: kopf.PRESENT}
+
+
+@dataclass
+class OperatorState:
+    """Shared by the handlers of one operator: the API client and per-workspace locks."""
+
+    settings: OperatorSettings
+    connection: Optional[Any] = None  # kopf.ConnectionInfo forced by tests; None: Kopf's login
+    api: Optional[KubeAPI] = None
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    passes: int = 0
+    tune_kopf: Optional[Callable[[kopf.OperatorSettings], None]] = None
+    """Adjusts Kopf's settings after ours (tests and the benchmark shorten Kopf's exit timeouts)."""
+
+
+async def _pass(state: OperatorState, body: dict[str, Any], logger: logging.Logger) -> reconcile.Outcome:
+    meta = body["metadata"]
+    key = (meta.get("namespace") or "default", meta["name"])
+    async with state.locks[key]:
+        assert state.api is not None, "the login handler builds the API client first"
+        fresh = await state.api.get("Workspace", key[0], key[1])
+        if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
+            return reconcile.Outcome(done=True)
+        state.passes += 1
+        out = await reconcile.reconcile(state.api, fresh, state.settings)
+    if out.created or out.patched:
+        logger.info("workspace %s/%s: created %s, patched %s", key[0], key[1], out.created, out.patched)
+    if out.invalid and out.conditions_changed:
+        kopf.warn(fresh, reason="InvalidWorkspace", message=out.invalid)
+    return out
+
+
+def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    settings = state.settings
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kaito.sh")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="kaito.sh", key="last-handled-configuration"
+        )
+        settings.posting.level = logging.WARNING  # only Warning Events (invalid specs) reach the API
+        if state.settings.webhook_port:
+            cert_dir = state.settings.webhook_cert_dir
+            settings.admission.server = kopf.WebhookServer(
+                addr="0.0.0.0",
+                port=state.settings.webhook_port,
+                host=state.settings.webhook_host,
+                certfile=f"{cert_dir}/tls.crt" if cert_dir else None,
+                pkeyfile=f"{cert_dir}/tls.key" if cert_dir else None,
+                insecure=cert_dir is None,
+            )
+        if state.tune_kopf is not None:
+            state.tune_kopf(settings)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        info = state.connection
+        if info is None:
+            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        if info is not None and state.api is None:
+            state.api = KubeAPI.from_connection_info(info)
+        return info
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(**_: Any) -> None:
+        if state.api is not None:
+            await state.api.close()
+
+    async def handle(body: Any, logger: logging.Logger, **_: Any) -> None:
+        try:
+            out = await _pass(state, dict(body), logger)
+        except APIError as e:
+            raise kopf.TemporaryError(f"API error, will retry: {e}", delay=settings.retry_seconds) from None
+        if out.invalid:
+            raise kopf.PermanentError(out.invalid)
+        if out.waiting and not out.done:
+            raise kopf.TemporaryError(out.waiting, delay=settings.retry_seconds)
+
+    for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
+        decorator(**WORKSPACES, registry=registry, id="reconcile")(handle)
+
+    @kopf.timer(**WORKSPACES, registry=registry, interval=settings.resync_seconds, idle=settings.resync_seconds)
+    async def resync(body: Any, logger: logging.Logger, **_: Any) -> None:
+        try:
+            await _pass(state, dict(body), logger)
+        except APIError as e:
+            logger.warning("resync of %s failed, next tick retries: %s", body["metadata"]["name"], e)
+
+    async def child_event(body: Any, logger: logging.Logger, type: Optional[str], **_: Any) -> None:
+        labels = body.get("metadata", {}).get("labels") or {}
+        name, ns = labels.get(schema.LABEL_WORKSPACE), labels.get(schema.LABEL_WORKSPACE_NS)
+        if not name or not ns or state.api is None:
+            return
+        try:
+            await _pass(state, {"metadata": {"name": name, "namespace": ns}}, logger)
+        except (APIError, kopf.PermanentError) as e:  # the workspace's own handlers report these
+            logger.debug("child event for %s/%s: %s", ns, name, e)
+
+    for group, version, plural in (
+        ("apps", "v1", "deployments"),
+        ("apps", "v1", "statefulsets"),
+        ("batch", "v1", "jobs"),
+        ("karpenter.sh", "v1", "nodeclaims"),
+        ("", "v1", "nodes"),
+    ):
+        kopf.on.event(
+            group=group, version=version, plural=plural, labels=CHILD_LABELS, registry=registry, id=f"child-{plural}"
+        )(child_event)
+
+    @kopf.on.delete(**WORKSPACES, registry=registry, id="finalize")
+    async def on_delete(body: Any, logger: logging.Logger, **_: Any) -> None:
+        assert state.api is not None
+        try:
+            await reconcile.write_status(
+                state.api, dict(body), [reconcile._cond("WorkspaceDeleting", True, "Deleting", "deleting NodeClaims")]
+            )
+            n = await reconcile.finalize(state.api, dict(body))
+        except APIError as e:
+            raise kopf.TemporaryError(f"deleting NodeClaims: {e}", delay=settings.retry_seconds) from None
+        logger.info("deleted %d NodeClaim(s)", n)
+
+    if settings.webhook_port:
+        kopf.on.validate(**WORKSPACES, registry=registry, id="validate-workspace")(validate_webhook)
+
+    return registry
+
+
+def validate_webhook(body: Any, old: Any, operation: Optional[str], **_: Any) -> None:
+    """The admission webhook: reject a Workspace that breaks a rule, naming the fields."""
+    try:
+        admission.validate(dict(body), dict(old) if operation == "UPDATE" and old else None)
+    except admission.WorkspaceInvalid as e:
+        raise kopf.AdmissionError(str(e), code=422) from None
+
+
+async def run_operator(
+    state: OperatorState,
+    stop_flag: Optional[asyncio.Event] = None,
+    ready_flag: Optional[asyncio.Event] = None,
+    namespaces: Optional[list[str]] = None,
+) -> None:
+    """Run the operator in this event loop until stop_flag is set (clusterwide unless namespaces)."""
+    await kopf.operator(
+        registry=build_registry(state),
+        clusterwide=not namespaces,
+        namespaces=namespaces or (),
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        standalone=True,
+    )

@@ -1,0 +1,198 @@
+"""One idempotent reconcile pass of a Workspace: validate, observe, apply, report.
+
+Called by the Kopf handlers in `kaito.operator.handlers` (create, update,
+resume, timer and child events) with a `KubeAPI`. It renders the desired
+children with the pure `kaito.operator.render.render`, creates what is
+missing, patches only children whose spec hash changed, and patches the
+status only when a condition or workerNodes changed: a pass over a steady
+Workspace reads but never writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from kaito.operator import admission, nodes, render, render_inference, render_tuning, schema
+from kaito.operator.kube import APIError, KubeAPI
+from kaito.operator.settings import OperatorSettings
+
+
+@dataclass
+class Outcome:
+    """What a pass found: done (nothing to wait for), or invalid/waiting with the reason."""
+
+    done: bool = False
+    invalid: Optional[str] = None
+    waiting: Optional[str] = None
+    conditions_changed: bool = False
+    created: list[str] = field(default_factory=list)
+    patched: list[str] = field(default_factory=list)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cond(type_: str, ok: Optional[bool], reason: str, message: str) -> dict[str, Any]:
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+def merge_conditions(
+    old: list[dict[str, Any]], new: list[dict[str, Any]], generation: Optional[int]
+) -> tuple[list[dict[str, Any]], bool]:
+    """New conditions keyed by type; lastTransitionTime kept unless the status flips."""
+    by_type = {c.get("type"): c for c in old}
+    out, changed = [], False
+    for c in new:
+        c = dict(c)
+        if generation is not None:
+            c["observedGeneration"] = generation
+        prev = by_type.pop(c["type"], None)
+        if prev and prev.get("status") == c["status"]:
+            c["lastTransitionTime"] = prev.get("lastTransitionTime") or _now()
+        else:
+            c["lastTransitionTime"] = _now()
+        if not prev or any(prev.get(k) != c.get(k) for k in ("status", "reason", "message", "observedGeneration")):
+            changed = True
+        out.append(c)
+    out.extend(by_type.values())  # conditions we do not own this pass (e.g. WorkspaceDeleting)
+    return out, changed
+
+
+async def write_status(
+    api: KubeAPI, body: dict[str, Any], conditions: list[dict[str, Any]], worker_nodes: Optional[list[str]] = None
+) -> bool:
+    meta = body["metadata"]
+    status = body.get("status") or {}
+    merged, changed = merge_conditions(status.get("conditions") or [], conditions, meta.get("generation"))
+    patch: dict[str, Any] = {}
+    if changed:
+        patch["conditions"] = merged
+    if worker_nodes is not None and worker_nodes != (status.get("workerNodes") or []):
+        patch["workerNodes"] = worker_nodes
+    if not patch:
+        return False
+    await api.patch("Workspace", meta.get("namespace"), meta["name"], {"status": patch}, "status")
+    return True
+
+
+async def apply(api: KubeAPI, desired: dict[str, Any], out: Outcome) -> dict[str, Any]:
+    """Create the child, or patch it when its spec hash differs; return the live object."""
+    meta = desired["metadata"]
+    key = f"{desired['kind']}/{meta['name']}"
+    live = await api.get(desired["kind"], meta.get("namespace"), meta["name"])
+    if live is None:
+        try:
+            live = await api.create(desired)
+            out.created.append(key)
+            return live
+        except APIError as e:
+            if e.status != 409:
+                raise
+            live = await api.get(desired["kind"], meta.get("namespace"), meta["name"]) or {}
+    want = meta["annotations"][render.ANN_SPEC_HASH]
+    have = ((live.get("metadata") or {}).get("annotations") or {}).get(render.ANN_SPEC_HASH)
+    if desired["kind"] == "NodeClaim" or have == want:
+        return live  # NodeClaim specs are immutable in Karpenter; never patch them
+    patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+    live = await api.patch(desired["kind"], meta.get("namespace"), meta["name"], patch)
+    out.patched.append(key)
+    return live
+
+
+async def _user_configmap(api: KubeAPI, ws: schema.Workspace, name: str, key: str) -> Optional[str]:
+    cm = await api.get("ConfigMap", ws.namespace, name)
+    if cm is None:
+        return None
+    return (cm.get("data") or {}).get(key, "")
+
+
+async def reconcile(api: KubeAPI, body: dict[str, Any], settings: OperatorSettings) -> Outcome:
+    out = Outcome()
+    kind = "inference" if body.get("inference") is not None else "tuning"
+    try:
+        ws = admission.validate(body)
+        if ws.tuning is not None and ws.tuning.config:
+            text = await _user_configmap(api, ws, ws.tuning.config, render_tuning.CONFIG_KEY)
+            if text is None:
+                out.waiting = f"tuning.config: ConfigMap {ws.tuning.config!r} not found in {ws.namespace}"
+            else:
+                errs = admission.check_training_config(ws.tuning.method, text)
+                if errs:
+                    raise admission.WorkspaceInvalid(errs)
+        if ws.inference is not None and ws.inference.config:
+            if await api.get("ConfigMap", ws.namespace, ws.inference.config) is None:
+                out.waiting = f"inference.config: ConfigMap {ws.inference.config!r} not found in {ws.namespace}"
+    except admission.WorkspaceInvalid as e:
+        out.invalid = str(e)
+        conds = [_cond("WorkspaceSucceeded", False, "InvalidWorkspace", out.invalid)]
+        if kind == "inference":
+            conds.append(_cond("InferenceReady", False, "InvalidWorkspace", out.invalid))
+        out.conditions_changed = await write_status(api, body, conds)
+        return out
+
+    sel_labels = ws.resource.label_selector.match_labels or None
+    observed = nodes.matching_nodes(ws, await api.list("Node", None, sel_labels))
+    desired = render.render(ws, settings, observed)
+    conds: list[dict[str, Any]] = []
+    claims = [o for o in desired if o["kind"] == "NodeClaim"]
+    for claim in claims:
+        await apply(api, claim, out)
+    if not settings.bring_your_own_nodes:
+        live_claims = await api.list("NodeClaim", None, render.child_labels(ws))
+        not_ready = [c["metadata"]["name"] for c in live_claims if not nodes.nodeclaim_ready(c)]
+        conds.append(
+            _cond("NodeClaimReady", False, "NodeClaimNotReady", f"waiting for NodeClaims {', '.join(sorted(not_ready))}")
+            if not_ready
+            else _cond("NodeClaimReady", True, "NodeClaimsReady", f"{len(live_claims)} NodeClaim(s) ready")
+        )
+    count = ws.resource.count
+    resource_ok = len(observed) >= count
+    workers = [n["metadata"]["name"] for n in observed][:count]
+    msg = f"{len(observed)} of {count} node(s) ready"
+    conds.append(_cond("ResourceReady", resource_ok, "NodesReady" if resource_ok else "NodesNotReady", msg))
+
+    if not resource_ok or out.waiting:
+        out.waiting = out.waiting or f"waiting for GPU nodes: {msg}"
+        waiting_type = "InferenceReady" if ws.inference is not None else "JobStarted"
+        conds.append(_cond(waiting_type, False, "Pending", out.waiting))
+        conds.append(_cond("WorkspaceSucceeded", False, "Pending", out.waiting))
+        out.conditions_changed = await write_status(api, body, conds, workers)
+        return out
+
+    live: dict[str, dict[str, Any]] = {}
+    for obj in desired:
+        if obj["kind"] != "NodeClaim":
+            live[obj["kind"]] = await apply(api, obj, out)
+    if ws.inference is not None:
+        workload = live.get("StatefulSet") or live.get("Deployment")
+        ready = render_inference.workload_ready(workload, count)
+        msg = "inference pods are ready" if ready else "waiting for the inference pods to be ready"
+        conds.append(_cond("InferenceReady", ready, "InferenceReady" if ready else "InferencePending", msg))
+        conds.append(_cond("WorkspaceSucceeded", ready, "WorkspaceReady" if ready else "Pending", msg))
+        out.done = ready
+        if not ready:
+            out.waiting = msg
+    else:
+        conds.append(_cond("JobStarted", True, "JobCreated", f"tuning Job {ws.name} created"))
+        state, msg = render_tuning.job_state(live.get("Job"))
+        reason = {True: "TuningSucceeded", False: "TuningFailed", None: "TuningRunning"}[state]
+        conds.append(_cond("WorkspaceSucceeded", bool(state) if state is not None else False, reason, msg))
+        out.done = state is not None
+        if state is None:
+            out.waiting = msg
+    out.conditions_changed = await write_status(api, body, conds, workers)
+    return out
+
+
+async def finalize(api: KubeAPI, body: dict[str, Any]) -> int:
+    """On deletion: mark WorkspaceDeleting and delete this workspace's NodeClaims; returns how many."""
+    meta = body["metadata"]
+    labels = {schema.LABEL_WORKSPACE: meta["name"], schema.LABEL_WORKSPACE_NS: meta.get("namespace") or "default"}
+    claims = await api.list("NodeClaim", None, labels)
+    for claim in claims:
+        await api.delete("NodeClaim", None, claim["metadata"]["name"])
+    return len(claims)

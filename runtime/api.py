@@ -1,0 +1,209 @@
+"""HTTP layer: `build_app(settings)` with thin routers, guards and one error mapping.
+
+Called by `kaito.runtime.__main__` / `kaito serve` (uvicorn) and by tests
+(in-process ASGI or a real uvicorn). Routers only validate and delegate to
+`kaito.runtime.openai_serving` / `kaito.runtime.kaito_chat`; every failure is
+mapped here: OpenAI's `{"error": {...}}` envelope under /v1, FastAPI's
+`{"detail": ...}` elsewhere (Kaito's /chat), never a stack trace.
+
+Endpoints: GET / | /health | /healthz | /metrics (Prometheus) | /kaito/metrics
+(Kaito's JSON GPU/CPU info) | /v1/models; POST /chat | /v1/chat/completions |
+/v1/completions | /v1/load_lora_adapter | /v1/unload_lora_adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from kaito.runtime import kaito_chat as kchat
+from kaito.runtime import openai_serving as oai
+from kaito.runtime.metrics import system_info
+from kaito.runtime.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    KaitoChatRequest,
+    LoadLoraRequest,
+    UnloadLoraRequest,
+)
+from kaito.runtime.serving import ApiError, Runtime
+from kaito.runtime.settings import RuntimeSettings
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("kaito.runtime.api")
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+          405: "MethodNotAllowedError", 413: "RequestTooLargeError", 422: "BadRequestError", 429: "RateLimitError",
+          503: "ServiceUnavailableError"}
+
+
+def _is_openai(path: str) -> bool:
+    return path.startswith("/v1")
+
+
+def error_response(path: str, status: int, message: str, type_: str | None = None, param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    if _is_openai(path):
+        body = {"error": {"message": message, "type": type_ or _TYPES.get(status, "InternalServerError"), "param": param, "code": status}}
+    else:
+        body = {"detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class GuardMiddleware:
+    """Body size limit, JSON sanity (depth/encoding) and the optional Bearer key, before any routing."""
+
+    def __init__(self, app, settings: RuntimeSettings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, limit = scope["path"], self.settings.max_body_bytes
+        key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
+        if key and path.startswith(("/v1", "/chat")):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {key}".encode()):
+                return await error_response(path, 401, "missing or wrong API key; send 'Authorization: Bearer <key>'")(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await error_response(path, 413, f"request body over the {limit}-byte limit")(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > limit:
+                return await error_response(path, 413, f"request body over the {limit}-byte limit")(scope, receive, send)
+        if body:
+            try:
+                json.loads(body)
+            except RecursionError:
+                return await error_response(path, 400, "JSON nested too deeply")(scope, receive, send)
+            except (ValueError, UnicodeDecodeError) as e:
+                return await error_response(path, 400, f"body is not valid JSON: {str(e)[:200]}")(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for e in exc.errors()[:10]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request body", param
+
+
+def build_app(settings: RuntimeSettings, broadcast: Callable[[dict], None] | None = None,
+              runtime: Runtime | None = None, load_in_background: bool = True) -> FastAPI:
+    """The server for these settings; loading starts at startup (503 on /health until done)."""
+    rt = runtime or Runtime(settings, broadcast=broadcast)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if rt.status == "loading" and not rt.ready.is_set():
+            if load_in_background:
+                threading.Thread(target=rt.load, name="kaito-load", daemon=True).start()
+            else:
+                await asyncio.to_thread(rt.load)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(rt.close)
+
+    app = FastAPI(title="kaito runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime = rt
+    app.add_middleware(GuardMiddleware, settings=settings)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(request.url.path, exc.status, exc.message, exc.type, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        msg, param = _validation_message(exc)
+        if _is_openai(request.url.path):
+            return error_response(request.url.path, 400, msg, "BadRequestError", param)
+        return JSONResponse({"detail": msg}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(request.url.path, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request.url.path, 500, "internal error; see the server log", "InternalServerError")
+
+    @app.get("/")
+    async def root():
+        return {"message": "Server is running"}
+
+    @app.get("/health")
+    @app.get("/healthz")
+    async def health():
+        if rt.status == "ready" and (rt.engine is None or rt.engine.error is None):
+            return {"status": "Healthy"}
+        detail = "model is loading" if rt.status == "loading" else f"unhealthy: {rt.error or rt.engine.error}"
+        return JSONResponse({"status": "Unhealthy" if rt.status != "loading" else "Loading", "detail": detail}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/kaito/metrics")
+    async def kaito_metrics():
+        return await asyncio.to_thread(system_info)
+
+    @app.get("/v1/models")
+    async def models():
+        rt.require_ready()
+        base = {"id": rt.model_name, "object": "model", "created": 0, "owned_by": "kaito", "root": str(settings.model_dir),
+                "parent": None, "max_model_len": rt.loaded.max_model_len}
+        data = [base] + [{"id": n, "object": "model", "created": 0, "owned_by": "kaito", "root": n,
+                          "parent": rt.model_name, "strength": s} for n, s in sorted(rt.strengths.items())]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await oai.chat_completions(rt, req, request)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await oai.completions(rt, req, request)
+
+    @app.post("/chat")
+    async def chat(req: KaitoChatRequest, request: Request):
+        return await kchat.kaito_chat(rt, req, request)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(req: LoadLoraRequest):
+        rt.require_ready()
+        return await rt.load_adapter(req.lora_name, req.lora_path, req.image, req.strength)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(req: UnloadLoraRequest):
+        rt.require_ready()
+        return await rt.unload_adapter(req.lora_name)
+
+    return app

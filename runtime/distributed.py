@@ -1,0 +1,117 @@
+"""torchrun support: rank 0 schedules and broadcasts each step's plan; other ranks replay it.
+
+Called by `kaito.runtime.__main__` when WORLD_SIZE > 1. Rank 0 runs the HTTP
+server and the engine, whose `broadcast` hook sends every step's plan (rows
+kept, tokens decoded, prompts prefilled, adapter changes) before running it;
+worker ranks run `worker_loop`, executing the same forwards so a tensor-parallel
+model (CUDA, transformers tp_plan) computes collectively, or a replica stays in
+step. Plans travel as JSON bytes (no pickle). Workers with LOCAL_RANK also
+answer GET /health on 5000 + LOCAL_RANK so each pod's probe passes (and GET
+/worker with their rank, replayed step count and adapters, for checks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from kaito.runtime.settings import RuntimeSettings, listen_port
+
+log = logging.getLogger("kaito.runtime.distributed")
+
+
+def world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init() -> tuple[int, int]:
+    """Join the process group (NCCL on CUDA, else gloo)."""
+    rank, size = world()
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
+    return rank, size
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_plan(plan: dict | None) -> dict:
+    """Rank 0 passes the plan; others pass None and get it back."""
+    dev = _device()
+    if dist.get_rank() == 0:
+        data = json.dumps(plan).encode()
+        size = torch.tensor([len(data)], dtype=torch.long, device=dev)
+    else:
+        size = torch.zeros(1, dtype=torch.long, device=dev)
+    dist.broadcast(size, src=0)
+    if dist.get_rank() == 0:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+    else:
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+    dist.broadcast(buf, src=0)
+    return plan if dist.get_rank() == 0 else json.loads(bytes(buf.cpu().tolist()))
+
+
+def tp_plan_for(settings: RuntimeSettings) -> str | None:
+    """Shard with transformers' tensor parallelism only on CUDA; CPU ranks keep replicas."""
+    _, size = world()
+    return "auto" if size > 1 and settings.tensor_parallel and torch.cuda.is_available() else None
+
+
+def _health_server(settings: RuntimeSettings, ready: threading.Event, stats: dict) -> None:
+    """A minimal /health for worker pods (the probe on 5000 + LOCAL_RANK); no inference here."""
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/")
+    async def root():
+        return {"message": "Server is running"}
+
+    @app.get("/health")
+    @app.get("/healthz")
+    async def health():
+        if ready.is_set():
+            return {"status": "Healthy"}
+        return JSONResponse({"status": "Loading"}, status_code=503)
+
+    @app.get("/worker")
+    async def worker():
+        return {"rank": dist.get_rank(), "steps": stats["steps"], "adapters": sorted(stats["adapters"])}
+
+    uvicorn.run(app, host=settings.host, port=listen_port(settings), log_level="warning")
+
+
+def worker_loop(settings: RuntimeSettings) -> None:
+    """Non-zero ranks: load the same model, then replay plans until rank 0 says stop."""
+    from kaito.runtime.executor import BatchExecutor
+    from kaito.runtime.loader import load
+
+    ready = threading.Event()
+    stats: dict = {"steps": 0, "adapters": []}
+    if os.environ.get("KAITO_WORKER_HEALTH", "1") == "1":
+        threading.Thread(target=_health_server, args=(settings, ready, stats), daemon=True).start()
+    loaded = load(settings, tp_plan=tp_plan_for(settings))
+    ex = BatchExecutor(loaded.model)
+    ready.set()
+    log.info("rank %d ready, replaying rank 0's steps", dist.get_rank())
+    while True:
+        plan = broadcast_plan(None)
+        if plan.get("stop"):
+            break
+        if plan.get("noop"):
+            continue
+        ex.apply(plan)
+        stats["steps"] += 1
+        stats["adapters"] = list(ex.lora.adapters)

@@ -1,0 +1,379 @@
+"""The continuous-batching scheduler: admits, decodes, samples, detokenizes and stops sequences.
+
+Called by the serving layer (`kaito.runtime.serving`): `submit()` queues
+sequences (QueueFull beyond `max_waiting`, the API turns it into 429),
+`cancel()` frees a sequence's slot (client disconnects), and each sequence's
+`events` asyncio queue receives `Token`s and one `Finished`. The loop runs on
+its own thread so forwards never block the event loop. Every step it evicts
+finished/cancelled rows, decodes all running rows by one token, then prefills
+newly admitted sequences into the same batch; under torchrun each step's plan
+is broadcast first so worker ranks run the same forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from kaito.runtime.executor import BatchExecutor
+from kaito.runtime.lora import LoraAdapter, RowSpec
+from kaito.runtime.sampling import SamplingParams, sample
+
+log = logging.getLogger("kaito.runtime.engine")
+_ids = itertools.count()
+
+
+class QueueFull(Exception):
+    """More requests are waiting than settings.max_waiting allows."""
+
+
+@dataclass
+class Token:
+    token_id: int
+    text: str  # text released by this token (may be "" while a stop string or UTF-8 char is pending)
+    logprob: tuple[float, list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class Finished:
+    reason: str  # stop | length | abort
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora: RowSpec = ()
+    loop: asyncio.AbstractEventLoop | None = None
+    index: int = 0  # choice index within its request
+    queue: asyncio.Queue | None = None  # shared by the choices of one request
+    id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already sent
+    pending: int | None = None  # sampled token not yet fed to the model
+    finish_reason: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    _prefix: int = 0
+    _read: int = 0
+
+    def __post_init__(self):
+        self.events: asyncio.Queue = self.queue if self.queue is not None else asyncio.Queue()
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(int(self.params.seed))
+
+    def _push(self, item, outbox: list | None = None) -> None:
+        """Deliver (choice index, Token | Finished) to the request's queue on its event loop.
+
+        With an outbox the delivery waits for `flush()`, so one engine step wakes the loop once, not per row.
+        """
+        if self.loop is None:
+            self.events.put_nowait((self.index, item))
+        elif outbox is not None:
+            outbox.append((self, item))
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, item))
+
+
+def _deliver(items: list) -> None:
+    for seq, item in items:
+        seq.events.put_nowait((seq.index, item))
+
+
+def flush(outbox: list) -> None:
+    """Hand a step's events to their event loops, one wake-up per loop."""
+    by_loop: dict = {}
+    for seq, item in outbox:
+        by_loop.setdefault(seq.loop, []).append((seq, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # that loop is closed (server shutting down): nobody is listening
+            pass
+    outbox.clear()
+
+
+class Engine:
+    def __init__(self, executor: BatchExecutor, tokenizer, *, eos_ids: list[int], max_model_len: int,
+                 max_batch_size: int = 32, max_waiting: int = 256, metrics=None,
+                 broadcast: Callable[[dict], None] | None = None, max_prefill_tokens: int = 4096):
+        self.ex = executor
+        self.tok = tokenizer
+        self.eos_ids = list(eos_ids)
+        self.max_model_len = max_model_len
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        self.metrics = metrics
+        self.broadcast = broadcast
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._ops: deque[tuple] = deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self._outbox: list = []  # events of the current step, flushed at its end
+        self.error: BaseException | None = None
+
+    # ---- called from the event loop -------------------------------------------------
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences of one request together; all or none (QueueFull)."""
+        with self._cv:
+            if len(self.waiting) + len(seqs) > self.max_waiting + max(0, self.max_batch_size - len(self.running)):
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.max_waiting})")
+            self.waiting.extend(seqs)
+            self._cv.notify()
+        self._gauges()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        with self._cv:
+            for s in seqs:
+                if s.finish_reason is None:
+                    s.cancelled = True
+            self._cv.notify()
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Install an adapter between steps (workers re-read it from the same path)."""
+        self._run_op(("load", adapter))
+
+    def remove_adapter(self, name: str) -> None:
+        self._run_op(("unload", name))
+
+    def _run_op(self, op: tuple) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._apply_ops([op])
+            return
+        done = threading.Event()
+        with self._cv:
+            self._ops.append((op, done))
+            self._cv.notify()
+        done.wait(timeout=60)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kaito-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.broadcast is not None:
+            self.broadcast({"stop": True})
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- the engine thread ----------------------------------------------------------
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.running.set(len(self.running))
+            self.metrics.waiting.set(len(self.waiting))
+
+    def _apply_ops(self, ops: list) -> list:
+        wire = []
+        for op in ops:
+            if op[0] == "load":
+                self.ex.lora.add(op[1])
+                wire.append(("load", op[1].name, str(op[1].path)))
+            else:
+                self.ex.lora.remove(op[1])
+                wire.append(("unload", op[1]))
+        return wire
+
+    def _loop(self) -> None:
+        failures = 0
+        try:
+            while True:
+                with self._cv:
+                    idle = False
+                    while not (self._stop or self.waiting or self.running or self._ops):
+                        # Idle workers block in a collective; a periodic no-op keeps it under its timeout.
+                        if not self._cv.wait(timeout=30 if self.broadcast else None):
+                            idle = True
+                            break
+                    if self._stop:
+                        break
+                if idle:
+                    self.broadcast({"noop": True})
+                    continue
+                with self._cv:
+                    ops = list(self._ops)
+                    self._ops.clear()
+                if ops:
+                    wire = self._apply_ops([o for o, _ in ops])
+                    if self.broadcast is not None:
+                        self.broadcast({"keep": list(range(len(self.running))), "decode": [], "prefill": [], "ops": wire})
+                    for _, done in ops:
+                        done.set()
+                try:
+                    self.step()
+                    failures = 0
+                except Exception:
+                    # One bad step (e.g. NaN logits) fails the requests in the batch, not the server; a
+                    # failure that repeats (device lost) stops the engine and /health turns 503.
+                    failures += 1
+                    log.exception("engine step failed (%d in a row); aborting the running batch", failures)
+                    if failures >= 3 or self.broadcast is not None:
+                        raise
+                    for s in list(self.running):
+                        if s.finish_reason is None:
+                            self._finish(s, "abort")
+                    self.running = []
+                    self.ex.evict([])
+                    flush(self._outbox)
+        except BaseException as e:  # the server must report, not hang, if a forward fails
+            log.exception("engine loop failed")
+            self.error = e
+            flush(self._outbox)
+            for s in list(self.running) + list(self.waiting):
+                s.finish_reason = "abort"
+                s._push(Finished("abort", len(s.prompt_ids), len(s.output_ids)))
+
+    def step(self) -> None:
+        """One scheduling step: evict, decode the running rows, prefill admissions, sample, emit."""
+        with self._cv:
+            keep = [i for i, s in enumerate(self.running) if s.finish_reason is None and not s.cancelled]
+            for i, s in enumerate(self.running):
+                if s.cancelled and s.finish_reason is None:
+                    self._finish(s, "abort")
+            self.running = [self.running[i] for i in keep]
+            # Cancelled while waiting: never run.
+            for s in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(s)
+                self._finish(s, "abort")
+            admitted: list[Sequence] = []
+            budget = self.max_prefill_tokens
+            while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+                nxt = self.waiting[0]
+                if admitted and len(nxt.prompt_ids) > budget:
+                    break
+                budget -= len(nxt.prompt_ids)
+                admitted.append(self.waiting.popleft())
+        plan = {
+            "keep": keep,
+            "decode": [s.pending for s in self.running],
+            "prefill": [(s.prompt_ids, [list(x) for x in s.lora]) for s in admitted],
+        }
+        if self.broadcast is not None:
+            self.broadcast(plan)
+        dec, pre = self.ex.apply(plan)
+        self.steps += 1
+        if dec is not None:
+            self._advance(self.running, dec)
+        if pre is not None:
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
+            self.running.extend(admitted)
+            self._advance(admitted, pre)
+        flush(self._outbox)
+        self._gauges()
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, infos = sample(logits, seqs, [] if not self.eos_ids else self.eos_ids)
+        now = time.monotonic()
+        for s, t, info in zip(seqs, tokens, infos):
+            if s.finish_reason is not None or s.cancelled:
+                continue
+            if self.metrics is not None:
+                if s.first_token_at is None:
+                    self.metrics.ttft.observe(now - s.arrival)
+                else:
+                    self.metrics.itl.observe(now - s.last_token_at)
+                self.metrics.generation_tokens.inc()
+            if s.first_token_at is None:
+                s.first_token_at = now
+            s.last_token_at = now
+            s.output_ids.append(t)
+            reason = None
+            stopped_by_string = False
+            if t in self.eos_ids and not s.params.ignore_eos:
+                reason = "stop"
+            else:
+                self._detok(s, final=False)
+                if s.params.stop:
+                    reason = self._check_stop(s)
+                    stopped_by_string = reason is not None
+            if reason is None and len(s.output_ids) >= s.params.max_tokens:
+                reason = "length"
+            if reason is None and len(s.prompt_ids) + len(s.output_ids) >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                if not stopped_by_string and s._read < len(s.output_ids):
+                    self._detok(s, final=True)  # flush bytes held back for an unfinished character
+                    if s.params.stop:
+                        self._check_stop(s)
+                s._push(Token(t, self._release(s, final=True), info), self._outbox)
+                self._finish(s, reason)
+            else:
+                s.pending = t
+                s._push(Token(t, self._release(s, final=False), info), self._outbox)
+
+    def _detok(self, s: Sequence, final: bool) -> str:
+        """Incremental detokenization (prefix/read offsets) so multi-byte characters are never split."""
+        ids = s.output_ids
+        prev = self.tok.decode(ids[s._prefix:s._read], skip_special_tokens=True)
+        new = self.tok.decode(ids[s._prefix:], skip_special_tokens=True)
+        if len(new) > len(prev) and (final or not new.endswith("\ufffd")):
+            delta = new[len(prev):]
+            s.text += delta
+            s._prefix, s._read = s._read, len(ids)
+            return delta
+        return ""
+
+    def _check_stop(self, s: Sequence) -> str | None:
+        longest = max(len(x) for x in s.params.stop)
+        window_start = max(0, s.emitted - longest)
+        hits = [(s.text.find(x, window_start), x) for x in s.params.stop]
+        hits = [(i, x) for i, x in hits if i >= 0]
+        if hits:
+            s.text = s.text[: min(i for i, _ in hits)]
+            return "stop"
+        return None
+
+    def _release(self, s: Sequence, final: bool) -> str:
+        """Text safe to send now: hold back what could still become a stop string."""
+        hold = 0 if final or not s.params.stop else max(len(x) for x in s.params.stop) - 1
+        upto = max(s.emitted, len(s.text) - hold)
+        out = s.text[s.emitted:upto]
+        s.emitted = upto
+        return out
+
+    def _finish(self, s: Sequence, reason: str) -> None:
+        s.finish_reason = reason
+        if self.metrics is not None:
+            self.metrics.success.labels(finished_reason=reason).inc()
+            self.metrics.e2e.observe(time.monotonic() - s.arrival)
+        s._push(Finished(reason, len(s.prompt_ids), len(s.output_ids)), self._outbox)
+
+
+def run_to_completion(engine: Engine, seqs: list[Sequence]) -> list[tuple[list[int], str, str]]:
+    """Synchronous helper for tests/bench without a loop thread: step until all finish."""
+    engine.submit(seqs)
+    while any(s.finish_reason is None for s in seqs):
+        engine.step()
+    return [(s.output_ids, s.text, s.finish_reason) for s in seqs]
+
+
+__all__ = ["Any", "Engine", "Finished", "QueueFull", "SamplingParams", "Sequence", "Token", "run_to_completion"]

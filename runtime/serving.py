@@ -1,0 +1,265 @@
+"""Serving logic shared by every endpoint: the runtime state, model/adapter resolution, generation.
+
+Called by the routers in `kaito.runtime.api` (OpenAI) and
+`kaito.runtime.kaito_chat` (Kaito's /chat). `Runtime` owns the loaded model,
+the engine thread and the adapters; `ApiError` is the one exception type the
+api maps to status codes (OpenAI envelope on /v1, `detail` on /chat).
+`generate()` turns prompt ids into engine sequences and yields their events,
+cancelling them when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from kaito.presets.errors import KaitoError
+from kaito.runtime.engine import Engine, Finished, QueueFull, Sequence, Token
+from kaito.runtime.lora import RowSpec, discover_adapters, read_adapter
+from kaito.runtime.metrics import Metrics
+from kaito.runtime.sampling import SamplingParams
+from kaito.runtime.settings import RuntimeSettings, adapter_strength
+
+log = logging.getLogger("kaito.runtime")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "BadRequestError", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers or {}
+
+
+def not_found(model: str) -> ApiError:
+    return ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+
+
+class Runtime:
+    """The server's state: settings, metrics, and (once loaded) model, engine and adapters."""
+
+    def __init__(self, settings: RuntimeSettings, broadcast: Callable[[dict], None] | None = None):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.broadcast = broadcast
+        self.status = "loading"
+        self.error: str | None = None
+        self.loaded = None
+        self.engine: Engine | None = None
+        self.strengths: dict[str, float] = {}
+        self.ready = threading.Event()
+        self._adapter_lock = asyncio.Lock()
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def load(self) -> None:
+        """Load model and adapters, start the engine (runs in a thread; /health says 503 until done)."""
+        from kaito.runtime.executor import BatchExecutor
+        from kaito.runtime.loader import load
+
+        try:
+            self.loaded = load(self.settings, tp_plan=getattr(self, "tp_plan", None))
+            executor = BatchExecutor(self.loaded.model)
+            for name, path in discover_adapters(self.settings.adapters_dir):
+                executor.lora.add(read_adapter(path, name, self.loaded.model))
+                self.strengths[name] = adapter_strength(self.settings, name)
+                self.metrics.adapter_loads.inc()
+                log.info("adapter %s loaded from %s (strength %s)", name, path, self.strengths[name])
+            self.metrics.adapters_loaded.set(len(self.strengths))
+            self.engine = Engine(
+                executor, self.loaded.tokenizer, eos_ids=self.loaded.eos_ids, max_model_len=self.loaded.max_model_len,
+                max_batch_size=self.settings.max_batch_size, max_waiting=self.settings.max_waiting,
+                metrics=self.metrics, broadcast=self.broadcast,
+            )
+            if self.broadcast is not None:
+                self.broadcast({"keep": [], "decode": [], "prefill": [],
+                                "ops": [("load", n, str(a.path)) for n, a in executor.lora.adapters.items()]})
+            self.engine.start()
+            self.status = "ready"
+            log.info("model %s ready (max_model_len %d)", self.loaded.model_name, self.loaded.max_model_len)
+        except Exception as e:  # reported by /health and the logs; the pod restarts on its probe
+            log.exception("loading the model failed")
+            self.status, self.error = "failed", str(e)
+            if self.broadcast is not None:
+                try:
+                    self.broadcast({"stop": True})  # release worker ranks instead of leaving them blocked
+                except Exception:
+                    log.exception("could not tell worker ranks to stop")
+        finally:
+            self.ready.set()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    # ---- lookups -----------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.status != "ready":
+            raise ApiError(503, f"the model is {'still loading' if self.status == 'loading' else 'not available: ' + str(self.error)}; retry when GET /health says Healthy",
+                           "ServiceUnavailableError", headers={"Retry-After": "5"})
+        if self.engine is not None and self.engine.error is not None:
+            raise ApiError(503, "the engine stopped after an internal error; the server must be restarted", "ServiceUnavailableError")
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.model_name if self.loaded else (self.settings.served_model_name or self.settings.preset or "")
+
+    def base_names(self) -> set[str]:
+        names = {self.model_name}
+        if self.settings.preset:
+            names.add(self.settings.preset)
+        return names
+
+    def merged_spec(self) -> RowSpec:
+        """Kaito's behaviour: every adapter at its strength (the bare base when none)."""
+        return tuple((n, s) for n, s in sorted(self.strengths.items()) if s != 0.0)
+
+    def resolve(self, model: str | None, strength: float | None) -> RowSpec:
+        if model is None or model in self.base_names():
+            if strength is not None:
+                raise ApiError(400, "adapter_strength needs `model` to name one adapter", param="adapter_strength")
+            return self.merged_spec()
+        if model in self.strengths:
+            return ((model, self.strengths[model] if strength is None else float(strength)),)
+        raise not_found(model)
+
+    # ---- adapters at run time -------------------------------------------------------
+    async def load_adapter(self, name: str, path: str | None, image: str | None, strength: float | None) -> str:
+        if not self.settings.enable_lora_loading:
+            raise ApiError(403, "loading adapters at run time is disabled; set enable_lora_loading: true (--enable-lora-loading or KAITO_ENABLE_LORA_LOADING=true)", "PermissionDeniedError")
+        if (path is None) == (image is None):
+            raise ApiError(400, "give exactly one of lora_path (a directory) or image (an adapter image reference)", param="lora_path")
+        if name in self.base_names():
+            raise ApiError(400, f"lora_name {name!r} is the base model's name; choose another", param="lora_name")
+        async with self._adapter_lock:
+            if name in self.strengths:
+                raise ApiError(400, f"adapter {name!r} is already loaded; unload it first", param="lora_name")
+            if image is not None:
+                target = await asyncio.to_thread(self._pull, name, image)
+            else:
+                target = Path(path)
+                if not target.is_dir():
+                    raise ApiError(404, f"lora_path {path!r}: no such directory on the server", "NotFoundError", "lora_path")
+            try:
+                adapter = await asyncio.to_thread(read_adapter, target, name, self.loaded.model)
+            except KaitoError as e:
+                raise ApiError(400, str(e), param="lora_path") from None
+            await asyncio.to_thread(self.engine.add_adapter, adapter)
+            self.strengths[name] = float(strength) if strength is not None else adapter_strength(self.settings, name)
+            self.metrics.adapter_loads.inc()
+            self.metrics.adapters_loaded.set(len(self.strengths))
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def _pull(self, name: str, image: str) -> Path:
+        try:
+            from kaito.image_builder import pull
+        except ImportError as e:
+            raise ApiError(400, f"this server cannot pull adapter images (kaito.image_builder unavailable: {e}); use lora_path",
+                           param="image") from None
+        dest = Path(self.settings.adapter_pull_root) / f"{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            pull(image, dest, auth_file=self.settings.adapter_pull_auth_file)
+        except Exception as e:  # bad reference, unreachable or refusing registry: the caller's input
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ApiError(400, f"pulling adapter image {image!r} failed: {e}", param="image") from None
+        if not (dest / "adapter_config.json").is_file():
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ApiError(400, f"image {image!r} holds no adapter_config.json at its root; is it an adapter image?", param="image")
+        return dest
+
+    async def unload_adapter(self, name: str) -> str:
+        if not self.settings.enable_lora_loading:
+            raise ApiError(403, "unloading adapters at run time is disabled; set enable_lora_loading: true (--enable-lora-loading or KAITO_ENABLE_LORA_LOADING=true)", "PermissionDeniedError")
+        async with self._adapter_lock:
+            if name not in self.strengths:
+                raise ApiError(404, f"adapter {name!r} is not loaded", "NotFoundError", "lora_name")
+            del self.strengths[name]
+            await asyncio.to_thread(self.engine.remove_adapter, name)
+            self.metrics.adapters_loaded.set(len(self.strengths))
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    # ---- generation ------------------------------------------------------------------
+    def check_length(self, prompt_len: int, max_tokens: int | None, what: str = "messages") -> int:
+        """Completion budget for a prompt; 400 with the token counts when it cannot fit."""
+        limit = self.loaded.max_model_len
+        if prompt_len >= limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
+                                f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
+                           param="messages" if what == "messages" else "prompt", headers={}) 
+        if max_tokens is not None:
+            if max_tokens > self.settings.max_tokens_cap:
+                raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's cap of {self.settings.max_tokens_cap}", param="max_tokens")
+            if prompt_len + max_tokens > limit:
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                    f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                                    f"completion). Please reduce the length of the {what} or completion.", param="max_tokens")
+            return max_tokens
+        return min(self.settings.default_max_tokens, limit - prompt_len)
+
+    def submit(self, prompt_ids: list[int], params: list[SamplingParams], lora: RowSpec) -> tuple[list[Sequence], asyncio.Queue]:
+        self.require_ready()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seqs = [Sequence(list(prompt_ids), p, lora=lora, loop=loop, index=i, queue=queue) for i, p in enumerate(params)]
+        try:
+            self.engine.submit(seqs)
+        except QueueFull as e:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise ApiError(429, f"the server is at capacity ({e}); retry later", "RateLimitError", headers={"Retry-After": "1"}) from None
+        return seqs, queue
+
+    async def events(self, seqs: list[Sequence], queue: asyncio.Queue, disconnected=None) -> AsyncIterator[tuple[int, object]]:
+        """Yield (choice index, Token | Finished) until every choice finished; cancel all on exit or disconnect."""
+        left = len(seqs)
+        checked = time.monotonic()
+        try:
+            while left:
+                if disconnected is None:
+                    idx, ev = await queue.get()
+                else:
+                    try:
+                        idx, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
+                    except asyncio.TimeoutError:
+                        idx, ev = None, None
+                    # Tokens may arrive faster than the timeout, so poll by the clock too.
+                    if time.monotonic() - checked > 0.25:
+                        checked = time.monotonic()
+                        if await disconnected():
+                            return
+                    if ev is None:
+                        continue
+                # Drain what else is queued: a consumer that fell behind sends one merged chunk, not many.
+                pending = [(idx, ev)] + [queue.get_nowait() for _ in range(queue.qsize())]
+                for choice, item in _coalesce(pending):
+                    if isinstance(item, Finished):
+                        left -= 1
+                    yield choice, item
+        finally:
+            self.engine.cancel(seqs)
+
+
+def _coalesce(items: list) -> list:
+    """Merge consecutive text-only Tokens of the same choice (logprob tokens stay one per token)."""
+    out: list = []
+    for idx, ev in items:
+        if (out and isinstance(ev, Token) and ev.logprob is None and out[-1][0] == idx
+                and isinstance(out[-1][1], Token) and out[-1][1].logprob is None):
+            out[-1] = (idx, Token(ev.token_id, out[-1][1].text + ev.text))
+        else:
+            out.append((idx, ev))
+    return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+__all__ = ["ApiError", "Finished", "Runtime", "Token", "new_id", "not_found", "now"]

@@ -1,0 +1,339 @@
+"""Container end to end: the `Dockerfiles/base` runtime image really serves, fully offline.
+
+Run by `make e2e-container` and by tests/e2e/test_container.py (markers docker, slow).
+Needs root, dockerd, mmdebstrap and Debian's docker-registry; touches no host network
+setting and no default docker socket. Steps:
+
+  dockerd      our own daemon (--bridge=none, no iptables/forwarding/masquerade) on a private socket
+  rootfs       a Debian minbase root filesystem from the host's own apt mirror (mmdebstrap; cached)
+  import       `docker import` of that tarball: the base image, since no hub is reachable
+  wheelhouse   kaito[runtime] dependencies for cp311 + the local torch CPU wheel (cached)
+  build-base   `docker build --network none` of Dockerfiles/base on the imported image, pip offline
+  registry     Debian's docker-registry with its own config on a free 127.0.0.1 port
+  push-base    `docker push` of the runtime image (dockerd allows plain http on 127.0.0.0/8)
+  build-preset `kaito image build-preset tiny-phi-3 --base <pushed base>`: base layers reused, weights appended
+  pull         `docker pull` of the preset image back into the daemon
+  serve        `docker run --network none`; the client runs inside the container through `docker exec`
+               (no bridge exists and we create none: publishing a port would need a bridge or the
+               host's network namespace), waits for /health and POSTs /chat.
+
+Prints a table of step times and image sizes. Exits non-zero with a clear message at the first
+failure; the daemon, registry and containers are always cleaned up. Expensive artifacts are cached
+under $KAITO_E2E_CACHE (default out/e2e-cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from container_parts import (
+    IMAGE_PATH,
+    IMPORTED,
+    LOCAL_BASE,
+    PRESET,
+    PROMPT,
+    REPO,
+    TAG,
+    Run,
+    StepFailed,
+    dir_size,
+    docker,
+    from_args,
+    image_size,
+    log,
+    make_context,
+    make_rootfs,
+    make_wheelhouse,
+    manifest,
+    pushed_size,
+    sh,
+    start_dockerd,
+    stop_dockerd,
+)
+
+sys.path.insert(0, str(REPO / "tests"))
+from support.registry import start_registry
+
+
+def build_base(run: Run, wheelhouse: Path) -> None:
+    """docker build of Dockerfiles/base on the imported Debian, pip offline from the wheelhouse."""
+    if not run.dockerfile.is_file():
+        raise StepFailed(f"{run.dockerfile} does not exist yet (image builder issue, section 4)")
+    text = run.dockerfile.read_text()
+    declared = set(re.findall(r"(?m)^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)", text))
+    if not {"PIP_NO_INDEX", "PIP_FIND_LINKS"} <= declared:
+        raise StepFailed(f"{run.dockerfile} cannot install offline: it must declare ARG PIP_NO_INDEX and "
+                         "ARG PIP_FIND_LINKS and COPY wheelhouse* /wheels/ (see its offline-build comment)")
+    context = make_context(run, text, wheelhouse)
+    shutil.copy2(run.dockerfile, context / "Dockerfile")
+    args = {name: IMPORTED for name in from_args(text)}
+    args.update(PIP_NO_INDEX="1", PIP_FIND_LINKS="/wheels")
+    args.update(run.build_args)
+    run.facts["build_args"] = args
+    cmd = ["build", "--network", "none", "-t", LOCAL_BASE]
+    for k, v in args.items():
+        cmd += ["--build-arg", f"{k}={v}"]
+    docker(run, *cmd, str(context), logname="build-base", timeout=1800)
+    uid = docker(run, "run", "--rm", "--network", "none", "--entrypoint", "id", LOCAL_BASE, "-u").stdout.strip()
+    if uid == "0":
+        raise StepFailed(f"{LOCAL_BASE} runs as root; Dockerfiles/base must switch to a non-root user")
+    run.facts["base_uid"] = uid
+    # The classic builder has no RUN --mount, so the offline wheelhouse stays in the image as the
+    # `COPY ... /wheels/` layer (an online build copies only pyproject.toml there).
+    history = docker(run, "history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", LOCAL_BASE, show=False).stdout
+    run.facts["wheelhouse_layer_in_base"] = [ln.split("\t")[0] for ln in history.splitlines() if "/wheels/" in ln]
+
+
+def build_preset(run: Run, base_ref: str) -> str:
+    kaito = REPO / ".venv" / "bin" / "kaito"
+    kaito = str(kaito) if kaito.exists() else "kaito"
+    probe = sh(run, [kaito, "image", "--help"], check=False, show=False)
+    if probe.returncode != 0 or "build-preset" not in probe.stdout or "unavailable" in probe.stdout.split("build-preset", 1)[1][:80]:
+        raise StepFailed("`kaito image build-preset` is not available yet (image builder issue, section 3):\n"
+                         + probe.stdout.strip()[-800:])
+    host = run.registry.host
+    # Loopback registries are plain http by default in the image builder, as in dockerd.
+    cmd = [kaito, "image", "build-preset", PRESET, "--registry", host, "--tag", TAG, "--base", base_ref, "--json"]
+    out = sh(run, cmd, logname="build-preset", timeout=1200).stdout
+    try:
+        result = json.loads(out[out.index("{"):])
+    except ValueError:
+        raise StepFailed(f"`kaito image build-preset --json` printed no JSON result:\n{out[-1500:]}") from None
+    run.facts["build_preset_bytes_uploaded"] = result.get("bytes_uploaded")
+    image = f"{host}/kaito-{PRESET}:{TAG}"
+    if result.get("ref") != image:
+        raise StepFailed(f"build-preset reported {result.get('ref')!r}, expected {image!r}")
+    return image
+
+
+CLIENT = r"""
+import json, sys, time, urllib.request, urllib.error
+base = "http://127.0.0.1:5000"
+deadline = time.monotonic() + float(sys.argv[1])
+health = None
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=5) as r:
+            health = json.load(r)
+            if r.status == 200:
+                break
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        health = repr(e)
+    time.sleep(0.5)
+else:
+    print(json.dumps({"error": "no healthy /health", "last": str(health)})); sys.exit(3)
+t0 = time.monotonic()
+req = urllib.request.Request(base + "/chat", data=json.dumps({"prompt": sys.argv[2]}).encode(),
+                             headers={"Content-Type": "application/json"}, method="POST")
+try:
+    with urllib.request.urlopen(req, timeout=300) as r:
+        body = json.load(r)
+except urllib.error.HTTPError as e:
+    print(json.dumps({"error": f"/chat HTTP {e.code}", "body": e.read().decode(errors="replace")[:2000]})); sys.exit(4)
+print(json.dumps({"health": health, "chat": body, "chat_seconds": round(time.monotonic() - t0, 2)}))
+"""
+
+
+def serve_and_chat(run: Run, image: str) -> dict:
+    config = json.loads(docker(run, "image", "inspect", image, show=False).stdout)[0]["Config"]
+    run.facts["image_default_command"] = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
+    name = f"kaito-e2e-{os.getpid()}"
+    # The command Kaito's pods run, given explicitly as the operator does, so the image's own
+    # ENTRYPOINT/CMD (whatever the Dockerfile chose) cannot double or drop arguments.
+    argv = ["-m", "kaito.runtime", "--preset", PRESET, "--model-dir", "/workspace/weights", "--port", "5000"]
+    run.facts["serve_command"] = "python " + " ".join(argv)
+    docker(run, "run", "-d", "--name", name, "--network", "none", "--entrypoint", "python", image, *argv)
+    run.containers.append(name)
+    listing = docker(run, "exec", name, "ls", "-la", "/workspace/weights").stdout
+    if "safetensors" not in listing:
+        raise StepFailed(f"/workspace/weights in {image} holds no safetensors:\n{listing}")
+    uid = docker(run, "exec", name, "id", "-u", show=False).stdout.strip()
+    if uid == "0":
+        raise StepFailed(f"{image} serves as root")
+    proc = docker(run, "exec", name, "python", "-c", CLIENT, "240", PROMPT, check=False, timeout=600)
+    state = json.loads(docker(run, "inspect", name, show=False).stdout)[0]["State"]
+    if proc.returncode != 0:
+        logs = docker(run, "logs", "--tail", "40", name, check=False, show=False).stdout
+        raise StepFailed(f"client in the container failed ({proc.stdout.strip()[-1500:]}); container "
+                         f"running={state['Running']} exit={state['ExitCode']}; server log:\n{logs}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    chat = result["chat"]
+    if not isinstance(chat, dict) or not isinstance(chat.get("Result"), str) or not chat["Result"]:
+        raise StepFailed(f'/chat did not answer {{"Result": "<text>"}}: {chat!r}')
+    if result["health"] != {"status": "Healthy"}:
+        raise StepFailed(f'/health answered {result["health"]!r}, not {{"status": "Healthy"}}')
+    return result
+
+
+class Step:
+    """`with Step(run, name) as st:` times a step, prints its progress and records it (st.note)."""
+
+    def __init__(self, run: Run, name: str) -> None:
+        self.run, self.name, self.note = run, name, ""
+
+    def __enter__(self) -> Step:  # noqa: PYI034
+        log(f"==> {self.name}")
+        self.run.current = self.name
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            seconds = time.monotonic() - self.t0
+            self.run.timings.append((self.name, seconds, self.note))
+            log(f"    done in {seconds:.1f} s" + (f"  ({self.note})" if self.note else ""))
+
+
+def pipeline(run: Run) -> None:
+    with Step(run, "dockerd"):
+        run.facts["dockerd"] = start_dockerd(run)
+    with Step(run, "rootfs") as st:
+        tarball, cached = make_rootfs(run)
+        st.note = "cached" if cached else "mmdebstrap"
+    run.sizes.append(("rootfs tarball", tarball.stat().st_size, tarball.name))
+    with Step(run, "import"):
+        docker(run, "import", "--change", 'CMD ["/bin/bash"]', "--change", f"ENV PATH={IMAGE_PATH}", str(tarball), IMPORTED)
+        docker(run, "run", "--rm", "--network", "none", IMPORTED, "pip", "--version")
+    run.sizes.append((IMPORTED, image_size(run, IMPORTED), "docker image"))
+    with Step(run, "wheelhouse") as st:
+        house, cached = make_wheelhouse(run)
+        st.note = "cached" if cached else "pip download"
+    run.sizes.append(("wheelhouse", dir_size(house), f"{len(list(house.glob('*.whl')))} wheels"))
+    with Step(run, "build-base") as st:
+        build_base(run, house)
+        st.note = f"runs as uid {run.facts['base_uid']}"
+    run.sizes.append((LOCAL_BASE, image_size(run, LOCAL_BASE), "docker image"))
+
+    with Step(run, "registry"):
+        run.registry = start_registry(run.work / "registry")
+    base_ref = f"{run.registry.host}/kaito-base:{TAG}"
+    with Step(run, "push-base"):
+        docker(run, "tag", LOCAL_BASE, base_ref)
+        docker(run, "push", base_ref, logname="push-base", timeout=1800)
+        base_manifest = manifest(base_ref)
+    run.sizes.append((base_ref, pushed_size(base_manifest), "in registry (gzip layers)"))
+
+    with Step(run, "build-preset") as st:
+        image = build_preset(run, base_ref)
+        preset_manifest = manifest(image)
+        added = check_appended(image, base_manifest, preset_manifest)
+        # Base layers are mounted from kaito-base, never uploaded again: only weights and configs travel.
+        uploaded = run.facts["build_preset_bytes_uploaded"]
+        if not isinstance(uploaded, int) or uploaded > sum(layer["size"] for layer in added) + 1_000_000:
+            raise StepFailed(f"build-preset uploaded {uploaded} bytes; the appended layers are "
+                             f"{sum(layer['size'] for layer in added)} bytes, so base layers were re-sent")
+        st.note = f"{len(base_manifest['layers'])} base layers reused, {len(added)} appended"
+    run.facts["appended_layers"] = [(layer["mediaType"], layer["size"]) for layer in added]
+    run.sizes.append((image, pushed_size(preset_manifest),
+                      f"in registry; appended {sum(layer['size'] for layer in added) / 1e6:.1f} MB"))
+    with Step(run, "pull"):
+        docker(run, "pull", image, logname="pull", timeout=1200)
+    run.sizes.append((image + " (pulled)", image_size(run, image), "docker image"))
+    with Step(run, "serve") as st:
+        result = serve_and_chat(run, image)
+        st.note = f"/chat answered in {result['chat_seconds']} s"
+    run.facts["chat"] = result["chat"]
+
+
+def check_appended(image: str, base: dict, preset: dict) -> list[dict]:
+    """The preset image is the base's layers, by digest and in order, plus the weight layers."""
+    base_layers = [layer["digest"] for layer in base["layers"]]
+    preset_layers = [layer["digest"] for layer in preset["layers"]]
+    if preset_layers[: len(base_layers)] != base_layers or len(preset_layers) <= len(base_layers):
+        raise StepFailed(f"{image} does not reuse the base's {len(base_layers)} layers and append weights: "
+                         f"base {base_layers} vs preset {preset_layers}")
+    return preset["layers"][len(base_layers):]
+
+
+def cleanup(run: Run, failed: bool) -> None:
+    for name in run.containers:
+        subprocess.run(["docker", "rm", "-f", name], env={**os.environ, **run.env}, capture_output=True,
+                       timeout=60, check=False)
+    if run.registry is not None:
+        run.registry.stop()
+    stop_dockerd(run)
+    # dockerd unmounts its overlays on a clean stop; a forced stop can leave some behind.
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mnt in sorted((m for m in mounts if m.startswith(str(run.work))), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+    if failed:  # the full logs of the failed run outlive the work dir
+        logs = run.cache / "last-failure-logs"
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir()
+        for path in [*run.work.glob("*.log"), *run.work.glob("registry/*.log")]:
+            shutil.copy2(path, logs / path.name)
+        log(f"logs of the failed run: {logs}")
+    if not run.keep:
+        shutil.rmtree(run.work, ignore_errors=True)
+
+
+def report(run: Run, total: float) -> None:
+    log("\nstep           seconds  note")
+    for name, seconds, note in run.timings:
+        log(f"{name:<14} {seconds:7.1f}  {note or ''}")
+    log(f"{'total':<14} {total:7.1f}")
+    log("\nimage / artifact                                        size MB  note")
+    for what, size, note in run.sizes:
+        log(f"{what:<55} {size / 1e6:8.1f}  {note}")
+    for key, value in run.facts.items():
+        log(f"{key}: {json.dumps(value) if not isinstance(value, str) else value}")
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # a killed run still stops dockerd and the registry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("KAITO_E2E_CACHE", REPO / "out" / "e2e-cache")))
+    parser.add_argument("--dockerfile", type=Path, default=REPO / "Dockerfiles" / "base",
+                        help="the runtime Dockerfile to prove (default Dockerfiles/base)")
+    parser.add_argument("--build-arg", action="append", default=[], metavar="K=V",
+                        help="extra build args for it (the imported Debian image fills the FROM args)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, docker data) for debugging")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("e2e-container: must run as root (it starts its own dockerd)", file=sys.stderr)
+        return 2
+    args.cache.mkdir(parents=True, exist_ok=True)
+    # Short path: containerd's sockets live under the exec root and unix socket paths are limited.
+    run = Run(cache=args.cache.resolve(), work=Path(tempfile.mkdtemp(prefix="kaito-e2e-")), keep=args.keep,
+              dockerfile=args.dockerfile.resolve(), build_args=dict(a.split("=", 1) for a in args.build_arg))
+    signal.signal(signal.SIGTERM, interrupted)
+    log(f"e2e-container: work dir {run.work}, cache {run.cache}")
+    t0 = time.monotonic()
+    rc = 0
+    try:
+        pipeline(run)
+        log(f"\nOK: {PRESET} served from the container: {json.dumps(run.facts['chat'])[:300]}")
+    except StepFailed as exc:
+        log(f"\nFAILED at step {run.current!r}: {exc}")
+        rc = 1
+    except KeyboardInterrupt:
+        log(f"\ninterrupted during step {run.current!r}")
+        rc = 130
+    except Exception as exc:  # noqa: BLE001 -- an unexpected error still names its step and cleans up
+        log(f"\nFAILED at step {run.current!r}: {type(exc).__name__}: {exc}")
+        rc = 1
+    finally:
+        t1 = time.monotonic()
+        cleanup(run, failed=rc != 0)
+        run.timings.append(("cleanup", time.monotonic() - t1, "containers, registry, dockerd, work dir"))
+        report(run, time.monotonic() - t0)
+        if run.keep:
+            log(f"work dir kept: {run.work}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Engine: continuous batching equivalence, sampling, stopping, cancellation (no HTTP)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from kaito.runtime.engine import Engine, QueueFull, Sequence, run_to_completion
+from kaito.runtime.executor import BatchExecutor
+from kaito.runtime.loader import load
+from kaito.runtime.sampling import SamplingParams
+from kaito.runtime.settings import RuntimeSettings
+
+PROMPTS = [
+    "What is a GPU?",
+    "Explain batching in one sentence. In short,",
+    "hi",
+    "The quick brown fox asked how a registry works; the answer:",
+    "Question 3: why would a team use quantization?",
+    "Numbers 0 1 2 3",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load(RuntimeSettings(model_dir=tiny_model_dir, preset="tiny-phi-3"))
+
+
+def engine(loaded, **kw) -> Engine:
+    return Engine(BatchExecutor(loaded.model), loaded.tokenizer, eos_ids=loaded.eos_ids,
+                  max_model_len=loaded.max_model_len, **kw)
+
+
+def ids(loaded, text):
+    return loaded.tokenizer(text)["input_ids"]
+
+
+def hf_greedy(loaded, prompt_ids, n):
+    """Reference: plain transformers forward with its own DynamicCache, argmax, EOS not special."""
+    with torch.no_grad():
+        out = loaded.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        toks = [int(out.logits[0, -1].argmax())]
+        for _ in range(n - 1):
+            out = loaded.model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            toks.append(int(out.logits[0, -1].argmax()))
+    return toks
+
+
+def test_greedy_in_full_batch_equals_alone_and_hf_generate(loaded):
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    alone = [run_to_completion(engine(loaded), [Sequence(ids(loaded, p), greedy(24))])[0][0] for p in PROMPTS]
+    assert alone[0] == hf_greedy(loaded, ids(loaded, PROMPTS[0]), 24)
+    e = engine(loaded, max_batch_size=4)
+    seqs = [Sequence(ids(loaded, p), greedy(24 + 3 * i)) for i, p in enumerate(PROMPTS * 3)]
+    # Staggered arrivals: some join while others are mid-decode, rows finish at different steps.
+    e.submit(seqs[:2])
+    e.step(), e.step(), e.step()
+    e.submit(seqs[2:5])
+    e.step()
+    run_to_completion(e, seqs[5:])
+    assert max(len(s.output_ids) for s in seqs) > 24
+    for i, s in enumerate(seqs):
+        assert s.output_ids[:24] == alone[i % len(PROMPTS)], f"row {i} diverged in the batch"
+        assert s.finish_reason == "length" and len(s.output_ids) == 24 + 3 * i
+
+
+def test_batch_width_is_reclaimed_after_evictions(loaded):
+    e = engine(loaded)
+    long_, short = Sequence(ids(loaded, PROMPTS[1] * 6), SamplingParams(max_tokens=2, temperature=0)), \
+        Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    run_to_completion(e, [long_, short])
+    e.step()  # evicts the finished rows
+    assert e.ex.batch_size == 0 and e.num_running == 0
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(loaded):
+    p = lambda seed: SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=seed, ignore_eos=True)
+    a = run_to_completion(engine(loaded), [Sequence(ids(loaded, "hi"), p(7))])[0][0]
+    e = engine(loaded)
+    batch = [Sequence(ids(loaded, q), p(7 if q == "hi" else 100 + i)) for i, q in enumerate(PROMPTS)]
+    run_to_completion(e, batch)
+    assert batch[2].output_ids == a
+    b = run_to_completion(engine(loaded), [Sequence(ids(loaded, "hi"), p(8))])[0][0]
+    assert b != a
+
+
+def test_top_k_one_equals_greedy_and_penalties_change_output(loaded):
+    prompt = ids(loaded, PROMPTS[0])
+    greedy = run_to_completion(engine(loaded), [Sequence(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))])[0][0]
+    topk1 = run_to_completion(engine(loaded), [Sequence(prompt, SamplingParams(max_tokens=30, temperature=1.0, top_k=1, ignore_eos=True))])[0][0]
+    assert topk1 == greedy
+    pen = run_to_completion(engine(loaded), [Sequence(prompt, SamplingParams(max_tokens=30, temperature=0, repetition_penalty=3.0, ignore_eos=True))])[0][0]
+    pres = run_to_completion(engine(loaded), [Sequence(prompt, SamplingParams(max_tokens=30, temperature=0, presence_penalty=2.0, ignore_eos=True))])[0][0]
+    assert pen != greedy and pres != greedy
+    # A presence penalty of 2 on a near-uniform model forbids repeats: more distinct tokens than greedy.
+    assert len(set(pres)) >= len(set(greedy))
+
+
+def test_stop_string_truncates_and_is_not_emitted(loaded):
+    prompt = ids(loaded, PROMPTS[3])
+    full = run_to_completion(engine(loaded), [Sequence(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))])[0][1]
+    assert len(full) > 10
+    stop = full[6:9]
+    seq = Sequence(prompt, SamplingParams(max_tokens=40, temperature=0, stop=[stop], ignore_eos=True))
+    run_to_completion(engine(loaded), [seq])
+    assert seq.finish_reason == "stop"
+    assert seq.text == full[: full.index(stop)]
+    streamed = []
+    while not seq.events.empty():
+        _, ev = seq.events.get_nowait()
+        streamed.append(getattr(ev, "text", ""))
+    assert "".join(streamed) == seq.text
+
+
+def test_eos_stops_unless_ignored_and_min_tokens(loaded):
+    # Force EOS: a logit bias through a huge repetition penalty is not enough, so find a prompt whose greedy
+    # continuation contains EOS by scanning the eos ids' ranks is brittle; instead check min_tokens/ignore_eos
+    # semantics directly on the sampler.
+    from kaito.runtime.sampling import sample
+
+    class S:
+        def __init__(self, params, out=()):
+            self.params, self.output_ids, self.prompt_ids, self.generator = params, list(out), [1], None
+
+    logits = torch.zeros(2, 16)
+    logits[:, 3] = 10.0  # EOS is the argmax
+    toks, _ = sample(logits, [S(SamplingParams(temperature=0)), S(SamplingParams(temperature=0, min_tokens=2))], [3, 5])
+    assert toks[0] == 3 and toks[1] not in (3, 5)
+    # End to end: EOS from the model finishes with "stop" and does not count past it.
+    e = engine(loaded)
+    e.eos_ids = [e.eos_ids[0]] + list(range(10, 1000))  # make most tokens EOS for this engine
+    seq = Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=50, temperature=0))
+    run_to_completion(e, [seq])
+    assert seq.finish_reason == "stop" and len(seq.output_ids) < 50
+
+
+def test_queue_full_and_cancel(loaded):
+    e = engine(loaded, max_batch_size=1, max_waiting=1)
+    a, b = (Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)) for _ in range(2))
+    e.submit([a, b])  # one slot + one waiting
+    with pytest.raises(QueueFull):
+        e.submit([Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=5))])
+    e.step()
+    assert e.num_running == 1 and e.num_waiting == 1
+    e.cancel([a, b])
+    e.step()
+    assert a.finish_reason == "abort" and b.finish_reason == "abort"
+    assert e.num_running == 0 and e.num_waiting == 0 and e.ex.batch_size == 0
+    assert len(a.output_ids) < 100
+
+
+def test_logprobs_are_log_softmax_of_the_model(loaded):
+    prompt = ids(loaded, "hi")
+    seq = Sequence(prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=3))
+    run_to_completion(engine(loaded), [seq])
+    _, tok = seq.events.get_nowait()
+    with torch.no_grad():
+        ref = loaded.model(torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    chosen, top = tok.logprob
+    assert tok.token_id == int(ref.argmax())
+    assert abs(chosen - float(ref.max())) < 1e-4
+    assert [i for i, _ in top] == ref.topk(3).indices.tolist()
+
+
+def test_long_generations_cross_kv_buffer_regrowth(loaded):
+    from kaito.runtime.executor import HEADROOM
+
+    n = 2 * HEADROOM + 20
+    prompt = ids(loaded, PROMPTS[4])
+    want = hf_greedy(loaded, prompt, n)
+    e = engine(loaded)
+    long_ = Sequence(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    shorts = [Sequence(ids(loaded, p), SamplingParams(max_tokens=5 + 40 * i, temperature=0, ignore_eos=True)) for i, p in enumerate(PROMPTS[:3])]
+    e.submit([long_] + shorts[:1])
+    for _ in range(150):
+        e.step()
+    e.submit(shorts[1:])  # admitted mid-way: the batch is re-merged around the long row
+    run_to_completion(e, [])
+    while long_.finish_reason is None or any(s.finish_reason is None for s in shorts):
+        e.step()
+    assert long_.output_ids == want
+
+
+def _wait(cond, timeout=20.0):
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_a_failing_step_aborts_its_batch_but_the_engine_keeps_serving(loaded):
+    e = engine(loaded)
+    real, calls = None, {"n": 0}
+    e.start()
+    try:
+        real = e.ex.decode
+
+        def flaky(tokens):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("simulated NaN")
+            return real(tokens)
+
+        e.ex.decode = flaky
+        bad = Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+        e.submit([bad])
+        assert _wait(lambda: bad.finish_reason is not None)
+        assert bad.finish_reason == "abort" and e.error is None
+        good = Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        e.submit([good])
+        assert _wait(lambda: good.finish_reason is not None)
+        assert good.finish_reason == "length" and len(good.output_ids) == 5
+    finally:
+        e.stop()

@@ -1,0 +1,75 @@
+"""torchrun with gloo, 2 CPU processes: rank 0 serves and broadcasts each step; output equals one process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from .conftest import asgi_client, free_port, settings_for
+
+PROMPTS = ["What is a GPU?", "hi", "Explain batching in one sentence.", "The quick brown fox"]
+
+
+async def _outputs(base_url: str, client: httpx.AsyncClient | None = None) -> list[str]:
+    c = client or httpx.AsyncClient(base_url=base_url, timeout=60)
+    bodies = [{"prompt": p, "max_tokens": 8 + 4 * i, "temperature": 0, "ignore_eos": True,
+               "model": "alpha" if i % 2 else "tiny-phi-3"} for i, p in enumerate(PROMPTS)]
+    rs = await asyncio.gather(*[c.post("/v1/completions", json=b) for b in bodies])
+    chat = await c.post("/chat", json={"prompt": "What is a GPU?", "generate_kwargs": {"do_sample": False, "max_new_tokens": 10}})
+    if client is None:
+        await c.aclose()
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    return [r.json()["choices"][0]["text"] for r in rs] + [chat.json()["Result"]]
+
+
+@pytest.mark.slow
+async def test_two_process_torchrun_matches_one_process(tiny_model_dir, adapters_dir, tmp_path):
+    async with asgi_client(settings_for(tiny_model_dir, adapters_dir)) as c:
+        expected = await _outputs("", c)
+
+    port = free_port()
+    while True:
+        port2 = free_port()
+        if port2 != port + 1:
+            break
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "torchrun.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(port2), "-m", "kaito.runtime", "--preset", "tiny-phi-3", "--model-dir", str(tiny_model_dir),
+         "--adapters-dir", str(adapters_dir), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu",
+         "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url, worker = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health").status_code == 200 and httpx.get(worker + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.3)
+        else:
+            raise AssertionError("torchrun server not healthy:\n" + (tmp_path / "torchrun.log").read_text()[-3000:])
+        assert httpx.get(worker + "/health").json() == {"status": "Healthy"}
+        got = await _outputs(url)
+        assert got == expected
+        info = httpx.get(worker + "/worker").json()
+        assert info["rank"] == 1 and info["steps"] > 20 and info["adapters"] == ["alpha", "beta"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

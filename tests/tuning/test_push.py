@@ -1,0 +1,102 @@
+"""Adapter image: pushed with a dockerconfigjson to a real loopback registry, pulled back, loaded by PeftModel.
+Also: data from an image input, no push of an incomplete adapter, credentials never printed."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+import yaml
+from kaito.presets.cli import main as kaito_main
+from kaito.presets.errors import KaitoError
+from kaito.tuning import DIGEST_FILE, SENTINEL, default_config_text
+from kaito.tuning.output import push_adapter
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+image_builder = pytest.importorskip("kaito.image_builder", reason="kaito.image_builder (issue 3) not present")
+
+
+def short_config(tmp_path):
+    doc = yaml.safe_load(default_config_text("lora"))
+    doc["training_config"]["ModelConfig"]["torch_dtype"] = "float32"
+    doc["training_config"]["TrainingArguments"].update({"max_steps": 3, "learning_rate": 1e-2})
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def test_push_pull_and_load_adapter(auth_registry, dolly_parquet, model_copy, tmp_path, capsys):
+    secret = auth_registry.dockerconfig(tmp_path / "config.json")
+    ref = f"{auth_registry.host}/adapters/tiny-phi-3-dolly:0.0.1"
+    out = tmp_path / "results"
+    rc = kaito_main(["tune", "--config", str(short_config(tmp_path)), "--preset", "tiny-phi-3", "--method", "lora",
+                     "--data", str(dolly_parquet.parent), "--output", str(out), "--model-dir", str(model_copy),
+                     "--push", ref, "--push-secret", str(secret)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    recorded = (out / DIGEST_FILE).read_text().strip()
+    assert recorded.startswith(f"{auth_registry.host}/adapters/tiny-phi-3-dolly@sha256:")
+    digest = recorded.split("@")[1]
+    assert f"digest {digest}" in printed and "s3cret" not in printed
+
+    pulled = tmp_path / "pulled"
+    res = image_builder.pull(ref, pulled, auth_file=secret)
+    assert res.digest == digest
+    assert sorted(p.name for p in pulled.iterdir() if not p.name.startswith(".")) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (pulled / name).read_bytes() == (out / name).read_bytes()
+    manifest = httpx.get(f"{auth_registry.url}/v2/adapters/tiny-phi-3-dolly/manifests/0.0.1",
+                         auth=("kaito", "s3cret-pa55word"),
+                         headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+    assert manifest["annotations"]["sh.kaito.model.name"] == "tiny-phi-3"
+
+    base = AutoModelForCausalLM.from_pretrained(model_copy)
+    ids = torch.tensor([[1, 7, 20, 30, 40, 5]])
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        model = PeftModel.from_pretrained(base, str(pulled))
+        adapted = model(input_ids=ids).logits
+    assert not torch.allclose(plain, adapted)  # the pulled adapter is live
+
+
+def test_incomplete_adapter_is_never_pushed(registry, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    ref = f"{registry.host}/adapters/half:1"
+    with pytest.raises(KaitoError, match="is not complete; not pushing it"):
+        push_adapter(out, ref, preset_name="tiny-phi-3")
+    assert not (out / DIGEST_FILE).exists() and not (out / SENTINEL).exists()
+    r = httpx.get(f"{registry.url}/v2/adapters/half/manifests/1")
+    assert r.status_code == 404
+
+
+def test_wrong_push_secret_fails_without_leaking(auth_registry, dolly_parquet, model_copy, tmp_path, capsys):
+    secret = auth_registry.dockerconfig(tmp_path / "bad.json", password="wrong-password-xyz")
+    out = tmp_path / "results"
+    rc = kaito_main(["tune", "--config", str(short_config(tmp_path)), "--preset", "tiny-phi-3", "--method", "lora",
+                     "--data", str(dolly_parquet.parent), "--output", str(out), "--model-dir", str(model_copy),
+                     "--push", f"{auth_registry.host}/adapters/x:1", "--push-secret", str(secret)])
+    captured = capsys.readouterr()
+    assert rc in (1, 2)
+    assert "wrong-password-xyz" not in captured.out + captured.err
+    # training completed and is kept; no digest was recorded
+    assert (out / SENTINEL).is_file() and not (out / DIGEST_FILE).exists()
+    # a rerun with the right secret only pushes: no training again
+    good = auth_registry.dockerconfig(tmp_path / "good.json")
+    rc = kaito_main(["tune", "--config", str(short_config(tmp_path)), "--preset", "tiny-phi-3", "--method", "lora",
+                     "--data", str(dolly_parquet.parent), "--output", str(out), "--model-dir", str(model_copy),
+                     "--push", f"{auth_registry.host}/adapters/x:1", "--push-secret", str(good)])
+    assert rc == 0
+    assert '"skipped_training": true' in capsys.readouterr().out and (out / DIGEST_FILE).is_file()
+
+
+def test_data_from_an_image(registry, dolly_parquet, tmp_path):
+    ref = f"{registry.host}/datasets/dolly:1"
+    image_builder.push_dir(dolly_parquet.parent, ref)
+    dest = tmp_path / "mnt-data"
+    assert kaito_main(["tune", "fetch-data", "--dest", str(dest), f"image:{ref}"]) == 0
+    assert (dest / dolly_parquet.name).read_bytes() == dolly_parquet.read_bytes()
