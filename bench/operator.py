@@ -15,6 +15,7 @@ Usage: .venv/bin/python bench/operator.py [--workspaces 100] [--quiet-seconds 5]
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import asyncio
 import logging
 import sys
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--workspaces", type=int, default=100, help="Workspaces created at once (default 100).")
     parser.add_argument("--quiet-seconds", type=float, default=5.0, help="No-op window measured for writes.")
     args = parser.parse_args()
+    faulthandler.dump_traceback_later(90, exit=True)  # DEBUG
     logging.basicConfig(level=logging.CRITICAL)  # Kopf logs every temporary wait at ERROR level
     rows = asyncio.run(_bench(args.workspaces, args.quiet_seconds))
     print(f"{'metric':48} {'ours':>10} {'baseline(goal)':>15} {'ratio':>8}")

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,7 +130,7 @@ def start(cmd: list[str], url: str, log: Path, threads: int) -> subprocess.Popen
     deadline = time.time() + 120
     while time.time() < deadline:
         if p.poll() is not None:
-            raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
+            raise SystemExit(f"server exited:\n{log.read_text()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return p
@@ -165,6 +166,13 @@ def main(argv=None) -> int:
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="kaito-bench-"))
+    try:
+        return _bench(a, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench(a: argparse.Namespace, tmp: Path) -> int:
     model_dir = a.model_dir
     if model_dir is None:
         from kaito.presets import make_tiny

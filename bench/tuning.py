@@ -6,7 +6,7 @@ run_tuning`), on an embedded preset (default `tiny-phi-3-small`) or any
 `--model-dir`. Data: a dolly-style parquet with mixed answer lengths (most
 short, every third one 6-12x longer), the shape where padding wastes most.
 
-    .venv/bin/python bench/tuning.py                     # ~1-2 min on 2 CPU cores
+    .venv/bin/python bench/tuning.py                     # ~1-2 min on 2 idle CPU cores
     .venv/bin/python bench/tuning.py --rows 512 --steps 40 --preset tiny-phi-3-small
 
 Throughput = answer+prompt tokens actually in the batches (no padding) per
@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--model-dir", default=None)
     p.add_argument("--rows", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-len", type=int, default=512)
     a = p.parse_args()
     if a.worker:

@@ -81,7 +81,7 @@ def build_preset_cmd(
         "--registry",
         "-r",
         envvar="REGISTRY",
-        help="registry host[/path] or a layout directory (default ./out/registry)",
+        help="registry host (with optional path) or a layout directory (default ./out/registry)",
     ),
     tag: Optional[str] = typer.Option(None, "--tag", "-t", help="image tag (default: the preset's image_tag)"),
     weights: Optional[Path] = typer.Option(
@@ -90,6 +90,7 @@ def build_preset_cmd(
     base: Optional[str] = typer.Option(None, "--base", envvar="KAITO_BASE_IMAGE", help="base runtime image reference"),
     no_modelpack: bool = typer.Option(False, "--no-modelpack", help="skip the ModelPack artifact"),
     limit_rate: Optional[str] = typer.Option(None, "--limit-rate", help="cap upload speed, e.g. 50M (bytes/s)"),
+    chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="upload chunk (resume granularity), e.g. 256M"),
     auth_file: Optional[Path] = AUTH,
     insecure: Optional[bool] = INSECURE,
     jobs: int = JOBS,
@@ -115,6 +116,7 @@ def build_preset_cmd(
             jobs=jobs,
             progress=prog,
             rate_limit=_rate(limit_rate),
+            **({"chunk_size": int(_rate(chunk_size, "--chunk-size"))} if chunk_size else {}),
         )
     base_note = f"on {r.base}" if r.base else "weights only (no --base / KAITO_BASE_IMAGE given)"
     _emit(

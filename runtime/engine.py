@@ -44,7 +44,7 @@ class Token:
 
 @dataclass
 class Finished:
-    reason: str  # stop | length | abort
+    reason: str  # stop | length | abort (client gone) | error (the engine failed this step)
     prompt_tokens: int
     completion_tokens: int
 
@@ -127,6 +127,8 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.step_failures = 0
+        self._admitting: list[Sequence] = []  # taken from `waiting`, not yet in `running` (failure cleanup)
         self._outbox: list = []  # events of the current step, flushed at its end
         self.error: BaseException | None = None
 
@@ -134,7 +136,9 @@ class Engine:
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences of one request together; all or none (QueueFull)."""
         with self._cv:
-            if len(self.waiting) + len(seqs) > self.max_waiting + max(0, self.max_batch_size - len(self.running)):
+            # Rows that finished in the last step still sit in `running` until the next evicts them.
+            busy = sum(1 for s in self.running if s.finish_reason is None)
+            if len(self.waiting) + len(seqs) > self.max_waiting + max(0, self.max_batch_size - busy):
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.max_waiting})")
             self.waiting.extend(seqs)
             self._cv.notify()
@@ -237,19 +241,20 @@ class Engine:
                     log.exception("engine step failed (%d in a row); aborting the running batch", failures)
                     if failures >= 3 or self.broadcast is not None:
                         raise
-                    for s in list(self.running):
+                    self.step_failures += 1
+                    for s in list(self.running) + self._admitting:
                         if s.finish_reason is None:
-                            self._finish(s, "abort")
-                    self.running = []
+                            self._finish(s, "error")
+                    self.running, self._admitting = [], []
                     self.ex.evict([])
                     flush(self._outbox)
         except BaseException as e:  # the server must report, not hang, if a forward fails
             log.exception("engine loop failed")
             self.error = e
             flush(self._outbox)
-            for s in list(self.running) + list(self.waiting):
-                s.finish_reason = "abort"
-                s._push(Finished("abort", len(s.prompt_ids), len(s.output_ids)))
+            for s in list(self.running) + self._admitting + list(self.waiting):
+                s.finish_reason = "error"
+                s._push(Finished("error", len(s.prompt_ids), len(s.output_ids)))
 
     def step(self) -> None:
         """One scheduling step: evict, decode the running rows, prefill admissions, sample, emit."""
@@ -276,6 +281,7 @@ class Engine:
             "decode": [s.pending for s in self.running],
             "prefill": [(s.prompt_ids, [list(x) for x in s.lora]) for s in admitted],
         }
+        self._admitting = admitted
         if self.broadcast is not None:
             self.broadcast(plan)
         dec, pre = self.ex.apply(plan)
@@ -286,6 +292,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
             self.running.extend(admitted)
+            self._admitting = []
             self._advance(admitted, pre)
         flush(self._outbox)
         self._gauges()

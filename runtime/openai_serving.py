@@ -57,6 +57,15 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+async def _guard(events):
+    """Pass events through; an ApiError mid-stream becomes one final (None, {"error": ...}) item."""
+    try:
+        async for item in events:
+            yield item
+    except ApiError as e:
+        yield None, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -89,7 +98,11 @@ async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Req
             for i in range(len(seqs)):
                 yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                             "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
-            async for idx, ev in rt.events(seqs, queue):
+            async for idx, ev in _guard(rt.events(seqs, queue)):
+                if isinstance(ev, dict):  # the engine failed: an error event ends the stream
+                    yield _sse(ev)
+                    yield "data: [DONE]\n\n"
+                    return
                 if isinstance(ev, Token):
                     if not ev.text and ev.logprob is None:
                         continue
@@ -181,7 +194,11 @@ async def completions(rt: Runtime, req: CompletionRequest, request: Request):
                 for i in range(len(seqs)):
                     yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                 "choices": [{"index": i, "text": tok.decode(ids), "logprobs": None, "finish_reason": None}]})
-            async for idx, ev in rt.events(seqs, queue):
+            async for idx, ev in _guard(rt.events(seqs, queue)):
+                if isinstance(ev, dict):  # the engine failed: an error event ends the stream
+                    yield _sse(ev)
+                    yield "data: [DONE]\n\n"
+                    return
                 if isinstance(ev, Token):
                     if not ev.text and ev.logprob is None:
                         continue

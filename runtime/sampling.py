@@ -47,6 +47,7 @@ def _penalise(logits: torch.Tensor, rows: list, seqs: list) -> None:
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
+@torch.inference_mode()  # logits are inference tensors: in-place masking needs the same mode
 def sample(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tuple[list[int], list]:
     """Pick one token per row. logits: [B, V]. Returns (token ids, per-row logprob info or None)."""
     logits = logits.float()

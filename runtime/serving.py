@@ -189,7 +189,7 @@ class Runtime:
         if prompt_len >= limit:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
                                 f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
-                           param="messages" if what == "messages" else "prompt", headers={}) 
+                           param="messages" if what == "messages" else "prompt")
         if max_tokens is not None:
             if max_tokens > self.settings.max_tokens_cap:
                 raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's cap of {self.settings.max_tokens_cap}", param="max_tokens")
@@ -237,6 +237,8 @@ class Runtime:
                 for choice, item in _coalesce(pending):
                     if isinstance(item, Finished):
                         left -= 1
+                        if item.reason == "error":
+                            raise ApiError(500, "generation failed inside the engine; see the server log", "InternalServerError")
                     yield choice, item
         finally:
             self.engine.cancel(seqs)

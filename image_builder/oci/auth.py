@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -106,16 +108,58 @@ def default_auth_files() -> list[Path]:
     return out
 
 
-def credential_for(host: str, auth_file: Optional[Union[str, Path]] = None) -> Optional[Credential]:
-    """Credentials for `host` from the explicit auth file, else the first default file that has some."""
-    if auth_file is not None:
-        return load_auth_file(auth_file).get(_host_key(host))
-    for p in default_auth_files():
-        if p.is_file():
+def _helper(path: Path, host: str) -> Optional[str]:
+    """The credential helper docker would use for `host` (credHelpers, else credsStore), if any."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    helpers = {_host_key(k): v for k, v in (doc.get("credHelpers") or {}).items()}
+    return helpers.get(_host_key(host)) or doc.get("credsStore")
+
+
+def from_helper(name: str, host: str, source: str) -> Optional[Credential]:
+    """Ask `docker-credential-<name> get` (docker's protocol: host on stdin, JSON out)."""
+    exe = shutil.which(f"docker-credential-{name}")
+    if not exe:
+        return None
+    for server in (host, f"https://{host}"):
+        try:
+            r = subprocess.run([exe, "get"], input=server, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if r.returncode == 0:
             try:
-                found = load_auth_file(p).get(_host_key(host))
-            except InvalidInput:
-                continue
-            if found:
-                return found
+                d = json.loads(r.stdout)
+            except ValueError:
+                return None
+            user, secret = d.get("Username", ""), d.get("Secret", "")
+            if user == "<token>":
+                return Credential("", "", secret, f"{source} (helper {name})")
+            return Credential(user, secret, "", f"{source} (helper {name})")
+    return None  # the helper's output may echo what it was given: never surface it
+
+
+def credential_for(host: str, auth_file: Optional[Union[str, Path]] = None) -> Optional[Credential]:
+    """Credentials for `host` from the explicit auth file, else the first default file that has some.
+
+    Inline `auths` entries win; docker's credential helpers (credHelpers/credsStore) are asked next.
+    """
+    files = [Path(auth_file)] if auth_file is not None else [p for p in default_auth_files() if p.is_file()]
+    for p in files:
+        try:
+            found = load_auth_file(p).get(_host_key(host))
+        except InvalidInput:
+            if auth_file is not None:
+                raise
+            continue
+        if found:
+            return found
+        helper = _helper(p, host)
+        if helper:
+            cred = from_helper(helper, _host_key(host), str(p))
+            if cred:
+                return cred
     return None

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from kaito.image_builder.oci import values as V
 from kaito.image_builder.oci.errors import OCIError
-from kaito.image_builder.oci.layer import Layer
+from kaito.image_builder.oci.layer import BlobSource, Layer
 
 EPOCH = "1970-01-01T00:00:00Z"
 _DOCKER_TO_OCI = {
@@ -37,6 +37,7 @@ class Image:
     artifact_type: Optional[str] = None
     media_type: str = V.OCI_MANIFEST
     raw_manifest: Optional[bytes] = None  # as read from a source; kept so digests of pulled images match
+    source: Optional[BlobSource] = None  # where it was read from: lets a push mount the config blob too
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -44,7 +45,7 @@ class Image:
 
     @property
     def config_blob(self) -> Layer:
-        return Layer.blob(self.config_bytes, self.config_media_type)
+        return replace(Layer.blob(self.config_bytes, self.config_media_type), source=self.source)
 
     @cached_property
     def manifest_bytes(self) -> bytes:

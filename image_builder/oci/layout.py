@@ -270,6 +270,7 @@ def image_from_manifest(m: V.Manifest, config: bytes, source: BlobSource) -> Ima
         artifact_type=m.artifact_type,
         media_type=m.media_type,
         raw_manifest=m.raw,
+        source=source,
     )
 
 

@@ -27,9 +27,10 @@ from kaito.image_builder.oci.progress import NULL, Progress
 from kaito.image_builder.oci.remote import Registry
 
 # Resume granularity. Distribution drops an upload session whose PATCH was cut (its stored
-# offset no longer matches), so a push resumes from the last *whole* chunk; each extra PATCH
-# costs registry work (measured ~0.1 s per chunk on loopback), hence fairly large chunks.
-DEFAULT_CHUNK = int(os.environ.get("KAITO_IMAGE_CHUNK_SIZE", 512 << 20))
+# offset no longer matches), so a push resumes from the last *whole* chunk, while each extra
+# PATCH costs registry work (measured on loopback, 768 MiB blob: 1 PATCH 3.1 s = raw PUT,
+# 3 PATCHes 3.6 s). Hence large chunks by default; --chunk-size trades speed for granularity.
+DEFAULT_CHUNK = int(os.environ.get("KAITO_IMAGE_CHUNK_SIZE", 1 << 30))
 
 
 @dataclass

@@ -143,8 +143,17 @@ def parse_manifest(raw: bytes, media_type: Optional[str] = None) -> "Manifest | 
     )
 
 
-def pick_platform(index: Index, os_: str = "linux", arch: str = "amd64") -> Descriptor:
-    """The index entry for os/arch (first manifest when none declares a platform)."""
+def host_arch() -> str:
+    """This machine's architecture in OCI terms."""
+    import platform
+
+    m = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}.get(m, m)
+
+
+def pick_platform(index: Index, os_: str = "linux", arch: Optional[str] = None) -> Descriptor:
+    """The index entry for os/arch (default: this machine's; first manifest when none declares a platform)."""
+    arch = arch or host_arch()
     for m in index.manifests:
         p = m.platform or {}
         if p.get("os") == os_ and p.get("architecture") == arch:

@@ -91,6 +91,9 @@ def sh(run: Run, cmd: list[str], *, timeout: float = 900, logname: str | None = 
                     if PROGRESS.match(line):
                         log("      " + line.rstrip()[:150])
                 child.wait()
+            except BaseException:  # interrupted: stop the command now, not when it would finish
+                child.kill()
+                raise
             finally:
                 watchdog.cancel()
         if child.returncode == -signal.SIGKILL:

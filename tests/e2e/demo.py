@@ -163,6 +163,37 @@ def make_dataset(dest: Path, rows: int = 48) -> Path:
     return path
 
 
+def summarize(stream: str) -> dict:
+    """Kinds, container images and init-container commands of a rendered object stream."""
+    import yaml
+
+    kinds, images, inits = [], [], []
+    for obj in yaml.safe_load_all(stream):
+        if not obj:
+            continue
+        kinds.append(obj["kind"])
+        pod = (obj.get("spec") or {}).get("template", {}).get("spec", {})
+        for c in pod.get("containers", []):
+            images.append(c["image"])
+        for c in pod.get("initContainers", []):
+            inits.append(f"{c['name']}: {' '.join(c.get('command', []) + c.get('args', []))}")
+    return {"kinds": kinds, "images": images, "init_containers": inits}
+
+
+def make_config(path: Path) -> Path:
+    """Kaito's default QLoRA config, shortened so the demo trains in about a minute on 2 cores."""
+    import yaml
+
+    from kaito.tuning import default_config_text
+
+    doc = yaml.safe_load(default_config_text("qlora"))
+    doc["training_config"]["TrainingArguments"].update(
+        {"max_steps": 60, "learning_rate": 0.01, "logging_steps": 10, "save_strategy": "no"}
+    )
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
 def step(n: int, title: str) -> None:
     console.rule(f"[bold]step {n}/5[/bold] {title}")
 
@@ -192,18 +223,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary: dict = {"registry": registry}
     t0 = time.monotonic()
     try:
-        from kaito.presets import get_preset
-
-        tag = get_preset(PRESET).image_tag
         step(1, f"build the {PRESET} preset image into {registry}")
         out = run([*KAITO, "image", "build-preset", PRESET, "--registry", registry, "--json"], "building the preset")
-        built = json.loads(out.strip().splitlines()[-1])
+        built = json.loads(out)
         summary["image"] = built
         console.print(f"image {built.get('ref')} digest {built.get('digest')}")
 
         step(2, "pull the weights back (digests verified), serve, ask /chat and /v1/chat/completions")
         weights = work / "weights"
-        image_ref = ref_for(registry, f"kaito-{PRESET}", tag)
+        image_ref = built["ref"]
         run([*KAITO, "image", "pull", image_ref, str(weights)], "pulling the preset image")
         summary["weights"] = sorted(p.name for p in weights.iterdir())
         with server(weights, None, work / "runtime-base.log") as url:
@@ -217,10 +245,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         data = make_dataset(work / "data")
         adapter_ref = ref_for(registry, ADAPTER, "0.0.1")
         results = work / "results"
-        out = run([*KAITO, "tune", "--preset", PRESET, "--method", "qlora", "--model-dir", str(weights),
-                   "--data", str(data.parent), "--output", str(results), "--push", adapter_ref,
-                   "--set", "TrainingArguments.max_steps=40", "--set", "TrainingArguments.learning_rate=0.01"],
-                  "tuning the adapter", timeout=900)
+        config = make_config(work / "training_config.yaml")
+        out = run([*KAITO, "tune", "--config", str(config), "--preset", PRESET, "--method", "qlora",
+                   "--model-dir", str(weights), "--data", str(data.parent), "--output", str(results),
+                   "--push", adapter_ref], "tuning the adapter", timeout=900)
         summary["adapter_ref"] = adapter_ref
         summary["tuning_tail"] = out.strip().splitlines()[-3:]
 
@@ -243,8 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         step(5, "render the seed Workspaces into Kubernetes objects")
         rendered = {}
         for f in sorted(EXAMPLES.glob("*.yaml")):
-            out = run([*KAITO, "operator", "render", str(f), "-o", "summary-json"], f"rendering {f.name}")
-            rendered[f.name] = json.loads(out.strip().splitlines()[-1])
+            out = run([*KAITO, "operator", "render", str(f)], f"rendering {f.name}")
+            rendered[f.name] = summarize(out)
         t = Table(title="seed Workspaces, rendered")
         for col in ("workspace", "kinds", "images", "init containers"):
             t.add_column(col)

@@ -121,3 +121,9 @@ def test_file_system_errors_are_reported_not_raised(capsys, registry, adapter_di
     blocker.write_text("x")
     rc, out, err = _run(capsys, "image", "pull", ref, str(blocker / "sub" / "dest"))
     assert rc == 1 and "a-file" in err
+
+
+@pytest.mark.parametrize("cmd", ["build-preset", "build-adapter", "pull", "inspect", "copy", "build-base"])
+def test_every_command_has_working_help(capsys, cmd):
+    rc, out, err = _run(capsys, "image", cmd, "--help")
+    assert rc == 0 and "Example:" in out

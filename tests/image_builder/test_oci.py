@@ -154,7 +154,8 @@ def test_docker_schema2_manifests_are_read():
             }
         ).encode()
     )
-    assert V.pick_platform(idx).digest == "sha256:" + "4" * 64
+    assert V.pick_platform(idx, arch="amd64").digest == "sha256:" + "4" * 64
+    assert V.pick_platform(idx, arch="arm64").digest == "sha256:" + "3" * 64
 
 
 def test_layout_roundtrip_and_skopeo_reads_it(tmp_path):

@@ -246,3 +246,31 @@ print(hwm() - before)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.strip()) < 32, f"push grew peak RSS by {r.stdout.strip()} MiB"
+
+
+def test_docker_credential_helper(auth_registry, adapter_dir, tmp_path, monkeypatch):
+    """credHelpers in config.json: `docker-credential-<name> get` is asked, as docker does."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-kaitotest"
+    log = tmp_path / "helper.log"
+    answer = json.dumps({"ServerURL": auth_registry.host, "Username": "kaito", "Secret": auth_registry.password})
+    helper.write_text(f"#!/bin/sh\ncat >> {log}\necho >> {log}\necho '{answer}'\n")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"auths": {}, "credHelpers": {auth_registry.host: "kaitotest"}}))
+    assert build_adapter(adapter_dir, f"{auth_registry.host}/private/helper:v1", auth_file=cfg).digest
+    assert auth_registry.host in log.read_text()
+
+
+def test_cross_repo_mount_under_bearer_auth(token_registry, adapter_dir, tmp_path):
+    from kaito.image_builder import Connection, read_image, write_image
+
+    server, tokens = token_registry
+    cfg = server.dockerconfig(tmp_path / "t.json")
+    build_adapter(adapter_dir, f"{server.host}/tok/src:v1", auth_file=cfg)
+    with Connection(cfg) as conn:
+        res = write_image(read_image(f"{server.host}/tok/src:v1", conn), f"{server.host}/tok/dst:v1", conn)
+    assert len(res.mounted) == 3 and res.bytes_uploaded == 0  # both layers and the config: mounted, not sent
+    assert any({"repository:tok/dst:pull,push", "repository:tok/src:pull"} <= set(r["scopes"]) for r in tokens.requests)

@@ -50,7 +50,21 @@ class Emulator(kmock.KubernetesEmulator):
     increasing resourceVersion, as on a real cluster.
     """
 
+    KEEP_REQUESTS = 64
+
+    @property
+    def log(self) -> list[Any]:
+        """Every request served (kept here: kmock's own list is trimmed, see _handle)."""
+        try:
+            return self.__dict__["_log"]
+        except KeyError:
+            return self.__dict__.setdefault("_log", [])
+
     async def _handle(self, request: Any) -> Any:
+        self.log.append(request)
+        # kmock re-filters all past requests on every request (quadratic); keep only recent ones.
+        if len(self._requests) > self.KEEP_REQUESTS:
+            del self._requests[: -self.KEEP_REQUESTS]
         data = request.data
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
@@ -198,7 +212,7 @@ class Harness:
 
     def write_requests(self) -> list[Any]:
         """Every create/patch/delete the emulator has served so far (ours and Kopf's)."""
-        return [req for req in list(self.k8s) if str(req.method).upper().endswith(("POST", "PATCH", "PUT", "DELETE"))]
+        return [req for req in list(self.k8s.log) if str(req.method).upper().endswith(("POST", "PATCH", "PUT", "DELETE"))]
 
 
 def _res(resource: Any) -> str:

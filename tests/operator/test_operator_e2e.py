@@ -86,7 +86,7 @@ def _assert_rbac_allows(h: Harness) -> None:
     """Every request the operator (and Kopf) made is granted by deploy's ClusterRole."""
     allowed = {(g, r, v) for g, rs, vs in deploy.RBAC_RULES for r in rs for v in vs}
     checked = 0
-    for req in list(h.k8s):
+    for req in list(h.k8s.log):
         res = req.resource
         agent = req.headers.get("User-Agent", "")
         if res is None or res.plural is None or not agent.startswith(("kopf/", "kaito-operator/")):  # skip the test's own requests

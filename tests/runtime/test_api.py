@@ -252,3 +252,25 @@ async def test_load_adapter_from_image(client, spare_adapter, registry, tmp_path
     assert not [p for p in (tmp_path / "pulled").iterdir() if p.name.startswith("ghost")]
     for name in ("gamma-img", "gamma-dir"):
         assert (await client.post("/v1/unload_lora_adapter", json={"lora_name": name})).status_code == 200
+
+
+async def test_engine_failure_is_a_500_envelope_and_the_server_recovers(client):
+    ex = client.app.state.runtime.engine.ex
+    real = ex.decode
+
+    def broken(tokens):
+        raise RuntimeError("simulated device error")
+
+    ex.decode = broken
+    try:
+        body = {"prompt": "hi", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError", r.text
+        assert "Traceback" not in r.text and "simulated" not in r.text
+        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            lines = [x async for x in s.aiter_lines() if x.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == 500
+    finally:
+        ex.decode = real
+    assert (await client.post("/v1/completions", json=body)).status_code == 200
+    assert (await client.get("/health")).status_code == 200

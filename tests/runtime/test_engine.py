@@ -127,6 +127,12 @@ def test_eos_stops_unless_ignored_and_min_tokens(loaded):
     logits[:, 3] = 10.0  # EOS is the argmax
     toks, _ = sample(logits, [S(SamplingParams(temperature=0)), S(SamplingParams(temperature=0, min_tokens=2))], [3, 5])
     assert toks[0] == 3 and toks[1] not in (3, 5)
+    # Through the engine (logits are inference tensors there): EOS masked until min_tokens.
+    e = engine(loaded)
+    e.eos_ids = list(range(0, 1000))  # nearly every token would end the sequence
+    held = Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=50, temperature=0, min_tokens=4))
+    run_to_completion(e, [held])
+    assert held.finish_reason == "stop" and len(held.output_ids) == 5
     # End to end: EOS from the model finishes with "stop" and does not count past it.
     e = engine(loaded)
     e.eos_ids = [e.eos_ids[0]] + list(range(10, 1000))  # make most tokens EOS for this engine
@@ -206,10 +212,18 @@ def test_a_failing_step_aborts_its_batch_but_the_engine_keeps_serving(loaded):
         bad = Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
         e.submit([bad])
         assert _wait(lambda: bad.finish_reason is not None)
-        assert bad.finish_reason == "abort" and e.error is None
+        assert bad.finish_reason == "error" and e.error is None and e.step_failures == 1
         good = Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
         e.submit([good])
         assert _wait(lambda: good.finish_reason is not None)
         assert good.finish_reason == "length" and len(good.output_ids) == 5
+        # A failing prefill: the sequences being admitted get their Finished too (nobody hangs).
+        real_prefill = e.ex.prefill
+        e.ex.prefill = lambda prompts, rows: (_ for _ in ()).throw(RuntimeError("simulated prefill failure"))
+        stuck = Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=5, temperature=0))
+        e.submit([stuck])
+        assert _wait(lambda: stuck.finish_reason is not None)
+        assert stuck.finish_reason == "error" and e.step_failures == 2
+        e.ex.prefill = real_prefill
     finally:
         e.stop()

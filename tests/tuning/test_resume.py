@@ -107,12 +107,18 @@ def test_ddp_two_ranks_with_torchrun(dolly_parquet, model_copy, tmp_path):
     cfg.write_text(yaml.safe_dump(doc))
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
-    r = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kaito.tuning", "--config", str(cfg),
-         "--preset", "tiny-phi-3", "--method", "lora", "--data", str(dolly_parquet.parent), "--output", str(out),
-         "--model-dir", str(model_copy)],
-        capture_output=True, text=True, timeout=240,
-    )
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kaito.tuning", "--config", str(cfg),
+           "--preset", "tiny-phi-3", "--method", "lora", "--data", str(dolly_parquet.parent), "--output", str(out),
+           "--model-dir", str(model_copy)]
+    # Own process group: on a timeout the workers die with torchrun instead of lingering.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    r = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / SENTINEL).is_file()
     ckpt = out / "checkpoint-4"
