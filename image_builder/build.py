@@ -182,6 +182,10 @@ def build_preset(
             labels=labels,
             annotations=annotations,
             workdir="/workspace",
+            # A preset image serves by default (KAITO_PRESET/KAITO_MODEL_DIR above
+            # configure it); Kaito's pods still pass the command explicitly.
+            entrypoint=["python", "-m", "kaito.runtime"] if base else None,
+            cmd=[] if base else None,
             created_by="kaito image build-preset",
         )
         res = write_image(img, ref, conn, jobs=jobs, progress=progress, **push_kw)

@@ -256,6 +256,8 @@ def build_base_cmd(
     torch_variant: str = typer.Option("cpu", "--torch", help="cpu or a CUDA tag such as cu124"),
     docker_host: Optional[str] = typer.Option(None, "--docker-host", envvar="DOCKER_HOST", help="daemon socket"),
     push: bool = typer.Option(True, "--push/--no-push", help="push the built image to REF"),
+    build_arg: list[str] = typer.Option([], "--build-arg", help="KEY=VALUE passed to the Dockerfile (repeatable)"),
+    network: Optional[str] = typer.Option(None, "--network", help="build network mode, e.g. none for a bridgeless daemon"),
 ) -> None:
     """Build Dockerfiles/<name> with a docker daemon (docker SDK) and push it.
 
@@ -264,5 +266,12 @@ def build_base_cmd(
     from kaito.image_builder.docker_build import build_dockerfile
 
     args = {} if torch_variant == "cpu" else {"TORCH_INDEX_URL": f"https://download.pytorch.org/whl/{torch_variant}"}
-    r = build_dockerfile(dockerfile, ref, context=context, docker_host=docker_host, buildargs=args, push=push)
+    for kv in build_arg:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--build-arg {kv!r} must be KEY=VALUE")
+        args[key] = value
+    r = build_dockerfile(
+        dockerfile, ref, context=context, docker_host=docker_host, buildargs=args, push=push, network_mode=network
+    )
     typer.echo(f"built {ref} ({r['id']})" + (f", pushed {r.get('digest')}" if push else ""))

@@ -53,6 +53,7 @@ def build_dockerfile(
     buildargs: Optional[dict] = None,
     push: bool = True,
     labels: Optional[dict] = None,
+    network_mode: Optional[str] = None,
 ) -> dict:
     """Build Dockerfiles/<name> over `context` (default: the project) as `ref`; push it when asked."""
     try:
@@ -78,6 +79,8 @@ def build_dockerfile(
             labels=labels or {},
             rm=True,
             pull=False,
+            # "none" for daemons started without a bridge (the offline test daemon).
+            network_mode=network_mode,
         )
         result = {"id": image.id, "ref": ref}
         if push:

@@ -148,11 +148,12 @@ def serve_and_chat(run: Run, image: str) -> dict:
     config = json.loads(docker(run, "image", "inspect", image, show=False).stdout)[0]["Config"]
     run.facts["image_default_command"] = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
     name = f"kaito-e2e-{os.getpid()}"
-    # The command Kaito's pods run, given explicitly as the operator does, so the image's own
-    # ENTRYPOINT/CMD (whatever the Dockerfile chose) cannot double or drop arguments.
-    argv = ["-m", "kaito.runtime", "--preset", PRESET, "--model-dir", "/workspace/weights", "--port", "5000"]
-    run.facts["serve_command"] = "python " + " ".join(argv)
-    docker(run, "run", "-d", "--name", name, "--network", "none", "--entrypoint", "python", image, *argv)
+    # The preset image serves by default: its entrypoint is the runtime and its
+    # KAITO_PRESET / KAITO_MODEL_DIR env name the preset and the baked weights.
+    if config.get("Entrypoint") != ["python", "-m", "kaito.runtime"]:
+        raise StepFailed(f"{image} does not start the runtime by default: {run.facts['image_default_command']}")
+    run.facts["serve_command"] = "docker run (image default: python -m kaito.runtime)"
+    docker(run, "run", "-d", "--name", name, "--network", "none", image)
     run.containers.append(name)
     listing = docker(run, "exec", name, "ls", "-la", "/workspace/weights").stdout
     if "safetensors" not in listing:

@@ -192,6 +192,9 @@ def test_preset_on_a_base_image_reuses_base_layers(registry, weights_dir, tmp_pa
     assert m["annotations"]["org.opencontainers.image.base.digest"] == base.digest
     cfg = httpx.get(f"{registry.url}/v2/kaito-tiny-phi-3/blobs/{m['config']['digest']}").json()
     assert cfg["config"]["User"] == "1000" and "KAITO_MODEL_DIR=/workspace/weights" in cfg["config"]["Env"]
+    # The preset image serves by default: `docker run IMAGE` starts the runtime on the baked weights.
+    assert cfg["config"]["Entrypoint"] == ["python", "-m", "kaito.runtime"] and cfg["config"]["Cmd"] == []
+    assert "KAITO_PRESET=tiny-phi-3" in cfg["config"]["Env"]
     root = pull(b.ref, tmp_path / "rootfs", full=True)
     assert "workspace/tfs/serve.py" in root.files and "workspace/weights/model.safetensors" in root.files
     weights = pull(b.ref, tmp_path / "plain")  # the plain pull skips the base layers
