@@ -45,7 +45,8 @@ build-preset: install
 	$(VENV)/bin/kaito image build-preset $(MODEL) --registry $(REGISTRY) $(if $(TAG),--tag $(TAG))
 
 crd: install
-	$(VENV)/bin/kaito operator crd --output deploy/crd.yaml
+	$(VENV)/bin/kaito operator crd --out-dir .
+	$(VENV)/bin/kaito operator manifests --out-dir .
 
 lint: install
 	$(VENV)/bin/lint-imports

@@ -10,14 +10,13 @@ only the objects given and the preset catalog.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 import yaml
-from pydantic import ValidationError
-
 from kaito.operator import schema
 from kaito.presets import InvalidInput, UnknownPreset, fit, get_preset, get_sku
 from kaito.presets.spec import AccessMode, PresetSpec
+from pydantic import ValidationError
 
 MAX_ADAPTERS = 10
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -52,7 +51,7 @@ def parse(body: dict[str, Any]) -> schema.Workspace:
         raise WorkspaceInvalid(msgs) from None
 
 
-def _preset(field: str, name: str, errors: list[str]) -> Optional[PresetSpec]:
+def _preset(field: str, name: str, errors: list[str]) -> PresetSpec | None:
     try:
         return get_preset(name)
     except UnknownPreset as e:
@@ -70,7 +69,7 @@ def _check_preset_access(field: str, spec: schema.PresetSpec, preset: PresetSpec
         )
 
 
-def _check_resource(ws: schema.Workspace, preset: Optional[PresetSpec], errors: list[str]) -> None:
+def _check_resource(ws: schema.Workspace, preset: PresetSpec | None, errors: list[str]) -> None:
     sel = ws.resource.label_selector
     if not (sel.match_labels or sel.match_expressions):
         errors.append("resource.labelSelector: give matchLabels or matchExpressions selecting the GPU nodes")
@@ -134,7 +133,7 @@ def check_training_config(method: str, text: str, field: str = "tuning.config") 
     return []
 
 
-def _check_tuning(ws: schema.Workspace, errors: list[str]) -> Optional[PresetSpec]:
+def _check_tuning(ws: schema.Workspace, errors: list[str]) -> PresetSpec | None:
     tuning = ws.tuning
     assert tuning is not None
     preset = _preset("tuning.preset.name", tuning.preset.name, errors)
@@ -160,30 +159,32 @@ def _py(camel: str) -> str:
     return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
 
 
-def _check_update(new: schema.Workspace, old: schema.Workspace, errors: list[str]) -> None:
-    if (old.inference is None) != (new.inference is None) or (old.tuning is None) != (new.tuning is None):
+def _check_update(new: dict[str, Any], old: dict[str, Any], errors: list[str]) -> None:
+    """Immutability on raw bodies: `old` may be a minimal pinned spec, not a full Workspace."""
+    if (old.get("inference") is None) != (new.get("inference") is None) or (old.get("tuning") is None) != (
+        new.get("tuning") is None
+    ):
         errors.append("inference/tuning: a workspace cannot switch between inference and tuning; create a new one")
         return
-    r_old, r_new = old.resource, new.resource
-    if r_old.count != r_new.count:
-        errors.append("resource.count: is immutable after creation")
-    if r_old.instance_type != r_new.instance_type:
-        errors.append("resource.instanceType: is immutable after creation")
-    if r_old.label_selector.model_dump() != r_new.label_selector.model_dump():
-        errors.append("resource.labelSelector: is immutable after creation")
+    r_old, r_new = old.get("resource") or {}, new.get("resource") or {}
+    defaults = {"count": 1, "instanceType": schema.ResourceSpec.model_fields["instance_type"].default}
+    for key in ("count", "instanceType", "labelSelector"):
+        if r_old.get(key, defaults.get(key)) != r_new.get(key, defaults.get(key)):
+            errors.append(f"resource.{key}: is immutable after creation")
     for part in ("inference", "tuning"):
-        o, n = getattr(old, part), getattr(new, part)
-        if o is not None and n is not None and o.preset and n.preset and o.preset.name != n.preset.name:
+        o, n = old.get(part) or {}, new.get(part) or {}
+        o_name, n_name = (o.get("preset") or {}).get("name"), (n.get("preset") or {}).get("name")
+        if o_name and n_name and o_name != n_name:
             errors.append(f"{part}.preset.name: is immutable after creation")
-    if old.tuning and new.tuning and old.tuning.method != new.tuning.method:
+    if old.get("tuning") and new.get("tuning") and old["tuning"].get("method") != new["tuning"].get("method"):
         errors.append("tuning.method: is immutable after creation")
 
 
-def validate(body: dict[str, Any], old: Optional[dict[str, Any]] = None) -> schema.Workspace:
+def validate(body: dict[str, Any], old: dict[str, Any] | None = None) -> schema.Workspace:
     """Parse and check a Workspace (and, on update, its old version); raise WorkspaceInvalid."""
     ws = parse(body)
     errors: list[str] = []
-    preset: Optional[PresetSpec] = None
+    preset: PresetSpec | None = None
     if (ws.inference is None) == (ws.tuning is None):
         errors.append("inference/tuning: give exactly one of inference and tuning")
     elif ws.inference is not None:
@@ -202,10 +203,7 @@ def validate(body: dict[str, Any], old: Optional[dict[str, Any]] = None) -> sche
         preset = _check_tuning(ws, errors)
     _check_resource(ws, preset, errors)
     if old is not None:
-        try:
-            _check_update(ws, parse(old), errors)
-        except WorkspaceInvalid:
-            pass  # an old object that no longer parses cannot constrain the update
+        _check_update(body, old, errors)
     if errors:
         raise WorkspaceInvalid(errors)
     return ws

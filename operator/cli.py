@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 import yaml
-
 from kaito.presets.errors import InvalidInput, KaitoError
 
 app = typer.Typer(help="The Kaito operator: reconcile Workspaces into GPU nodes, services and tuning jobs.",
@@ -43,7 +42,9 @@ def _write_or_check(root: Path, rel: str, text: str, check: bool) -> bool:
 
 @app.command("crd")
 def crd(
-    out_dir: Path = typer.Option(Path("."), "--out-dir", help="Repository root to write deploy/crd and charts/kaito/crds under."),
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", help="Repository root to write deploy/crd and charts/kaito/crds under.")
+    ] = Path("."),
     check: bool = typer.Option(False, "--check", help="Exit 1 if the files on disk are stale instead of writing."),
 ) -> None:
     """Generate the Workspace CRD from the pydantic schema (`make crd`)."""
@@ -57,7 +58,7 @@ def crd(
 
 @app.command("manifests")
 def manifests(
-    out_dir: Path = typer.Option(Path("."), "--out-dir", help="Repository root to write deploy/operator.yaml under."),
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Repository root to write deploy/operator.yaml under.")] = Path("."),
     check: bool = typer.Option(False, "--check", help="Exit 1 if deploy/operator.yaml is stale."),
 ) -> None:
     """Generate the install manifests (RBAC, Deployment, webhook) with default values."""
@@ -69,9 +70,9 @@ def manifests(
 
 @app.command("render")
 def render_cmd(
-    file: Path = typer.Argument(..., help="Workspace YAML (e.g. ../shared/examples/workspace-phi-3-mini.yaml)."),
+    file: Annotated[Path, typer.Argument(help="Workspace YAML (e.g. ../shared/examples/workspace-phi-3-mini.yaml).")],
     namespace: str = typer.Option("default", "--namespace", "-n", help="Namespace the workspace lives in."),
-    registry: Optional[str] = typer.Option(None, "--registry", help="Preset image registry (default: operator setting)."),
+    registry: str | None = typer.Option(None, "--registry", help="Preset image registry (default: operator setting)."),
     ready_nodes: int = typer.Option(0, "--ready-nodes", help="Pretend this many matching nodes are Ready."),
 ) -> None:
     """Validate a Workspace and print the objects the operator would create."""
@@ -108,7 +109,9 @@ def render_cmd(
 
 @app.command("run")
 def run(
-    namespace: list[str] = typer.Option([], "--namespace", "-n", help="Watch only these namespaces (default: all)."),
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Watch only these namespaces (default: all).")
+    ] = None,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Run the operator (settings from KAITO_* environment variables)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-
 from kaito.operator import schema
 
 CRD_FILE = "crd/kaito.sh_workspaces.yaml"

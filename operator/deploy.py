@@ -56,7 +56,7 @@ def _labels() -> dict[str, str]:
 def build(values: DeployValues = DeployValues()) -> list[dict[str, Any]]:
     ns = values.namespace
     labels = _labels()
-    meta = lambda name: {"name": name, "namespace": ns, "labels": dict(labels)}  # noqa: E731
+    meta = lambda name: {"name": name, "namespace": ns, "labels": dict(labels)}
     env = [
         {"name": "KAITO_REGISTRY", "value": values.registry},
         {"name": "KAITO_BRING_YOUR_OWN_NODES", "value": str(values.bring_your_own_nodes).lower()},

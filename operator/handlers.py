@@ -5,7 +5,9 @@ module-global handlers), used by `kaito operator run`, the integration tests
 and the benchmark through `run_operator`. Handlers:
 - login: Kopf's own login (service account or kubeconfig), or the
   ConnectionInfo given (tests); it also builds the operator's `KubeAPI`.
-- create/update/resume: a reconcile pass; invalid specs raise
+- create/update/resume: a reconcile pass (immutable fields are checked
+  against the spec pinned in the `kaito.sh/immutable-spec` annotation at the
+  first valid pass, so timers and child events refuse them too); invalid specs raise
   `kopf.PermanentError` (after a False condition and a Warning Event), waits
   raise `kopf.TemporaryError` so Kopf retries with a delay.
 - child events (Deployments, StatefulSets, Jobs, NodeClaims, Nodes labelled
@@ -22,17 +24,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import kopf
-
 from kaito.operator import admission, reconcile, schema
 from kaito.operator.kube import APIError, KubeAPI
 from kaito.operator.settings import OperatorSettings
 
 FINALIZER = "workspace.finalizer.kaito.sh"
-WORKSPACES = dict(group=schema.GROUP, version=schema.STORAGE_VERSION, plural=schema.PLURAL)
+WORKSPACES = {"group": schema.GROUP, "version": schema.STORAGE_VERSION, "plural": schema.PLURAL}
 CHILD_LABELS = {schema.LABEL_WORKSPACE: kopf.PRESENT}
 
 
@@ -41,15 +43,17 @@ class OperatorState:
     """Shared by the handlers of one operator: the API client and per-workspace locks."""
 
     settings: OperatorSettings
-    connection: Optional[Any] = None  # kopf.ConnectionInfo forced by tests; None: Kopf's login
-    api: Optional[KubeAPI] = None
+    connection: Any | None = None  # kopf.ConnectionInfo forced by tests; None: Kopf's login
+    api: KubeAPI | None = None
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     passes: int = 0
-    tune_kopf: Optional[Callable[[kopf.OperatorSettings], None]] = None
+    tune_kopf: Callable[[kopf.OperatorSettings], None] | None = None
     """Adjusts Kopf's settings after ours (tests and the benchmark shorten Kopf's exit timeouts)."""
 
 
-async def _pass(state: OperatorState, body: dict[str, Any], logger: logging.Logger) -> reconcile.Outcome:
+async def _pass(
+    state: OperatorState, body: dict[str, Any], logger: logging.Logger, old: dict[str, Any] | None = None
+) -> reconcile.Outcome:
     meta = body["metadata"]
     key = (meta.get("namespace") or "default", meta["name"])
     async with state.locks[key]:
@@ -58,11 +62,11 @@ async def _pass(state: OperatorState, body: dict[str, Any], logger: logging.Logg
         if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
             return reconcile.Outcome(done=True)
         state.passes += 1
-        out = await reconcile.reconcile(state.api, fresh, state.settings)
+        out = await reconcile.reconcile(state.api, fresh, state.settings, old)
     if out.created or out.patched:
         logger.info("workspace %s/%s: created %s, patched %s", key[0], key[1], out.created, out.patched)
     if out.invalid and out.conditions_changed:
-        kopf.warn(fresh, reason="InvalidWorkspace", message=out.invalid)
+        await reconcile.post_event(state.api, fresh, "InvalidWorkspace", out.invalid)
     return out
 
 
@@ -77,7 +81,9 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix="kaito.sh", key="last-handled-configuration"
         )
-        settings.posting.level = logging.WARNING  # only Warning Events (invalid specs) reach the API
+        # Waits are logged as errors on every retry; posting those as Events would flood the
+        # namespace. Our own Warning Event (kopf.warn on invalid specs) is posted regardless.
+        settings.posting.level = logging.CRITICAL
         if state.settings.webhook_port:
             cert_dir = state.settings.webhook_cert_dir
             settings.admission.server = kopf.WebhookServer(
@@ -105,9 +111,11 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         if state.api is not None:
             await state.api.close()
 
-    async def handle(body: Any, logger: logging.Logger, **_: Any) -> None:
+    async def handle(body: Any, logger: logging.Logger, old: Any = None, reason: str = "", **_: Any) -> None:
+        # Only updates carry an old spec to check immutability against (Kaito enforces it in the webhook).
+        previous = dict(old) if reason == "update" and old and old.get("resource") else None
         try:
-            out = await _pass(state, dict(body), logger)
+            out = await _pass(state, dict(body), logger, previous)
         except APIError as e:
             raise kopf.TemporaryError(f"API error, will retry: {e}", delay=settings.retry_seconds) from None
         if out.invalid:
@@ -125,7 +133,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         except APIError as e:
             logger.warning("resync of %s failed, next tick retries: %s", body["metadata"]["name"], e)
 
-    async def child_event(body: Any, logger: logging.Logger, type: Optional[str], **_: Any) -> None:
+    async def child_event(body: Any, logger: logging.Logger, type: str | None, **_: Any) -> None:
         labels = body.get("metadata", {}).get("labels") or {}
         name, ns = labels.get(schema.LABEL_WORKSPACE), labels.get(schema.LABEL_WORKSPACE_NS)
         if not name or not ns or state.api is None:
@@ -164,7 +172,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
     return registry
 
 
-def validate_webhook(body: Any, old: Any, operation: Optional[str], **_: Any) -> None:
+def validate_webhook(body: Any, old: Any, operation: str | None, **_: Any) -> None:
     """The admission webhook: reject a Workspace that breaks a rule, naming the fields."""
     try:
         admission.validate(dict(body), dict(old) if operation == "UPDATE" and old else None)
@@ -174,9 +182,9 @@ def validate_webhook(body: Any, old: Any, operation: Optional[str], **_: Any) ->
 
 async def run_operator(
     state: OperatorState,
-    stop_flag: Optional[asyncio.Event] = None,
-    ready_flag: Optional[asyncio.Event] = None,
-    namespaces: Optional[list[str]] = None,
+    stop_flag: asyncio.Event | None = None,
+    ready_flag: asyncio.Event | None = None,
+    namespaces: list[str] | None = None,
 ) -> None:
     """Run the operator in this event loop until stop_flag is set (clusterwide unless namespaces)."""
     await kopf.operator(

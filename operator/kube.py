@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import ssl
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -61,15 +62,15 @@ def _labels_match(obj: dict[str, Any], selector: dict[str, str]) -> bool:
 class KubeAPI:
     """Async CRUD on the kinds in KINDS; one aiohttp session per client."""
 
-    def __init__(self, server: str, headers: Optional[dict[str, str]] = None, ssl_ctx: Any = None):
+    def __init__(self, server: str, headers: dict[str, str] | None = None, ssl_ctx: Any = None):
         self.server = server.rstrip("/")
         self._headers = {"User-Agent": USER_AGENT, **(headers or {})}
         self._ssl = ssl_ctx
-        self._session: Optional[aiohttp.ClientSession] = None
+        self._session: aiohttp.ClientSession | None = None
         self.writes = 0
 
     @classmethod
-    def from_connection_info(cls, info: Any) -> "KubeAPI":
+    def from_connection_info(cls, info: Any) -> KubeAPI:
         """Build from a kopf.ConnectionInfo (token, basic auth, client certs, CA)."""
         headers: dict[str, str] = {}
         if info.token:
@@ -96,7 +97,7 @@ class KubeAPI:
             await self._session.close()
             self._session = None
 
-    def _url(self, kind: str, namespace: Optional[str], name: Optional[str] = None, sub: str = "") -> str:
+    def _url(self, kind: str, namespace: str | None, name: str | None = None, sub: str = "") -> str:
         k = KINDS[kind]
         path = k.base()
         if k.namespaced and namespace:
@@ -129,7 +130,7 @@ class KubeAPI:
         except aiohttp.ClientError as e:
             raise APIError(0, f"{method} {path}", f"connection failed: {e}") from None
 
-    async def get(self, kind: str, namespace: Optional[str], name: str) -> Optional[dict[str, Any]]:
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return await self._request("GET", self._url(kind, namespace, name))
         except APIError as e:
@@ -138,7 +139,7 @@ class KubeAPI:
             raise
 
     async def list(
-        self, kind: str, namespace: Optional[str] = None, labels: Optional[dict[str, str]] = None
+        self, kind: str, namespace: str | None = None, labels: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
         path = self._url(kind, namespace)
         if labels:
@@ -158,13 +159,13 @@ class KubeAPI:
         return await self._request("POST", self._url(obj["kind"], meta.get("namespace")), obj)
 
     async def patch(
-        self, kind: str, namespace: Optional[str], name: str, patch: dict[str, Any], subresource: str = ""
+        self, kind: str, namespace: str | None, name: str, patch: dict[str, Any], subresource: str = ""
     ) -> dict[str, Any]:
         return await self._request(
             "PATCH", self._url(kind, namespace, name, subresource), patch, "application/merge-patch+json"
         )
 
-    async def delete(self, kind: str, namespace: Optional[str], name: str) -> bool:
+    async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         try:
             await self._request("DELETE", self._url(kind, namespace, name))
             return True
@@ -176,7 +177,8 @@ class KubeAPI:
 
 def _tempfile(data: Any) -> str:
     raw = data if isinstance(data, bytes) else str(data).encode()
-    f = tempfile.NamedTemporaryFile(prefix="kaito-", delete=False)
-    f.write(raw)
-    f.close()
+    # ssl.load_cert_chain reads only files; kubeconfigs may embed the client cert as data.
+    with tempfile.NamedTemporaryFile(prefix="kaito-", delete=False) as f:
+        f.write(raw)
+    os.chmod(f.name, 0o600)
     return f.name

@@ -7,7 +7,7 @@ Called by `kaito.operator.render` (NodeClaims) and `kaito.operator.reconcile`
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Optional
+from typing import Any
 
 from kaito.operator import schema
 from kaito.operator.settings import OperatorSettings
@@ -73,7 +73,7 @@ def render_nodeclaims(
     ws: schema.Workspace,
     settings: OperatorSettings,
     nodes: list[dict[str, Any]],
-    preset: Optional[PresetSpec],
+    preset: PresetSpec | None,
 ) -> list[dict[str, Any]]:
     """NodeClaims for the nodes still missing: count minus matching nodes we did not provision."""
     matched = matching_nodes(ws, nodes)

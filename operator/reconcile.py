@@ -11,10 +11,19 @@ Workspace reads but never writes.
 from __future__ import annotations
 
 import datetime
+import json
+import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
-from kaito.operator import admission, nodes, render, render_inference, render_tuning, schema
+from kaito.operator import (
+    admission,
+    nodes,
+    render,
+    render_inference,
+    render_tuning,
+    schema,
+)
 from kaito.operator.kube import APIError, KubeAPI
 from kaito.operator.settings import OperatorSettings
 
@@ -24,8 +33,8 @@ class Outcome:
     """What a pass found: done (nothing to wait for), or invalid/waiting with the reason."""
 
     done: bool = False
-    invalid: Optional[str] = None
-    waiting: Optional[str] = None
+    invalid: str | None = None
+    waiting: str | None = None
     conditions_changed: bool = False
     created: list[str] = field(default_factory=list)
     patched: list[str] = field(default_factory=list)
@@ -35,13 +44,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _cond(type_: str, ok: Optional[bool], reason: str, message: str) -> dict[str, Any]:
+def _cond(type_: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
     status = "Unknown" if ok is None else ("True" if ok else "False")
     return {"type": type_, "status": status, "reason": reason, "message": message}
 
 
 def merge_conditions(
-    old: list[dict[str, Any]], new: list[dict[str, Any]], generation: Optional[int]
+    old: list[dict[str, Any]], new: list[dict[str, Any]], generation: int | None
 ) -> tuple[list[dict[str, Any]], bool]:
     """New conditions keyed by type; lastTransitionTime kept unless the status flips."""
     by_type = {c.get("type"): c for c in old}
@@ -63,7 +72,7 @@ def merge_conditions(
 
 
 async def write_status(
-    api: KubeAPI, body: dict[str, Any], conditions: list[dict[str, Any]], worker_nodes: Optional[list[str]] = None
+    api: KubeAPI, body: dict[str, Any], conditions: list[dict[str, Any]], worker_nodes: list[str] | None = None
 ) -> bool:
     meta = body["metadata"]
     status = body.get("status") or {}
@@ -103,18 +112,54 @@ async def apply(api: KubeAPI, desired: dict[str, Any], out: Outcome) -> dict[str
     return live
 
 
-async def _user_configmap(api: KubeAPI, ws: schema.Workspace, name: str, key: str) -> Optional[str]:
+ANN_PINNED = "kaito.sh/immutable-spec"
+
+
+def _immutable(body: dict[str, Any]) -> dict[str, Any]:
+    """The fields admission forbids changing, as a minimal Workspace body."""
+    res = body.get("resource") or {}
+    out: dict[str, Any] = {
+        "resource": {k: res[k] for k in ("count", "instanceType", "labelSelector") if k in res},
+    }
+    for part in ("inference", "tuning"):
+        spec = body.get(part)
+        if spec is not None:
+            kept: dict[str, Any] = {}
+            if (spec.get("preset") or {}).get("name"):
+                kept["preset"] = {"name": spec["preset"]["name"]}
+            if "method" in spec:
+                kept["method"] = spec["method"]
+            out[part] = kept
+    return out
+
+
+def pinned_spec(body: dict[str, Any]) -> dict[str, Any] | None:
+    raw = ((body.get("metadata") or {}).get("annotations") or {}).get(ANN_PINNED)
+    if not raw:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and "resource" in doc else None
+
+
+async def _user_configmap(api: KubeAPI, ws: schema.Workspace, name: str, key: str) -> str | None:
     cm = await api.get("ConfigMap", ws.namespace, name)
     if cm is None:
         return None
     return (cm.get("data") or {}).get(key, "")
 
 
-async def reconcile(api: KubeAPI, body: dict[str, Any], settings: OperatorSettings) -> Outcome:
+async def reconcile(
+    api: KubeAPI, body: dict[str, Any], settings: OperatorSettings, old: dict[str, Any] | None = None
+) -> Outcome:
+    """One pass; immutability is checked against the pinned spec (or `old`, Kopf's last handled one)."""
     out = Outcome()
     kind = "inference" if body.get("inference") is not None else "tuning"
+    pinned = pinned_spec(body)
     try:
-        ws = admission.validate(body)
+        ws = admission.validate(body, pinned or old)
         if ws.tuning is not None and ws.tuning.config:
             text = await _user_configmap(api, ws, ws.tuning.config, render_tuning.CONFIG_KEY)
             if text is None:
@@ -123,9 +168,12 @@ async def reconcile(api: KubeAPI, body: dict[str, Any], settings: OperatorSettin
                 errs = admission.check_training_config(ws.tuning.method, text)
                 if errs:
                     raise admission.WorkspaceInvalid(errs)
-        if ws.inference is not None and ws.inference.config:
-            if await api.get("ConfigMap", ws.namespace, ws.inference.config) is None:
-                out.waiting = f"inference.config: ConfigMap {ws.inference.config!r} not found in {ws.namespace}"
+        if (
+            ws.inference is not None
+            and ws.inference.config
+            and await api.get("ConfigMap", ws.namespace, ws.inference.config) is None
+        ):
+            out.waiting = f"inference.config: ConfigMap {ws.inference.config!r} not found in {ws.namespace}"
     except admission.WorkspaceInvalid as e:
         out.invalid = str(e)
         conds = [_cond("WorkspaceSucceeded", False, "InvalidWorkspace", out.invalid)]
@@ -133,6 +181,13 @@ async def reconcile(api: KubeAPI, body: dict[str, Any], settings: OperatorSettin
             conds.append(_cond("InferenceReady", False, "InvalidWorkspace", out.invalid))
         out.conditions_changed = await write_status(api, body, conds)
         return out
+
+    if pinned is None:
+        # Pin the immutable fields once, so every later pass (timers, child events), not only
+        # Kopf's update handler, can refuse a change. Kopf ignores kaito.sh/ annotations.
+        meta = body["metadata"]
+        patch = {"metadata": {"annotations": {ANN_PINNED: json.dumps(_immutable(body), sort_keys=True)}}}
+        await api.patch("Workspace", meta.get("namespace"), meta["name"], patch)
 
     sel_labels = ws.resource.label_selector.match_labels or None
     observed = nodes.matching_nodes(ws, await api.list("Node", None, sel_labels))
@@ -196,3 +251,30 @@ async def finalize(api: KubeAPI, body: dict[str, Any]) -> int:
     for claim in claims:
         await api.delete("NodeClaim", None, claim["metadata"]["name"])
     return len(claims)
+
+
+async def post_event(api: KubeAPI, body: dict[str, Any], reason: str, message: str) -> None:
+    """A Warning Event on the workspace (`kubectl describe workspace` shows it)."""
+    meta = body["metadata"]
+    now = _now()
+    await api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta.get("namespace") or "default"},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion") or f"{schema.GROUP}/{schema.STORAGE_VERSION}",
+                "kind": schema.KIND,
+                "name": meta["name"],
+                "namespace": meta.get("namespace") or "default",
+                "uid": meta.get("uid", ""),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning",
+            "source": {"component": "kaito-operator"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+    )

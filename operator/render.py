@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Any
 
 from kaito.operator import schema
 from kaito.operator.settings import OperatorSettings
@@ -85,7 +85,7 @@ TOLERATIONS = [
 ]
 
 
-def gpus_per_node(ws: schema.Workspace, preset: Optional[PresetSpec]) -> int:
+def gpus_per_node(ws: schema.Workspace, preset: PresetSpec | None) -> int:
     """GPUs each pod requests: the SKU's count; the preset's need when the SKU is unknown (bypass)."""
     try:
         return get_sku(ws.resource.instance_type).gpus
@@ -139,7 +139,7 @@ def render(
     workspace: dict[str, Any] | schema.Workspace,
     settings: OperatorSettings,
     nodes: list[dict[str, Any]],
-    config_texts: Optional[dict[str, str]] = None,
+    config_texts: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """All desired children of a Workspace, each stamped with its spec hash.
 

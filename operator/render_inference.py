@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
-from typing import Any, Optional
+from typing import Any
 
 from kaito.operator import render as r
 from kaito.operator import schema
@@ -33,7 +33,7 @@ def config_map_name(ws: schema.Workspace) -> str:
     return ws.inference.config or f"{ws.name}-inference-config"
 
 
-def is_distributed(ws: schema.Workspace, preset: Optional[PresetSpec]) -> bool:
+def is_distributed(ws: schema.Workspace, preset: PresetSpec | None) -> bool:
     return preset is not None and ws.resource.count > 1 and preset.supports_distributed_inference
 
 
@@ -191,7 +191,7 @@ def _service(ws: schema.Workspace, distributed: bool) -> dict[str, Any]:
 
 
 def render_inference(
-    ws: schema.Workspace, settings: OperatorSettings, preset: Optional[PresetSpec]
+    ws: schema.Workspace, settings: OperatorSettings, preset: PresetSpec | None
 ) -> list[dict[str, Any]]:
     assert ws.inference is not None
     objs: list[dict[str, Any]] = []
@@ -258,7 +258,7 @@ def render_inference(
     return objs
 
 
-def workload_ready(obj: Optional[dict[str, Any]], replicas: int) -> bool:
+def workload_ready(obj: dict[str, Any] | None, replicas: int) -> bool:
     if not obj:
         return False
     status = obj.get("status") or {}

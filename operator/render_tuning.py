@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from kaito.operator import render as r
 from kaito.operator import schema
@@ -28,9 +28,10 @@ def default_training_config(method: str) -> str:
     """Kaito's default training_config.yaml for lora or qlora."""
     spec = importlib.util.find_spec("kaito.tuning")
     for loc in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(loc) / "configs" / f"{method}.yaml"
-        if path.is_file():
-            return path.read_text()
+        for name in (f"{method}-params.yaml", f"{method}.yaml"):
+            path = Path(loc) / "configs" / name
+            if path.is_file():
+                return path.read_text()
     return resources.files("kaito.operator").joinpath(f"configs/{method}.yaml").read_text()
 
 
@@ -160,7 +161,7 @@ def render_tuning(ws: schema.Workspace, settings: OperatorSettings, preset: Pres
     return objs
 
 
-def job_state(job: Optional[dict[str, Any]]) -> tuple[Optional[bool], str]:
+def job_state(job: dict[str, Any] | None) -> tuple[bool | None, str]:
     """(True: succeeded, False: failed, None: running or absent; message)."""
     if not job:
         return None, "the tuning Job does not exist yet"

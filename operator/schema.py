@@ -13,7 +13,7 @@ serves any object at either version.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -52,12 +52,12 @@ class LabelSelectorRequirement(_Model):
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
         ..., description="How the key relates to the values."
     )
-    values: Optional[list[str]] = Field(None, description="Values for In/NotIn.")
+    values: list[str] | None = Field(None, description="Values for In/NotIn.")
 
 
 class LabelSelector(_Model):
-    match_labels: Optional[dict[str, str]] = Field(None, description="Labels every node must carry.")
-    match_expressions: Optional[list[LabelSelectorRequirement]] = Field(
+    match_labels: dict[str, str] | None = Field(None, description="Labels every node must carry.")
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
         None, description="Label requirements every node must meet."
     )
 
@@ -68,14 +68,14 @@ class ResourceSpec(_Model):
         "Standard_NC24ads_A100_v4", description="Cloud GPU SKU of the nodes, e.g. Standard_NC6s_v3."
     )
     label_selector: LabelSelector = Field(..., description="Selects the nodes the workload runs on.")
-    preferred_nodes: Optional[list[str]] = Field(
+    preferred_nodes: list[str] | None = Field(
         None, description="Existing node names to use before provisioning new ones."
     )
 
 
 class PresetOptions(_Model):
-    image: Optional[str] = Field(None, description="Image of a private preset (required for accessMode private).")
-    image_pull_secrets: Optional[list[str]] = Field(None, description="Secrets for pulling the private image.")
+    image: str | None = Field(None, description="Image of a private preset (required for accessMode private).")
+    image_pull_secrets: list[str] | None = Field(None, description="Secrets for pulling the private image.")
 
 
 class PresetSpec(_Model):
@@ -83,47 +83,47 @@ class PresetSpec(_Model):
     access_mode: Literal["public", "private"] = Field(
         "public", description="public: the project's image; private: bring your own image in presetOptions."
     )
-    preset_options: Optional[PresetOptions] = Field(None, description="Image options of private presets.")
+    preset_options: PresetOptions | None = Field(None, description="Image options of private presets.")
 
 
 class DataSource(_Model):
-    name: Optional[str] = Field(None, description="Name of the adapter (DNS-1123 label).")
-    urls: Optional[list[str]] = Field(None, description="URLs of data files downloaded into /mnt/data.")
-    volume_source: Optional[dict[str, Any]] = Field(
+    name: str | None = Field(None, description="Name of the adapter (DNS-1123 label).")
+    urls: list[str] | None = Field(None, description="URLs of data files downloaded into /mnt/data.")
+    volume_source: dict[str, Any] | None = Field(
         None, description="A Kubernetes volume source mounted as the data (e.g. persistentVolumeClaim)."
     )
-    image: Optional[str] = Field(None, description="OCI image holding the data or adapter.")
-    image_pull_secrets: Optional[list[str]] = Field(None, description="Secrets for pulling the image.")
+    image: str | None = Field(None, description="OCI image holding the data or adapter.")
+    image_pull_secrets: list[str] | None = Field(None, description="Secrets for pulling the image.")
 
 
 class DataDestination(_Model):
-    volume_source: Optional[dict[str, Any]] = Field(None, description="Volume the results are written to.")
-    image: Optional[str] = Field(None, description="Image reference the tuned adapter is pushed to.")
-    image_push_secret: Optional[str] = Field(
+    volume_source: dict[str, Any] | None = Field(None, description="Volume the results are written to.")
+    image: str | None = Field(None, description="Image reference the tuned adapter is pushed to.")
+    image_push_secret: str | None = Field(
         None, description="kubernetes.io/dockerconfigjson Secret used to push the adapter image."
     )
 
 
 class AdapterSpec(_Model):
     source: DataSource = Field(..., description="Where the adapter comes from (name and image).")
-    strength: Optional[str] = Field(None, description="Adapter weight, a float in [0,1] written as a string.")
+    strength: str | None = Field(None, description="Adapter weight, a float in [0,1] written as a string.")
 
 
 class InferenceSpec(_Model):
-    preset: Optional[PresetSpec] = Field(None, description="Model preset to serve (or give a template).")
-    template: Optional[dict[str, Any]] = Field(
+    preset: PresetSpec | None = Field(None, description="Model preset to serve (or give a template).")
+    template: dict[str, Any] | None = Field(
         None, description="A raw pod template to run instead of a preset."
     )
-    config: Optional[str] = Field(
+    config: str | None = Field(
         None, description="Name of a ConfigMap holding inference_config.yaml (defaults when absent)."
     )
-    adapters: Optional[list[AdapterSpec]] = Field(None, description="LoRA adapters applied to the preset model.")
+    adapters: list[AdapterSpec] | None = Field(None, description="LoRA adapters applied to the preset model.")
 
 
 class TuningSpec(_Model):
     preset: PresetSpec = Field(..., description="Model preset to tune.")
     method: Literal["lora", "qlora"] = Field(..., description="Tuning method.")
-    config: Optional[str] = Field(
+    config: str | None = Field(
         None, description="Name of a ConfigMap holding training_config.yaml (Kaito's default when absent)."
     )
     input: DataSource = Field(..., description="Training data: exactly one of urls, image, volumeSource.")
@@ -133,27 +133,27 @@ class TuningSpec(_Model):
 class Condition(_Model):
     type: str = Field(..., description="Condition type, e.g. ResourceReady.")
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
-    reason: Optional[str] = Field(None, description="CamelCase reason.")
-    message: Optional[str] = Field(None, description="Human-readable detail.")
-    last_transition_time: Optional[str] = Field(None, description="When the status last changed (RFC 3339).")
-    observed_generation: Optional[int] = Field(None, description="metadata.generation the condition was set for.")
+    reason: str | None = Field(None, description="CamelCase reason.")
+    message: str | None = Field(None, description="Human-readable detail.")
+    last_transition_time: str | None = Field(None, description="When the status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="metadata.generation the condition was set for.")
 
 
 class WorkspaceStatus(_Model):
-    worker_nodes: Optional[list[str]] = Field(None, description="Nodes the workload runs on.")
-    conditions: Optional[list[Condition]] = Field(None, description="Progress of the workspace.")
+    worker_nodes: list[str] | None = Field(None, description="Nodes the workload runs on.")
+    conditions: list[Condition] | None = Field(None, description="Progress of the workspace.")
 
 
 class Workspace(_Model):
     """A Kaito Workspace: GPU nodes plus an inference service or a tuning job."""
 
-    api_version: Optional[str] = Field(None, description="kaito.sh/v1alpha1 or kaito.sh/v1beta1.")
-    kind: Optional[str] = Field(None, description="Workspace.")
+    api_version: str | None = Field(None, description="kaito.sh/v1alpha1 or kaito.sh/v1beta1.")
+    kind: str | None = Field(None, description="Workspace.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     resource: ResourceSpec = Field(..., description="GPU nodes the workspace needs.")
-    inference: Optional[InferenceSpec] = Field(None, description="Serve a model (exclusive with tuning).")
-    tuning: Optional[TuningSpec] = Field(None, description="Tune a model (exclusive with inference).")
-    status: Optional[WorkspaceStatus] = Field(None, description="Written by the operator.")
+    inference: InferenceSpec | None = Field(None, description="Serve a model (exclusive with tuning).")
+    tuning: TuningSpec | None = Field(None, description="Tune a model (exclusive with inference).")
+    status: WorkspaceStatus | None = Field(None, description="Written by the operator.")
 
     @property
     def name(self) -> str:

@@ -7,8 +7,7 @@ by tests and the benchmark directly; passed to the renderers and handlers.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
-from typing import Optional
+from dataclasses import dataclass, fields
 
 DEFAULT_REGISTRY = "mcr.microsoft.com/aks/kaito"
 KAITO_VERSION = "0.1.0"
@@ -24,7 +23,7 @@ class OperatorSettings:
     version: str = KAITO_VERSION
     """Project version; tags the base (puller/runtime-without-weights) image."""
 
-    puller_image: Optional[str] = None
+    puller_image: str | None = None
     """Image whose `kaito` CLI pulls adapters, data and weights in init containers;
     `<registry>/kaito-base:<version>` when unset."""
 
@@ -56,10 +55,10 @@ class OperatorSettings:
     webhook_port: int = 8443
     """Port of the validating webhook server (0: no webhook)."""
 
-    webhook_cert_dir: Optional[str] = "/certs"
+    webhook_cert_dir: str | None = "/certs"
     """Directory with tls.crt/tls.key for the webhook (cert-manager Secret); None: plain HTTP (tests)."""
 
-    webhook_host: Optional[str] = None
+    webhook_host: str | None = None
     """Host name the webhook listens for; None: all addresses."""
 
     @property
@@ -71,7 +70,7 @@ class OperatorSettings:
         return f"{self.registry.rstrip('/')}/kaito-base:{self.version}"
 
     @classmethod
-    def from_env(cls, environ: Optional[dict[str, str]] = None) -> "OperatorSettings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
         """Read KAITO_<FIELD> variables (e.g. KAITO_REGISTRY, KAITO_BRING_YOUR_OWN_NODES=true)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, object] = {}
@@ -90,5 +89,3 @@ class OperatorSettings:
                 kwargs[f.name] = raw or None
         return cls(**kwargs)
 
-
-_ = field  # dataclasses.field kept importable for subclasses adding list settings

@@ -13,6 +13,7 @@ is broadcast first so worker ranks run the same forwards.
 from __future__ import annotations
 
 import asyncio
+import os
 import itertools
 import logging
 import threading
@@ -29,6 +30,8 @@ from kaito.runtime.sampling import SamplingParams, sample
 
 log = logging.getLogger("kaito.runtime.engine")
 _ids = itertools.count()
+import collections as _c
+_T = _c.defaultdict(float)  # TEMP instrumentation
 
 
 class QueueFull(Exception):
@@ -107,10 +110,46 @@ def flush(outbox: list) -> None:
     outbox.clear()
 
 
+def _chunks(lengths: list[int], budget: int) -> list[int]:
+    """Split admitted prompts (in order) into prefill forwards of at most `budget` tokens (one prompt at least)."""
+    sizes: list[int] = []
+    used = budget
+    for n in lengths:
+        if sizes and used + n <= budget:
+            sizes[-1] += 1
+            used += n
+        else:
+            sizes.append(1)
+            used = n
+    return sizes
+
+
+def _fill_holes(alive: list[bool]) -> list[int]:
+    """New batch order after evictions: survivors stay in place and the last survivors move into the
+    holes, so the executor copies one cache row per evicted row instead of shifting every later row."""
+    n = sum(alive)
+    keep = [i if i < n and alive[i] else -1 for i in range(n)]
+    tail = iter(i for i in range(n, len(alive)) if alive[i])
+    return [i if i >= 0 else next(tail) for i in keep]
+
+
+def _fast_decode(tok) -> Callable[[list[int]], str]:
+    """decode(ids, skip_special_tokens=True), straight to the Rust tokenizer when that gives the same text.
+
+    transformers' wrapper (type conversion, kwargs) costs several times the decode itself, once per row
+    and token; it only adds work when clean_up_tokenization_spaces is set.
+    """
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode") and not getattr(tok, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tok.decode(ids, skip_special_tokens=True)
+
+
 class Engine:
     def __init__(self, executor: BatchExecutor, tokenizer, *, eos_ids: list[int], max_model_len: int,
                  max_batch_size: int = 32, max_waiting: int = 256, metrics=None,
-                 broadcast: Callable[[dict], None] | None = None, max_prefill_tokens: int = 4096):
+                 broadcast: Callable[[dict], None] | None = None, max_prefill_tokens: int = 4096,
+                 prefill_chunk_tokens: int = 256):
         self.ex = executor
         self.tok = tokenizer
         self.eos_ids = list(eos_ids)
@@ -118,6 +157,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk_tokens = int(os.environ.get("PCT", prefill_chunk_tokens))  # TEMP env
         self.metrics = metrics
         self.broadcast = broadcast
         self.waiting: deque[Sequence] = deque()
@@ -131,6 +171,14 @@ class Engine:
         self._admitting: list[Sequence] = []  # taken from `waiting`, not yet in `running` (failure cleanup)
         self._outbox: list = []  # events of the current step, flushed at its end
         self.error: BaseException | None = None
+
+    @property
+    def tok(self):
+        return self._tok
+
+    @tok.setter
+    def tok(self, tokenizer) -> None:
+        self._tok, self._decode = tokenizer, _fast_decode(tokenizer)
 
     # ---- called from the event loop -------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
@@ -169,6 +217,8 @@ class Engine:
         done.wait(timeout=60)
 
     def start(self) -> None:
+        import os, sys
+        if os.environ.get("SWI"): sys.setswitchinterval(float(os.environ["SWI"]))
         self._thread = threading.Thread(target=self._loop, name="kaito-engine", daemon=True)
         self._thread.start()
 
@@ -246,7 +296,7 @@ class Engine:
                         if s.finish_reason is None:
                             self._finish(s, "error")
                     self.running, self._admitting = [], []
-                    self.ex.evict([])
+                    self.ex.reset()
                     flush(self._outbox)
         except BaseException as e:  # the server must report, not hang, if a forward fails
             log.exception("engine loop failed")
@@ -257,9 +307,9 @@ class Engine:
                 s._push(Finished("error", len(s.prompt_ids), len(s.output_ids)))
 
     def step(self) -> None:
-        """One scheduling step: evict, decode the running rows, prefill admissions, sample, emit."""
+        """One scheduling step: evict, prefill admissions and send their first tokens, decode the running rows."""
         with self._cv:
-            keep = [i for i, s in enumerate(self.running) if s.finish_reason is None and not s.cancelled]
+            keep = _fill_holes([s.finish_reason is None and not s.cancelled for s in self.running])
             for i, s in enumerate(self.running):
                 if s.cancelled and s.finish_reason is None:
                     self._finish(s, "abort")
@@ -276,26 +326,50 @@ class Engine:
                     break
                 budget -= len(nxt.prompt_ids)
                 admitted.append(self.waiting.popleft())
+        decoding = self.running
+        chunks = _chunks([len(s.prompt_ids) for s in admitted], self.prefill_chunk_tokens)
         plan = {
             "keep": keep,
-            "decode": [s.pending for s in self.running],
+            "decode": [s.pending for s in decoding],
             "prefill": [(s.prompt_ids, [list(x) for x in s.lora]) for s in admitted],
+            "chunks": chunks,
         }
         self._admitting = admitted
         if self.broadcast is not None:
             self.broadcast(plan)
-        dec, pre = self.ex.apply(plan)
+        # The same order as BatchExecutor.apply (which worker ranks replay): evict, prefill, decode.
+        _t0 = time.perf_counter(); _c0 = time.thread_time()
+        self.ex.evict(keep)
+        _t1 = time.perf_counter()
         self.steps += 1
-        if dec is not None:
-            self._advance(self.running, dec)
-        if pre is not None:
+        self.running = list(decoding)
+        done = 0
+        for size in chunks:
+            # Each chunk's first tokens go out as soon as it is prefilled: a burst of arrivals is served
+            # in order instead of everyone waiting for the whole burst (and nobody waits for a decode).
+            group = admitted[done:done + size]
+            pre = self.ex.prefill([s.prompt_ids for s in group], [s.lora for s in group])
+            _T["npre"] += 1; _T["nprerows"] += len(group); _T["pre"] += time.perf_counter() - _t1
             if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
-            self.running.extend(admitted)
-            self._admitting = []
-            self._advance(admitted, pre)
+                self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in group))
+            self.running.extend(group)
+            self._admitting = admitted[done + size:]
+            done += size
+            self._advance(group, pre)
+            flush(self._outbox)
+        _t2 = time.perf_counter()
+        if decoding:
+            _d = self.ex.decode(plan["decode"])
+            _t3 = time.perf_counter()
+            self._advance(decoding, _d)
+            _T["dec"] += _t3 - _t2; _T["adv"] += time.perf_counter() - _t3; _T["ndec"] += 1; _T["rows"] += len(decoding)
         flush(self._outbox)
         self._gauges()
+        _T["evict"] += _t1 - _t0; _T["step"] += time.perf_counter() - _t0; _T["cpu"] += time.thread_time() - _c0
+        if _T.get("last", 0) + 5 < time.monotonic():
+            if _T["ndec"]:
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in _T.items()}, "per-dec-ms", round(_T["dec"] / _T["ndec"] * 1e3, 2), "avg rows", round(_T["rows"] / _T["ndec"], 1), flush=True)
+            _T.clear(); _T.update(dict.fromkeys(["npre", "nprerows", "pre", "dec", "adv", "ndec", "rows", "evict", "step", "cpu"], 0)); _T["last"] = time.monotonic()
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, infos = sample(logits, seqs, [] if not self.eos_ids else self.eos_ids)
@@ -340,8 +414,8 @@ class Engine:
     def _detok(self, s: Sequence, final: bool) -> str:
         """Incremental detokenization (prefix/read offsets) so multi-byte characters are never split."""
         ids = s.output_ids
-        prev = self.tok.decode(ids[s._prefix:s._read], skip_special_tokens=True)
-        new = self.tok.decode(ids[s._prefix:], skip_special_tokens=True)
+        prev = self._decode(ids[s._prefix:s._read])
+        new = self._decode(ids[s._prefix:])
         if len(new) > len(prev) and (final or not new.endswith("\ufffd")):
             delta = new[len(prev):]
             s.text += delta

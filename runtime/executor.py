@@ -14,9 +14,10 @@ padding for everyone.
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
-import torch.nn.functional as F
+from kaito.runtime.fastpath import FastDecoder
 from kaito.runtime.lora import LoraManager, RowSpec
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -25,7 +26,7 @@ HEADROOM = 128  # spare KV columns per buffer, so decode steps write in place in
 
 
 class _BufferedLayer(DynamicLayer):
-    """A cache layer over a preallocated [B, H, capacity, D] buffer: update() writes in place."""
+    """A cache layer over a preallocated [B, H, capacity, D] buffer view: update() writes in place."""
 
     def __init__(self, bk: torch.Tensor, bv: torch.Tensor, n: int):
         super().__init__()
@@ -42,15 +43,12 @@ class _BufferedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _with_room(k: torch.Tensor, width: int, offset: int, rows: int, row0: int, out=None, extra: int = HEADROOM):
-    """Place k [b, H, l, D] right-aligned at column `width` (rows row0..) of a zeroed buffer with spare room."""
-    if out is None:
-        out = k.new_zeros(rows, k.shape[1], width + extra, k.shape[3])
-    out[row0:row0 + k.shape[0], :, offset:width] = k
-    return out
-
-
 class BatchExecutor:
+    """The batch's KV lives in per-layer buffers [row capacity, H, column capacity, D] that are reused:
+    rows 0..B-1 are the running batch, columns off..off+width its (left-padded) window. Admissions write
+    their rows in place and evictions move only the rows that shift, so a step never copies the whole
+    batch's cache (a full copy per admission used to cost more than a decode step)."""
+
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.device = next(model.parameters()).device
@@ -58,8 +56,15 @@ class BatchExecutor:
         # transformers 5 renamed the cache argument; accept both spellings.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: ([B,H,L,D], [B,H,L,D])
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, L]
+        # Prefill needs only the last position's logits: skip the LM head on every other prompt token.
+        self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # KAITO_FAST_DECODE=0 forces transformers' forward for every decode (A/B checks, debugging).
+        fast_ok = os.environ.get("KAITO_FAST_DECODE", "1") != "0"
+        self.fast = FastDecoder.build(model) if fast_ok else None
+        self.bufs: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: ([R, H, C, D], [R, H, C, D])
+        self.mask_buf = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [R, C]; 1 = real token
+        self.off = 0  # first column of the batch's window in the buffers
+        self.width = 0
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [B] next position of each row
         self.rows: list[RowSpec] = []
 
@@ -68,15 +73,22 @@ class BatchExecutor:
         return len(self.rows)
 
     @property
-    def width(self) -> int:
-        return self.mask.shape[1]
+    def mask(self) -> torch.Tensor:
+        return self.mask_buf[:self.batch_size, self.off:self.off + self.width]
 
-    def _forward(self, input_ids, attention_mask, position_ids, kv, rows: list[RowSpec]):
+    @property
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ([B, H, width, D], [B, H, width, D]) views of the batch's cache."""
+        B, a, b = self.batch_size, self.off, self.off + self.width
+        return [(k[:B, :, a:b], v[:B, :, a:b]) for k, v in self.bufs]
+
+    def _forward(self, input_ids, attention_mask, position_ids, rows: list[RowSpec], cached: bool, **kw):
         # No config: plain full-attention layers everywhere, so sliding-window models never crop our
         # padded columns; their window is still applied by the mask on column distances.
         cache = DynamicCache()
-        if kv:
-            cache.layers = [_BufferedLayer(bk, bv, self.width) for bk, bv in kv]
+        if cached:
+            B, a = input_ids.shape[0], self.off
+            cache.layers = [_BufferedLayer(k[:B, :, a:], v[:B, :, a:], self.width) for k, v in self.bufs]
         self.lora.set_rows(rows)
         try:
             out = self.model(
@@ -85,84 +97,159 @@ class BatchExecutor:
                 position_ids=position_ids,
                 use_cache=True,
                 **{self._cache_kw: cache},
+                **kw,
             )
         finally:
             self.lora.set_rows([])
         new_cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None) or cache
         return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in new_cache.layers]
 
+    def _realloc(self, rows: int, width: int, place: int, like=None) -> None:
+        """Fresh zeroed buffers with room for `rows` rows and `width` + HEADROOM columns; the current
+        window is copied so that it ends at column `place` (a wider admission then finds room on its left).
+        `like`: per-layer tensors giving the shapes when the batch is empty."""
+        B = self.batch_size
+        rows = max(rows, self.bufs[0][0].shape[0] if self.bufs else 1)
+        cap_r = 1 << (rows - 1).bit_length()  # powers of two: a growing batch reallocates rarely
+        cols = width + HEADROOM
+        old = self.kv if self.bufs else [(None, None)] * len(like)
+        shapes = [k if k is not None else like[i] for i, (k, _) in enumerate(old)]
+        bufs = []
+        for (k, v), ref in zip(old, shapes):
+            nk = ref.new_zeros(cap_r, ref.shape[1], cols, ref.shape[3])
+            nv = ref.new_zeros(cap_r, ref.shape[1], cols, ref.shape[3])
+            if k is not None and B:
+                nk[:B, :, place - self.width:place] = k
+                nv[:B, :, place - self.width:place] = v
+            bufs.append((nk, nv))
+        mask = torch.zeros(cap_r, cols, dtype=torch.long, device=self.device)
+        if B:
+            mask[:B, place - self.width:place] = self.mask
+        self.bufs, self.mask_buf, self.off = bufs, mask, place - self.width
+
+    def reset(self) -> None:
+        """Drop the batch and its buffers (after a failed step, whose cache contents are suspect)."""
+        self.bufs, self.rows, self.width, self.off = [], [], 0, 0
+        self.mask_buf = self.mask_buf[:0, :0]
+        self.pos = self.pos[:0]
+
     @torch.inference_mode()
     def evict(self, keep: list[int]) -> None:
-        """Keep only these rows (in this order) and drop all-padding columns on the left."""
-        if keep == list(range(self.batch_size)):
+        """Keep only these rows, in this order (row j becomes old row keep[j]); drop all-padding columns on the left.
+
+        Only rows whose index changes are copied (the engine fills holes with the last rows)."""
+        B = self.batch_size
+        if keep == list(range(B)):
             return
         if not keep:
-            self.kv, self.rows = [], []
-            self.mask = self.mask[:0, :0]
-            self.pos = self.pos[:0]
+            # The buffers stay for the next admissions (no re-allocation per wave of requests); the
+            # window restarts near their right end so prompts up to capacity - HEADROOM fit in place.
+            self.rows, self.width, self.pos = [], 0, self.pos[:0]
+            self.off = max(0, self.bufs[0][0].shape[2] - HEADROOM) if self.bufs else 0
             return
-        idx = torch.tensor(keep, device=self.device)
-        self.mask = self.mask.index_select(0, idx)
-        self.pos = self.pos.index_select(0, idx)
+        moved = [(j, i) for j, i in enumerate(keep) if j != i]
+        if moved:
+            dst = torch.tensor([j for j, _ in moved], device=self.device)
+            src = torch.tensor([i for _, i in moved], device=self.device)
+            a, b = self.off, self.off + self.width
+            for k, v in self.bufs:
+                k[dst, :, a:b] = k[src, :, a:b]
+                v[dst, :, a:b] = v[src, :, a:b]
+            self.mask_buf[dst, a:b] = self.mask_buf[src, a:b]
+            self.pos = self.pos.index_select(0, torch.tensor(keep, device=self.device))
+        else:
+            self.pos = self.pos[:len(keep)]
         self.rows = [self.rows[i] for i in keep]
         live = self.mask.any(0).nonzero()
-        start = int(live[0]) if live.numel() else self.mask.shape[1]
-        self.mask = self.mask[:, start:]
-        # Slicing the front keeps the buffers' spare room at the end.
-        self.kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in self.kv]
+        start = int(live[0]) if live.numel() else self.width
+        self.off += start
+        self.width -= start
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], rows: list[RowSpec]) -> torch.Tensor:
         """Run new prompts (left-padded together), add them to the batch; returns their last logits [n, V]."""
         n, L = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros(n, L, dtype=torch.long, device=self.device)
-        mask = torch.zeros(n, L, dtype=torch.long, device=self.device)
+        ids = torch.zeros(n, L, dtype=torch.long)
+        mask = torch.zeros(n, L, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, L - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, kv = self._forward(ids, mask, position_ids, None, rows)
+        logits, kv = self._forward(ids, mask, position_ids, rows, False, **self._keep_kw)
         pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
         self._merge(kv, mask, pos, rows)
         return logits
 
     def _merge(self, kv, mask, pos, rows) -> None:
-        """Join prefilled rows (tight [n, H, l, D] tensors) to the batch, right-aligned, in fresh roomy buffers."""
-        la, lb = self.width if self.rows else 0, mask.shape[1]
-        width, ba, bb = max(la, lb), len(self.rows), len(rows)
-        merged = []
-        for layer, (kb, vb) in enumerate(kv):
-            nk = _with_room(kb, width, width - lb, ba + bb, ba)
-            nv = _with_room(vb, width, width - lb, ba + bb, ba)
-            if ba:
-                ka, va = self.kv[layer]
-                _with_room(ka[:, :, :la], width, width - la, ba + bb, 0, out=nk)
-                _with_room(va[:, :, :la], width, width - la, ba + bb, 0, out=nv)
-            merged.append((nk, nv))
-        self.kv = merged
-        old_mask = F.pad(self.mask, [width - la, 0]) if ba else mask.new_zeros(0, width)
-        self.mask = torch.cat([old_mask, F.pad(mask, [width - lb, 0])])
+        """Write prefilled rows (tight [n, H, l, D] tensors) below the batch, right-aligned at its window's end.
+
+        Every masked column inside the window is zero, as in a fresh buffer: rows and columns are reused,
+        and a stale non-finite value there would poison attention even at weight 0."""
+        ba, bb, lb = self.batch_size, len(rows), mask.shape[1]
+        width = max(self.width, lb)
+        end = self.off + self.width  # the window's right edge stays; a wider prompt extends it leftwards
+        if not self.bufs or ba + bb > self.bufs[0][0].shape[0] or end - width < 0:
+            self._realloc(ba + bb, width, width, like=[k for k, _ in kv])
+            end = width
+        a = end - width
+        for (k, v), (kb, vb) in zip(self.bufs, kv):
+            if width > self.width and ba:  # columns joining the window on the left: padding for old rows
+                k[:ba, :, a:end - self.width] = 0
+                v[:ba, :, a:end - self.width] = 0
+            k[ba:ba + bb, :, a:end - lb] = 0
+            v[ba:ba + bb, :, a:end - lb] = 0
+            k[ba:ba + bb, :, end - lb:end] = kb
+            v[ba:ba + bb, :, end - lb:end] = vb
+        if width > self.width and ba:
+            self.mask_buf[:ba, a:end - self.width] = 0
+        self.mask_buf[ba:ba + bb, a:end - lb] = 0
+        self.mask_buf[ba:ba + bb, end - lb:end] = mask
+        self.off, self.width = a, width
         self.pos = torch.cat([self.pos, pos]) if ba else pos
         self.rows = self.rows + list(rows)
 
     @torch.inference_mode()
     def decode(self, tokens: list[int]) -> torch.Tensor:
-        """Feed one token per row; returns next-token logits [B, V]."""
-        B = self.batch_size
-        if self.kv and self.kv[0][0].shape[2] <= self.width:  # out of room: regrow (rare, amortised)
-            self.kv = [(_with_room(k[:, :, :self.width], self.width, 0, B, 0), _with_room(v[:, :, :self.width], self.width, 0, B, 0))
-                       for k, v in self.kv]
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(B, 1)
-        attn = torch.cat([self.mask, torch.ones(B, 1, dtype=torch.long, device=self.device)], 1)
-        logits, _ = self._forward(ids, attn, self.pos.view(B, 1), self.kv, self.rows)
-        self.mask = attn  # the buffers were written in place at column `width`
-        self.pos = self.pos + 1
+        """Feed one token to each of the first len(tokens) rows; returns their next-token logits [n, V].
+
+        Rows after them (admitted this step, already past their prompt) only get a zero padding column.
+        """
+        B, n = self.batch_size, len(tokens)
+        if self.off + self.width >= self.bufs[0][0].shape[2]:  # out of room: regrow (rare, amortised)
+            self._realloc(B, self.width, self.width)
+        col = self.off + self.width
+        self.mask_buf[:n, col] = 1
+        if B > n:
+            self.mask_buf[n:B, col] = 0
+            for k, v in self.bufs:
+                k[n:B, :, col] = 0
+                v[n:B, :, col] = 0
+        ids = torch.tensor(tokens, dtype=torch.long).view(n, 1).to(self.device)
+        attn = self.mask_buf[:n, self.off:col + 1]
+        rows = self.rows[:n] if B > n else self.rows
+        if self.fast is not None and self.fast.usable(self.width):
+            self.lora.set_rows(rows)
+            try:
+                m = attn.bool()
+                # As transformers does: no mask at all when no row has padding.
+                mask = None if bool(m.all()) else m[:, None, None, :]
+                kv = [(k[:n, :, self.off:], v[:n, :, self.off:]) for k, v in self.bufs]
+                logits = self.fast.forward(ids, self.pos[:n].view(n, 1), mask, kv, self.width)
+            finally:
+                self.lora.set_rows([])
+        else:
+            logits, _ = self._forward(ids, attn, self.pos[:n].view(n, 1), rows, True)
+        self.width += 1  # the buffers were written in place at column `col`
+        self.pos[:n] += 1
         return logits
 
     def apply(self, plan: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One scheduler step, identical on every rank: evict, decode the survivors, then prefill admissions.
+        """One scheduler step, identical on every rank: evict, prefill admissions, decode the survivors.
 
-        Returns (decode logits [B, V] or None, prefill logits [n, V] or None).
+        Prefill goes first so the engine can send new requests their first token before the decode
+        forward (TTFT); the decode then feeds only the rows that were running before this step.
+        Returns (decode logits [n_decode, V] or None, prefill logits [n_prefill, V] or None).
         """
         for op in plan.get("ops", []):  # adapter changes, replayed on worker ranks
             if op[0] == "load":
@@ -172,8 +259,10 @@ class BatchExecutor:
             else:
                 self.lora.remove(op[1])
         self.evict(plan["keep"])
+        pre, done = [], 0
+        for size in plan.get("chunks") or ([len(plan["prefill"])] if plan["prefill"] else []):
+            part = plan["prefill"][done:done + size]
+            pre.append(self.prefill([p for p, _ in part], [tuple(tuple(x) for x in r) for _, r in part]))
+            done += size
         dec = self.decode(plan["decode"]) if plan["decode"] else None
-        pre = None
-        if plan["prefill"]:
-            pre = self.prefill([p for p, _ in plan["prefill"]], [tuple(tuple(x) for x in r) for _, r in plan["prefill"]])
-        return dec, pre
+        return dec, torch.cat(pre) if pre else None

@@ -47,9 +47,26 @@ def _penalise(logits: torch.Tensor, rows: list, seqs: list) -> None:
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
-@torch.inference_mode()  # logits are inference tensors: in-place masking needs the same mode
+def _plain_greedy(p: SamplingParams, n_out: int, eos_ids: list[int]) -> bool:
+    return (p.temperature <= 0 and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and p.logprobs is None and (not eos_ids or n_out >= p.min_tokens))
+
+
+@torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tuple[list[int], list]:
-    """Pick one token per row. logits: [B, V]. Returns (token ids, per-row logprob info or None)."""
+    """Pick one token per row. logits: [B, V]. Returns (token ids, per-row logprob info or None).
+
+    When every row is plain greedy (no penalties, logprobs or pending min_tokens) the whole batch is one
+    argmax; otherwise the general path below applies each row's parameters (same tokens for greedy rows).
+    """
+    if all(_plain_greedy(s.params, len(s.output_ids), eos_ids) for s in seqs):
+        return logits.float().argmax(-1).tolist(), [None] * len(seqs)
+    return sample_general(logits, seqs, eos_ids)
+
+
+@torch.inference_mode()  # logits are inference tensors: in-place masking needs the same mode
+def sample_general(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tuple[list[int], list]:
+    """Every row's own temperature, top-k/top-p, penalties, min_tokens, seed and logprobs. logits: [B, V]."""
     logits = logits.float()
     B, V = logits.shape
     needs = [(i, s) for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty]

@@ -224,6 +224,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.monotonic()
     try:
         step(1, f"build the {PRESET} preset image into {registry}")
+        catalog = json.loads(run([*KAITO, "presets", "list", "-o", "json"], "listing the presets"))
+        console.print(f"{len(catalog)} presets in the catalog: {', '.join(p['name'] for p in catalog)}")
+        console.print(run([*KAITO, "presets", "fit", "phi-3-mini-4k-instruct", "--instance-type", "Standard_NC6s_v3"],
+                          "checking a GPU fit").strip())
+        summary["catalog"] = len(catalog)
         out = run([*KAITO, "image", "build-preset", PRESET, "--registry", registry, "--json"], "building the preset")
         built = json.loads(out)
         summary["image"] = built

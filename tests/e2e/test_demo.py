@@ -27,7 +27,8 @@ def _run_demo(tmp_path: Path, registry: str) -> dict:
 
 
 def _check(summary: dict) -> None:
-    # 1. the preset image was built
+    # 1. the catalog was shown and the preset image was built
+    assert summary["catalog"] == 20
     assert summary["image"]["digest"].startswith("sha256:")
     # 2. weights pulled back; /chat and the streamed OpenAI API answered
     assert "model.safetensors" in summary["weights"] and "config.json" in summary["weights"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import kmock
 import kopf
@@ -13,9 +14,15 @@ import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from op_harness import Cluster, Emulator, Harness, fast_exit, declare_resources, make_settings  # noqa: E402
-
-from kaito.operator.handlers import OperatorState, run_operator  # noqa: E402
+from kaito.operator.handlers import OperatorState, run_operator
+from op_harness import (
+    Cluster,
+    Emulator,
+    Harness,
+    declare_resources,
+    fast_exit,
+    make_settings,
+)
 
 
 @pytest_asyncio.fixture()

@@ -9,20 +9,17 @@ this event loop and stops it after the test.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import uuid
-from dataclasses import dataclass
 import copy
+import itertools
 import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import kmock
-import kopf
-import pytest
-import pytest_asyncio
 import yaml
-
 from kaito.operator.settings import OperatorSettings
 
 EXAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "examples"
@@ -60,8 +57,17 @@ class Emulator(kmock.KubernetesEmulator):
         except KeyError:
             return self.__dict__.setdefault("_log", [])
 
+    @property
+    def failures(self) -> dict[tuple[str, str], int]:
+        """(METHOD, path) -> how many more requests to fail with HTTP 500 (API outage drills)."""
+        return self.__dict__.setdefault("_failures", {})
+
     async def _handle(self, request: Any) -> Any:
         self.log.append(request)
+        key = (str(request.method).upper().rsplit(".", 1)[-1], request.url.path)
+        if self.failures.get(key):
+            self.failures[key] -= 1
+            raise kmock.KubernetesError(status=500, reason="InternalError", message="etcd is having a bad day")
         # kmock re-filters all past requests on every request (quadratic); keep only recent ones.
         if len(self._requests) > self.KEEP_REQUESTS:
             del self._requests[: -self.KEEP_REQUESTS]
@@ -129,7 +135,7 @@ def declare_resources(k8s: kmock.KubernetesEmulator) -> None:
 
 
 def make_settings(**kw: Any) -> OperatorSettings:
-    base = dict(webhook_port=0, webhook_cert_dir=None, resync_seconds=1.0, retry_seconds=0.5)
+    base = {"webhook_port": 0, "webhook_cert_dir": None, "resync_seconds": 1.0, "retry_seconds": 0.5}
     base.update(kw)
     return OperatorSettings(**base)
 
@@ -137,7 +143,7 @@ def make_settings(**kw: Any) -> OperatorSettings:
 class Harness:
     """The running operator plus helpers to drive the emulator like a cluster would."""
 
-    def __init__(self, k8s: Any, state: OperatorState):
+    def __init__(self, k8s: Any, state: Any):
         self.k8s = k8s
         self.state = state
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-
 from kaito.operator import admission
 from kaito.operator.render_tuning import default_training_config
 from op_harness import example_files, load_example
@@ -145,3 +145,18 @@ def test_training_config_quantization_rule() -> None:
     errs = admission.check_training_config("qlora", default_training_config("lora"))
     assert errs and "load_in_4bit" in errs[0]
     assert "top-level" in admission.check_training_config("lora", "foo: 1")[0]
+
+
+def test_immutability_against_the_pinned_minimal_spec() -> None:
+    from kaito.operator.reconcile import _immutable
+
+    old = load_example(TUNE)
+    pinned = _immutable(old)
+    assert set(pinned) == {"resource", "tuning"} and pinned["tuning"] == {
+        "preset": {"name": "phi-3-mini-128k-instruct"}, "method": "qlora"}
+    assert admission.validate(copy.deepcopy(old), pinned).tuning.method == "qlora"
+    new = copy.deepcopy(old)
+    new["tuning"]["method"] = "lora"
+    new["resource"]["count"] = 1  # explicit default equals the pinned absent count
+    errors = _errors(new, pinned)
+    assert errors == ["tuning.method: is immutable after creation"], errors

@@ -9,7 +9,6 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-
 from kaito.operator import crd, schema
 from kaito.presets.cli import main
 from op_harness import example_files

@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from kaito.operator import deploy
 from op_harness import NC, WS, Harness, load_example, provision
 
@@ -136,9 +135,9 @@ async def test_tuning_example_succeeds_and_failure_is_reported(operator_factory:
     await h.wait_for(lambda: len(h.objects(NC)) == 2, what="two NodeClaims")
     await _provision_all(h)
     for name in (ok["metadata"]["name"], "tuning-fails"):
-        job = await h.wait_for(lambda: h.obj("batch/v1/jobs", NS, name), what=f"Job {name}")
+        job = await h.wait_for(lambda n=name: h.obj("batch/v1/jobs", NS, n), what=f"Job {name}")
         assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-        await h.wait_for(lambda: _status(h, name, "JobStarted") == "True", what="JobStarted")
+        await h.wait_for(lambda n=name: _status(h, n, "JobStarted") == "True", what="JobStarted")
     assert h.obj("v1/configmaps", NS, f"{ok['metadata']['name']}-tuning-config") is not None
 
     await h.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/{ok['metadata']['name']}/status",
@@ -231,3 +230,56 @@ async def test_validating_webhook_is_served(operator_factory: Any, unused_tcp_po
     changed["tuning"]["method"] = "lora"
     resp = await review(changed, body, "UPDATE")
     assert resp["allowed"] is False and "tuning.method: is immutable" in resp["status"]["message"]
+
+
+async def test_api_errors_are_retried_not_fatal(operator_factory: Any) -> None:
+    h: Harness = await operator_factory(bring_your_own_nodes=True)
+    await h.add_node("gpu-0", {"apps": "phi-3", "node.kubernetes.io/instance-type": "Standard_NC6s_v3"})
+    body = load_example("workspace-phi-3-mini.yaml")
+    name = body["metadata"]["name"]
+    h.k8s.failures[("POST", f"/apis/apps/v1/namespaces/{NS}/deployments")] = 3
+    await h.create_workspace(body)
+    await h.wait_for(lambda: h.obj("apps/v1/deployments", NS, name), what="Deployment after the outage")
+    assert h.k8s.failures[("POST", f"/apis/apps/v1/namespaces/{NS}/deployments")] == 0
+    assert h.obj("v1/services", NS, name) is not None
+
+
+async def test_named_training_config_is_waited_for_and_checked(operator_factory: Any) -> None:
+    h: Harness = await operator_factory(bring_your_own_nodes=True)
+    await h.add_node("gpu-0", {"app": "tuning-phi-3", "node.kubernetes.io/instance-type": "Standard_NC6s_v3"})
+    body = load_example("workspace-tuning-phi-3.yaml")
+    body["tuning"]["config"] = "my-training"
+    name = body["metadata"]["name"]
+    await h.create_workspace(body)
+    cond = await h.wait_for(lambda: h.condition(NS, name, "WorkspaceSucceeded"), what="pending condition")
+    assert cond["reason"] == "Pending" and "my-training" in cond["message"]
+    assert h.obj("batch/v1/jobs", NS, name) is None
+    lora = "training_config:\n  LoraConfig: {r: 8}\n"  # no quantization: wrong for qlora
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "my-training", "namespace": NS},
+          "data": {"training_config.yaml": lora}}
+    async with h.k8s.post(f"/api/v1/namespaces/{NS}/configmaps", json=cm) as r:
+        assert r.status < 300
+    await h.wait_for(lambda: (h.condition(NS, name, "WorkspaceSucceeded") or {}).get("reason") == "InvalidWorkspace",
+                     what="invalid config reported")
+    assert "load_in_4bit" in h.condition(NS, name, "WorkspaceSucceeded")["message"]
+    assert h.obj("batch/v1/jobs", NS, name) is None
+
+
+async def test_update_of_an_immutable_field_is_refused_by_the_handler(operator_factory: Any) -> None:
+    h: Harness = await operator_factory(bring_your_own_nodes=True)
+    await h.add_node("gpu-0", {"apps": "phi-3", "node.kubernetes.io/instance-type": "Standard_NC6s_v3"})
+    body = load_example("workspace-phi-3-mini.yaml")
+    name = body["metadata"]["name"]
+    await h.create_workspace(body)
+    await h.wait_for(lambda: h.obj("apps/v1/deployments", NS, name), what="Deployment")
+    await h.patch(f"/apis/apps/v1/namespaces/{NS}/deployments/{name}/status", {"status": {"readyReplicas": 1}})
+    await h.settled(NS, name)
+    await h.patch(f"/apis/kaito.sh/v1beta1/namespaces/{NS}/workspaces/{name}",
+                  {"resource": {"instanceType": "Standard_NC24ads_A100_v4"}})
+    await h.wait_for(lambda: (h.condition(NS, name, "WorkspaceSucceeded") or {}).get("reason") == "InvalidWorkspace",
+                     what="immutability reported")
+    assert "resource.instanceType: is immutable" in h.condition(NS, name, "WorkspaceSucceeded")["message"]
+    # Timer passes keep refusing it (the pinned spec), and the Deployment was not touched.
+    await asyncio.sleep(2.0)
+    assert h.condition(NS, name, "WorkspaceSucceeded")["reason"] == "InvalidWorkspace"
+    assert h.obj("apps/v1/deployments", NS, name)["metadata"]["generation"] == 1

@@ -11,7 +11,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
 from kaito.operator import render, render_tuning
 from kaito.operator.settings import OperatorSettings
 from op_harness import example_files, load_example
@@ -90,7 +89,7 @@ def test_validation_catches_a_broken_object() -> None:
     objs = render.render(_ws("workspace-phi-3-mini.yaml"), SETTINGS, [])
     dep = copy.deepcopy(_by_kind(objs)["Deployment"][0])
     dep["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "5000"
-    with pytest.raises(Exception):
+    with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
     claim = copy.deepcopy(_by_kind(objs)["NodeClaim"][0])
     del claim["spec"]["nodeClassRef"]
@@ -203,7 +202,7 @@ def test_multi_node_statefulset_with_torchrun() -> None:
     kinds = _by_kind(objs)
     assert "Deployment" not in kinds and len(kinds["StatefulSet"]) == 1
     sts = kinds["StatefulSet"][0]
-    headless = [s for s in kinds["Service"] if s["spec"].get("clusterIP") == "None"][0]
+    headless = next(s for s in kinds["Service"] if s["spec"].get("clusterIP") == "None")
     assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
     cmd = sts["spec"]["template"]["spec"]["containers"][0]["command"]
     name = body["metadata"]["name"]
@@ -214,7 +213,7 @@ def test_multi_node_statefulset_with_torchrun() -> None:
     assert cmd[11:15] == ["-m", "kaito.runtime", "--preset", "falcon-40b"]
     env = sts["spec"]["template"]["spec"]["containers"][0]["env"][0]
     assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
-    main_svc = [s for s in kinds["Service"] if s["metadata"]["name"] == name][0]
+    main_svc = next(s for s in kinds["Service"] if s["metadata"]["name"] == name)
     assert main_svc["spec"]["selector"]["apps.kubernetes.io/pod-index"] == "0"
 
 
@@ -246,7 +245,7 @@ def test_tuning_job_contract() -> None:
         "--preset", "phi-3-mini-128k-instruct", "--method", "qlora", "--data", "/mnt/data", "--output", "/mnt/results",
         "--push", "ACR_REPO_HERE.azurecr.io/IMAGE_NAME_HERE:0.0.1", "--push-secret", "/root/.docker/config.json",
     ]
-    secret = [v for v in pod["volumes"] if v["name"] == "push-secret"][0]["secret"]
+    secret = next(v for v in pod["volumes"] if v["name"] == "push-secret")["secret"]
     assert secret == {
         "secretName": "ACR_REGISTRY_SECRET_HERE",
         "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
@@ -283,6 +282,17 @@ def test_default_training_configs_follow_the_method() -> None:
         assert doc["TrainingArguments"]["output_dir"] == "/mnt/results"
 
 
+def test_default_training_config_comes_from_the_tuning_package_when_installed() -> None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("kaito.tuning")
+    shipped = [Path(p) / "configs/qlora-params.yaml" for p in (spec.submodule_search_locations or [])] if spec else []
+    shipped = [p for p in shipped if p.is_file()]
+    if not shipped:
+        pytest.skip("kaito.tuning does not ship configs/ here; the operator's own copy is used")
+    assert render_tuning.default_training_config("qlora") == shipped[0].read_text()
+
+
 def test_job_state_reads_conditions() -> None:
     assert render_tuning.job_state(None)[0] is None
     assert render_tuning.job_state({"status": {"active": 1}})[0] is None
@@ -291,3 +301,19 @@ def test_job_state_reads_conditions() -> None:
                                           "message": "Job has reached the specified backoff limit"}]}}
     state, msg = render_tuning.job_state(failed)
     assert state is False and "backoff limit" in msg
+
+
+def test_raw_pod_template_runs_as_given() -> None:
+    body = _ws("workspace-phi-3-mini.yaml")
+    del body["inference"]["preset"]
+    body["inference"]["template"] = {
+        "metadata": {"labels": {"app": "custom"}},
+        "spec": {"containers": [{"name": "server", "image": "ghcr.io/me/server:1", "ports": [{"containerPort": 5000}]}]},
+    }
+    objs = render.render(body, SETTINGS, [])
+    _validate_all(objs)
+    dep = _by_kind(objs)["Deployment"][0]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/me/server:1"
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels["app"] == "custom" and labels["kaito.sh/workspace"] == body["metadata"]["name"]
+    assert "ConfigMap" not in _by_kind(objs)
