@@ -184,10 +184,13 @@ def _load_plugins() -> None:
             obj(app)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    _load_plugins()
+def invoke(typer_app: typer.Typer, argv: Optional[list[str]] = None, prog_name: Optional[str] = None) -> int:
+    """Run a typer app and map kaito's errors to exit codes (0 ok, 2 bad input, 1 failure).
+
+    Shared by the `kaito` root and the packages' own `python -m` entry points.
+    """
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = typer_app(args=argv, prog_name=prog_name, standalone_mode=False)
         if isinstance(rv, int):  # click returns typer.Exit's code when not standalone
             return rv
     except InvalidInput as e:
@@ -208,6 +211,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             return e.exit_code
         raise
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    _load_plugins()
+    return invoke(app, argv, prog_name="kaito")
 
 
 def run() -> None:  # pragma: no cover - console script shim

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from kaito.presets.errors import InvalidInput, KaitoError
+from kaito.presets.errors import InvalidInput
 
 tune_app = typer.Typer(
     help="Fine-tune a preset with LoRA/QLoRA and publish the adapter as an image.\n\n"
@@ -102,19 +102,6 @@ def register(app: typer.Typer) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m kaito.tuning`: same flags as `kaito tune`; exit 2 bad input, 1 failure."""
-    try:
-        tune_app(args=argv, prog_name="python -m kaito.tuning", standalone_mode=False)
-    except InvalidInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KaitoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except typer.Exit as e:
-        return e.exit_code
-    except Exception as e:
-        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
-            e.show()
-            return e.exit_code
-        raise
-    return 0
+    from kaito.presets.cli import invoke
+
+    return invoke(tune_app, argv, prog_name="python -m kaito.tuning")
