@@ -5,15 +5,17 @@ sequences (QueueFull beyond `max_waiting`, the API turns it into 429),
 `cancel()` frees a sequence's slot (client disconnects), and each sequence's
 `events` asyncio queue receives `Token`s and one `Finished`. The loop runs on
 its own thread so forwards never block the event loop. Every step it evicts
-finished/cancelled rows, decodes all running rows by one token, then prefills
-newly admitted sequences into the same batch; under torchrun each step's plan
-is broadcast first so worker ranks run the same forwards.
+finished/cancelled rows, prefills newly admitted sequences in chunks of at most
+`prefill_chunk_tokens` and sends each chunk's first tokens at once (low TTFT in
+a burst), then decodes the rows that were already running by one token; under
+torchrun each step's plan is broadcast first so worker ranks run the same
+forwards. The hot path stays lean: all-greedy batches take one argmax, and
+detokenization calls the Rust tokenizer directly.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import itertools
 import logging
 import threading
@@ -30,8 +32,6 @@ from kaito.runtime.sampling import SamplingParams, sample
 
 log = logging.getLogger("kaito.runtime.engine")
 _ids = itertools.count()
-import collections as _c
-_T = _c.defaultdict(float)  # TEMP instrumentation
 
 
 class QueueFull(Exception):
@@ -149,7 +149,7 @@ class Engine:
     def __init__(self, executor: BatchExecutor, tokenizer, *, eos_ids: list[int], max_model_len: int,
                  max_batch_size: int = 32, max_waiting: int = 256, metrics=None,
                  broadcast: Callable[[dict], None] | None = None, max_prefill_tokens: int = 4096,
-                 prefill_chunk_tokens: int = 256):
+                 prefill_chunk_tokens: int = 128):
         self.ex = executor
         self.tok = tokenizer
         self.eos_ids = list(eos_ids)
@@ -157,7 +157,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
-        self.prefill_chunk_tokens = int(os.environ.get("PCT", prefill_chunk_tokens))  # TEMP env
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.metrics = metrics
         self.broadcast = broadcast
         self.waiting: deque[Sequence] = deque()
@@ -217,8 +217,6 @@ class Engine:
         done.wait(timeout=60)
 
     def start(self) -> None:
-        import os, sys
-        if os.environ.get("SWI"): sys.setswitchinterval(float(os.environ["SWI"]))
         self._thread = threading.Thread(target=self._loop, name="kaito-engine", daemon=True)
         self._thread.start()
 
@@ -310,7 +308,7 @@ class Engine:
         """One scheduling step: evict, prefill admissions and send their first tokens, decode the running rows."""
         with self._cv:
             keep = _fill_holes([s.finish_reason is None and not s.cancelled for s in self.running])
-            for i, s in enumerate(self.running):
+            for s in self.running:
                 if s.cancelled and s.finish_reason is None:
                     self._finish(s, "abort")
             self.running = [self.running[i] for i in keep]
@@ -338,9 +336,7 @@ class Engine:
         if self.broadcast is not None:
             self.broadcast(plan)
         # The same order as BatchExecutor.apply (which worker ranks replay): evict, prefill, decode.
-        _t0 = time.perf_counter(); _c0 = time.thread_time()
         self.ex.evict(keep)
-        _t1 = time.perf_counter()
         self.steps += 1
         self.running = list(decoding)
         done = 0
@@ -349,7 +345,6 @@ class Engine:
             # in order instead of everyone waiting for the whole burst (and nobody waits for a decode).
             group = admitted[done:done + size]
             pre = self.ex.prefill([s.prompt_ids for s in group], [s.lora for s in group])
-            _T["npre"] += 1; _T["nprerows"] += len(group); _T["pre"] += time.perf_counter() - _t1
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in group))
             self.running.extend(group)
@@ -357,19 +352,10 @@ class Engine:
             done += size
             self._advance(group, pre)
             flush(self._outbox)
-        _t2 = time.perf_counter()
         if decoding:
-            _d = self.ex.decode(plan["decode"])
-            _t3 = time.perf_counter()
-            self._advance(decoding, _d)
-            _T["dec"] += _t3 - _t2; _T["adv"] += time.perf_counter() - _t3; _T["ndec"] += 1; _T["rows"] += len(decoding)
+            self._advance(decoding, self.ex.decode(plan["decode"]))
         flush(self._outbox)
         self._gauges()
-        _T["evict"] += _t1 - _t0; _T["step"] += time.perf_counter() - _t0; _T["cpu"] += time.thread_time() - _c0
-        if _T.get("last", 0) + 5 < time.monotonic():
-            if _T["ndec"]:
-                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in _T.items()}, "per-dec-ms", round(_T["dec"] / _T["ndec"] * 1e3, 2), "avg rows", round(_T["rows"] / _T["ndec"], 1), flush=True)
-            _T.clear(); _T.update(dict.fromkeys(["npre", "nprerows", "pre", "dec", "adv", "ndec", "rows", "evict", "step", "cpu"], 0)); _T["last"] = time.monotonic()
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, infos = sample(logits, seqs, [] if not self.eos_ids else self.eos_ids)

@@ -2,13 +2,16 @@
 
 Called by the engine (`kaito.runtime.engine`) on rank 0 and by worker ranks
 (`kaito.runtime.distributed`) replaying the same plan, so every rank holds the
-same cache. The running batch keeps one KV tensor per layer, [B, heads, L, dim],
-left-padded: row i's real tokens are the last ones, `mask[i]` marks them. Each
-sequence keeps its own positions (`pos`), so padding never shifts RoPE and a
+same cache. Per layer the cache is one reusable buffer [rows, heads, columns,
+dim]; rows 0..B-1 are the running batch and columns off..off+width its
+left-padded window: row i's real tokens are the last ones, `mask[i]` marks them.
+Each sequence keeps its own positions (`pos`), so padding never shifts RoPE and a
 row decodes the same tokens alone or in a full batch. Admitting sequences
-prefills them together, then pads the shorter side and concatenates on the
-batch axis; evicting keeps the surviving rows and drops columns that became
-padding for everyone.
+prefills them together and writes their rows below the batch in place;
+evicting moves only the rows that fill holes and drops columns that became
+padding for everyone; nothing copies the whole batch's cache per step. Decode
+uses `kaito.runtime.fastpath` when the architecture allows it, else
+transformers' forward.
 """
 
 from __future__ import annotations

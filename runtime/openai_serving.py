@@ -66,8 +66,24 @@ async def _guard(events):
         yield None, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}}
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+def _text_chunk(head: str, key: str, close: str = ""):
+    """Encoder for the plain text chunks of one stream (no logprobs): the constant part is formatted once,
+    only the choice index and the escaped text per token (the hot path of streaming: one chunk per token
+    per client)."""
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
+    tail = close + ',"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def encode(idx: int, text: str) -> bytes:
+        return f'{head}{idx},{key}{dumps(text)}{tail}'.encode()
+    return encode
+
+
+def _head(rid: str, obj: str, created: int, model: str) -> str:
+    return f'data: {{"id":{json.dumps(rid)},"object":"{obj}","created":{created},"model":{json.dumps(model, ensure_ascii=False)},"choices":[{{"index":'
 
 
 async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Request):
@@ -93,6 +109,8 @@ async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Req
     if req.stream:
         include_usage = req.stream_options.include_usage if req.stream_options else True
 
+        text_chunk = _text_chunk(_head(rid, "chat.completion.chunk", created, model), '"delta":{"content":', "}")
+
         async def stream():
             usage = [len(ids), 0]
             for i in range(len(seqs)):
@@ -106,7 +124,10 @@ async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Req
                 if isinstance(ev, Token):
                     if not ev.text and ev.logprob is None:
                         continue
-                    lp = {"content": [_chat_logprob(rt, ev)]} if ev.logprob is not None else None
+                    if ev.logprob is None:
+                        yield text_chunk(idx, ev.text)
+                        continue
+                    lp = {"content": [_chat_logprob(rt, ev)]}
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                                 "choices": [{"index": idx, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]})
                 else:
@@ -188,6 +209,8 @@ async def completions(rt: Runtime, req: CompletionRequest, request: Request):
         ids, seqs, queue = jobs[0]
         include_usage = req.stream_options.include_usage if req.stream_options else True
 
+        text_chunk = _text_chunk(_head(rid, "text_completion", created, model), '"text":')
+
         async def stream():
             completion = 0
             if req.echo:
@@ -202,7 +225,10 @@ async def completions(rt: Runtime, req: CompletionRequest, request: Request):
                 if isinstance(ev, Token):
                     if not ev.text and ev.logprob is None:
                         continue
-                    lp = lp_block([ev], 0) if ev.logprob is not None else None
+                    if ev.logprob is None:
+                        yield text_chunk(idx, ev.text)
+                        continue
+                    lp = lp_block([ev], 0)
                     yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                 "choices": [{"index": idx, "text": ev.text, "logprobs": lp, "finish_reason": None}]})
                 else:

@@ -20,9 +20,10 @@ from typing import Any, Literal
 import yaml
 from kaito.presets.errors import InvalidInput
 
-log = logging.getLogger("kaito.runtime.settings")
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("kaito.runtime.settings")
 
 
 class RuntimeSettings(BaseSettings):
@@ -46,6 +47,7 @@ class RuntimeSettings(BaseSettings):
     adapter_pull_auth_file: Path | None = Field(None, description="dockerconfigjson used to pull adapter images (never logged).")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together in one forward pass.")
     max_waiting: int = Field(256, ge=0, description="Requests queued beyond the running batch; more get 429 with Retry-After.")
+    prefill_chunk_tokens: int = Field(128, ge=1, description="Admitted prompts are prefilled in forwards of at most this many tokens (one prompt at least), each chunk's first tokens sent before the next: a burst of short prompts is answered in order instead of all at once.")
     max_model_len: int | None = Field(None, ge=8, description="Context length enforced (prompt + completion); default the preset's, else the model config's.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="Completion length when a /v1 request gives no max_tokens (capped by the context).")
