@@ -22,9 +22,9 @@ import kmock
 import yaml
 from kaito.operator.settings import OperatorSettings
 
-EXAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "examples"
-if not EXAMPLES.is_dir():
-    EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "examples"
+# The seed's manifests, as users write them: the copy kept in the repo
+# (tests/test_examples.py proves it equals ../shared/examples where that exists).
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 
 WS = "kaito.sh/v1beta1/workspaces"
 NC = "karpenter.sh/v1/nodeclaims"

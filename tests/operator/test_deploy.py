@@ -130,9 +130,7 @@ def test_rbac_covers_every_kind_the_client_touches() -> None:
 
 
 def test_cli_render_prints_valid_children(capsys: pytest.CaptureFixture[str]) -> None:
-    example = ROOT.parent / "shared/examples/workspace-phi-3-mini.yaml"
-    if not example.is_file():
-        example = ROOT / "shared/examples/workspace-phi-3-mini.yaml"
+    example = ROOT / "deploy/examples/workspace-phi-3-mini.yaml"
     assert main(["operator", "render", str(example), "--ready-nodes", "1", "--registry", "reg.local"]) == 0
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
     assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Deployment"]
