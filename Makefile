@@ -4,6 +4,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Console scripts, not `python -m`: `-m` puts the working directory first on
+# sys.path, where this repo's operator/ folder would shadow the stdlib module.
+PIP := $(VENV)/bin/pip
 # torch is installed first and pinned: an unpinned torch (or peft/transformers
 # before torch) pulls a multi-GB CUDA build. For CUDA images use e.g.
 #   make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
@@ -18,22 +21,24 @@ PYTEST_ARGS ?=
 .PHONY: install demo test test-fast bench build-preset crd lint e2e-container clean
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	test -x $(PY) || $(PYTHON) -I -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PIP) install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
 	touch $@
 
-install: $(VENV)/.installed
+install:
+	@test -x $(PY) || rm -f $(VENV)/.installed
+	@$(MAKE) --no-print-directory $(VENV)/.installed
 
 demo: install
 	$(PY) tests/e2e/demo.py $(if $(filter-out out/registry,$(REGISTRY)),--registry $(REGISTRY))
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow and not docker" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/image_push.py

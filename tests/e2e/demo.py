@@ -45,6 +45,9 @@ QUESTION = "What is Kubernetes?"
 EXAMPLES = ROOT / "deploy" / "examples"
 console = Console()
 KAITO = [sys.executable, "-m", "kaito.presets.cli"]
+# Commands run from the scratch directory: `python -m` from the repo root would put
+# its operator/ folder ahead of the stdlib module of that name.
+CWD = {"dir": ROOT}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
@@ -55,7 +58,7 @@ class DemoError(Exception):
 def run(cmd: list[str], what: str, timeout: int = 600, env: Optional[dict] = None) -> str:
     """Run a CLI step, stream nothing, fail with its stderr tail."""
     console.print(f"[dim]$ {' '.join(str(c) for c in cmd)}[/dim]")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=CWD["dir"])
     if p.returncode != 0:
         raise DemoError(f"{what} failed (exit {p.returncode}):\n{(p.stderr or p.stdout)[-3000:]}")
     return p.stdout
@@ -81,7 +84,7 @@ def server(weights: Path, adapters: Optional[Path], log: Path, strength: str = "
         cmd += ["--adapters-dir", str(log.parent / "no-adapters")]
     console.print(f"[dim]$ {' '.join(cmd)}[/dim]")
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=CWD["dir"],
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -220,6 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     registry = args.registry if not is_layout(args.registry) else str((ROOT / args.registry).resolve())
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    CWD["dir"] = work
     summary: dict = {"registry": registry}
     t0 = time.monotonic()
     try:
