@@ -122,29 +122,31 @@ def from_hub(
 ) -> Path:
     """Download the preset's files at its pinned revision, then link them into `dest`.
 
-    The hub cache holds partial downloads, so a rerun after a kill resumes
-    instead of starting over.
+    Partial files stay in the download cache (kaito.presets.hub), so a rerun
+    after a kill resumes instead of starting over.
     """
     if not preset.hf_repo or not preset.hf_revision:
         raise InvalidInput(f"preset {preset.name} has no hf_repo/hf_revision to download from")
-    from huggingface_hub import snapshot_download
+    from kaito.presets.hub import download
 
     patterns = HUB_PATTERNS + (["*.py"] if preset.trust_remote_code else [])
     try:
-        snapshot = snapshot_download(
+        snapshot = download(
             preset.hf_repo,
-            revision=preset.hf_revision,
-            cache_dir=str(cache_dir) if cache_dir else None,
-            allow_patterns=patterns,
-            token=token or os.environ.get("HF_TOKEN") or None,
+            preset.hf_revision,
+            patterns,
+            cache_dir=cache_dir,
             endpoint=endpoint,
+            token=token,
             local_files_only=local_files_only,
         )
+    except KaitoError as e:
+        raise type(e)(f"preset {preset.name}: {e}") from None
     except Exception as e:  # hub errors carry no secrets; keep their text, drop the trace
         raise KaitoError(
             f"downloading {preset.hf_repo}@{preset.hf_revision[:12]} for preset {preset.name}: {type(e).__name__}: {e}"
         ) from None
-    return from_directory(preset, Path(snapshot), dest, overwrite)
+    return from_directory(preset, snapshot, dest, overwrite)
 
 
 def from_tiny(preset: PresetSpec, dest: Path, overwrite: bool = False, seed: int = 0) -> Path:

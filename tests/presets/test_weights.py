@@ -59,6 +59,9 @@ class _Hub(BaseHTTPRequestHandler):
 
     files: dict = {}
     hits: list = []
+    ranges: list = []
+    cut: set = set()  # file names whose first download is cut half way
+    lfs_bytes: dict = {}  # what the listing claims an LFS file holds (tamper tests)
 
     def log_message(self, *a):
         pass
@@ -89,7 +92,9 @@ class _Hub(BaseHTTPRequestHandler):
         self.hits.append(self.path)
         if self.path.startswith("/api/models/org/hubby"):
             if "/tree/" in self.path:  # the recursive tree listing snapshot_download asks for
-                info = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                info = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest(),
+                         **({"lfs": {"oid": hashlib.sha256(self.lfs_bytes.get(n, b)).hexdigest(), "size": len(b),
+                                     "pointerSize": 134}} if n.endswith(".safetensors") else {})}
                         for n, b in self.files.items()]
             else:
                 info = {"id": "org/hubby", "sha": REV, "siblings": [{"rfilename": n} for n in self.files]}
@@ -105,9 +110,27 @@ class _Hub(BaseHTTPRequestHandler):
             self.send_response(404)
             self.end_headers()
             return
+        name = self.path.rsplit("/", 1)[-1].split("?")[0]
+        rng = self.headers.get("Range")
+        if rng:
+            self.ranges.append((name, rng))
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self._headers(body[start:])
+            self.end_headers()
+            self.wfile.write(body[start:])
+            return
         self.send_response(200)
         self._headers(body)
         self.end_headers()
+        if name in self.cut:
+            self.cut.discard(name)
+            self.wfile.write(body[: len(body) // 2])  # the connection drops mid-file
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         self.wfile.write(body)
 
 
@@ -116,7 +139,7 @@ def hub(tmp_path):
     src = make_tiny(tmp_path / "hubsrc")
     files = {p.name: p.read_bytes() for p in src.iterdir()}
     files["pytorch_model.bin"] = b"\x80\x04pickle"
-    handler = type("H", (_Hub,), {"files": files, "hits": []})
+    handler = type("H", (_Hub,), {"files": files, "hits": [], "ranges": [], "cut": set(), "lfs_bytes": {}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -139,7 +162,50 @@ def test_hub_download_at_pinned_revision(tmp_path, hub, monkeypatch):
     assert (d2 / "model.safetensors").read_bytes() == files["model.safetensors"]
 
 
-def test_hub_error_is_wrapped(tmp_path):
-    with pytest.raises(KaitoError, match="downloading org/hubby@0123456789ab for preset hubby"):
+def test_offline_without_cache_is_a_clear_error(tmp_path, hub, monkeypatch):
+    endpoint, handler, files = hub
+    with pytest.raises(InvalidInput, match="preset hubby: org/hubby@0123456789ab is not in the cache"):
         materialize_weights(_preset(), tmp_path / "w", cache_dir=tmp_path / "c", local_files_only=True)
+    # HF_HUB_OFFLINE=1 (as in the tests' environment) also means: no network at all.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(InvalidInput, match="downloads are off"):
+        materialize_weights(_preset(), tmp_path / "w", endpoint=endpoint, cache_dir=tmp_path / "c")
+    assert handler.hits == [] and not (tmp_path / "w").exists()
+
+
+@pytest.fixture
+def online(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False, raising=False)
+
+
+def test_tampered_download_is_discarded(tmp_path, hub, online):
+    endpoint, handler, files = hub
+    handler.lfs_bytes["model.safetensors"] = b"what the listing promised"
+    with pytest.raises(KaitoError, match="model.safetensors of org/hubby@0123456789ab: sha256 mismatch"):
+        materialize_weights(_preset(), tmp_path / "w", endpoint=endpoint, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "w").exists()
+    assert not list((tmp_path / "cache").rglob("model.safetensors*"))
+
+
+def test_hub_errors_are_wrapped(tmp_path, hub, online):
+    endpoint, handler, files = hub
+    bad = _preset(hf_repo="org/missing")
+    with pytest.raises(KaitoError, match="for preset hubby"):
+        materialize_weights(bad, tmp_path / "w", endpoint=endpoint, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "w").exists()
+
+
+def test_hub_download_resumes_after_a_kill(tmp_path, hub, monkeypatch):
+    """A download killed half way leaves a partial blob in the hub cache; the rerun asks only for the rest."""
+    endpoint, handler, files = hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False, raising=False)
+    body = files["model.safetensors"]
+    half = len(body) // 2
+    partial = tmp_path / "cache" / "org--hubby" / REV / "model.safetensors.part"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(body[:half])  # what a download killed half way leaves behind
+    d = materialize_weights(_preset(), tmp_path / "w", endpoint=endpoint, cache_dir=tmp_path / "cache")
+    assert (d / "model.safetensors").read_bytes() == body
+    assert ("model.safetensors", f"bytes={half}-") in handler.ranges, handler.ranges
