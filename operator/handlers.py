@@ -13,7 +13,8 @@ and the benchmark through `run_operator`. Handlers:
 - child events (Deployments, StatefulSets, Jobs, NodeClaims, Nodes labelled
   with kaito.sh/workspace): re-run the owning workspace's pass at once.
 - timer: re-checks status (a pod crashed, a node went away) without writes
-  when nothing changed.
+  when nothing changed; it also notices a readiness timeout (the preset's,
+  see `kaito.operator.readiness`), reported once by a condition and a Warning Event.
 - delete: deletes the workspace's NodeClaims (Kopf's finalizer holds the
   object until then).
 - validate: the admission webhook (`/validate-workspace`).
@@ -67,6 +68,11 @@ async def _pass(
         logger.info("workspace %s/%s: created %s, patched %s", key[0], key[1], out.created, out.patched)
     if out.invalid and out.conditions_changed:
         await reconcile.post_event(state.api, fresh, "InvalidWorkspace", out.invalid)
+    for reason, message in out.events:
+        try:
+            await reconcile.post_event(state.api, fresh, reason, message)
+        except APIError as e:  # the condition already says it; a lost Event must not fail the pass
+            logger.warning("could not post %s Event for %s/%s: %s", reason, key[0], key[1], e)
     return out
 
 

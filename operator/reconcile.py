@@ -5,7 +5,9 @@ resume, timer and child events) with a `KubeAPI`. It renders the desired
 children with the pure `kaito.operator.render.render`, creates what is
 missing, patches only children whose spec hash changed, and patches the
 status only when a condition or workerNodes changed: a pass over a steady
-Workspace reads but never writes.
+Workspace reads but never writes. Children that are still not ready after the
+preset's readiness timeout (`kaito.operator.readiness`) get a False condition
+with a timeout reason, written once; later passes still flip it to True.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from kaito.operator import (
     admission,
     nodes,
+    readiness,
     render,
     render_inference,
     render_tuning,
@@ -26,6 +29,8 @@ from kaito.operator import (
 )
 from kaito.operator.kube import APIError, KubeAPI
 from kaito.operator.settings import OperatorSettings
+from kaito.presets import get_preset
+from kaito.presets.spec import PresetSpec
 
 
 @dataclass
@@ -38,6 +43,8 @@ class Outcome:
     conditions_changed: bool = False
     created: list[str] = field(default_factory=list)
     patched: list[str] = field(default_factory=list)
+    events: list[tuple[str, str]] = field(default_factory=list)
+    """Warning Events (reason, message) to post: a readiness timeout, once when first reported."""
 
 
 def _now() -> str:
@@ -93,6 +100,9 @@ async def apply(api: KubeAPI, desired: dict[str, Any], out: Outcome) -> dict[str
     meta = desired["metadata"]
     key = f"{desired['kind']}/{meta['name']}"
     live = await api.get(desired["kind"], meta.get("namespace"), meta["name"])
+    if desired["kind"] in _TIMED_KINDS:
+        # Written with the create or the rollout patch (outside the spec hash): no extra write.
+        readiness.mark_started(desired, readiness.utcnow())
     if live is None:
         try:
             live = await api.create(desired)
@@ -113,6 +123,20 @@ async def apply(api: KubeAPI, desired: dict[str, Any], out: Outcome) -> dict[str
 
 
 ANN_PINNED = "kaito.sh/immutable-spec"
+_TIMED_KINDS = ("Deployment", "StatefulSet", "NodeClaim")
+
+
+def _preset_of(ws: schema.Workspace) -> PresetSpec | None:
+    spec = ws.inference.preset if ws.inference is not None else (ws.tuning.preset if ws.tuning else None)
+    return get_preset(spec.name) if spec is not None else None
+
+
+def _newly(body: dict[str, Any], ctype: str, reason: str) -> bool:
+    """Whether condition `ctype` does not already carry `reason` (so its Event is not posted yet)."""
+    for c in (body.get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype:
+            return c.get("reason") != reason
+    return True
 
 
 def _immutable(body: dict[str, Any]) -> dict[str, Any]:
@@ -196,19 +220,42 @@ async def reconcile(
     claims = [o for o in desired if o["kind"] == "NodeClaim"]
     for claim in claims:
         await apply(api, claim, out)
+    preset = _preset_of(ws)
+    timeout_s = readiness.timeout_for(preset, settings)
+    what = f"preset {preset.name}" if preset is not None else "the workspace"
+    now = readiness.utcnow()
+    claims_late = ""
     if not settings.bring_your_own_nodes:
         live_claims = await api.list("NodeClaim", None, render.child_labels(ws))
-        not_ready = [c["metadata"]["name"] for c in live_claims if not nodes.nodeclaim_ready(c)]
-        conds.append(
-            _cond("NodeClaimReady", False, "NodeClaimNotReady", f"waiting for NodeClaims {', '.join(sorted(not_ready))}")
-            if not_ready
-            else _cond("NodeClaimReady", True, "NodeClaimsReady", f"{len(live_claims)} NodeClaim(s) ready")
+        pending = [c for c in live_claims if not nodes.nodeclaim_ready(c)]
+        not_ready = sorted(c["metadata"]["name"] for c in pending)
+        late = sorted(
+            c["metadata"]["name"]
+            for c in pending
+            if readiness.timed_out(readiness.started_at(c), timeout_s, now)
         )
+        if late:
+            claims_late = (
+                f"NodeClaims {', '.join(late)} not Ready after {readiness.seconds_text(timeout_s)} "
+                f"(readiness timeout of {what})"
+            )
+            conds.append(_cond("NodeClaimReady", False, readiness.REASON_NODECLAIM, claims_late))
+            if _newly(body, "NodeClaimReady", readiness.REASON_NODECLAIM):
+                out.events.append((readiness.REASON_NODECLAIM, claims_late))
+        elif not_ready:
+            conds.append(_cond("NodeClaimReady", False, "NodeClaimNotReady", f"waiting for NodeClaims {', '.join(not_ready)}"))
+        else:
+            conds.append(_cond("NodeClaimReady", True, "NodeClaimsReady", f"{len(live_claims)} NodeClaim(s) ready"))
     count = ws.resource.count
     resource_ok = len(observed) >= count
     workers = [n["metadata"]["name"] for n in observed][:count]
     msg = f"{len(observed)} of {count} node(s) ready"
-    conds.append(_cond("ResourceReady", resource_ok, "NodesReady" if resource_ok else "NodesNotReady", msg))
+    if resource_ok:
+        conds.append(_cond("ResourceReady", True, "NodesReady", msg))
+    elif claims_late:
+        conds.append(_cond("ResourceReady", False, readiness.REASON_NODECLAIM, f"{msg}; {claims_late}"))
+    else:
+        conds.append(_cond("ResourceReady", False, "NodesNotReady", msg))
 
     if not resource_ok or out.waiting:
         out.waiting = out.waiting or f"waiting for GPU nodes: {msg}"
@@ -225,9 +272,26 @@ async def reconcile(
     if ws.inference is not None:
         workload = live.get("StatefulSet") or live.get("Deployment")
         ready = render_inference.workload_ready(workload, count)
-        msg = "inference pods are ready" if ready else "waiting for the inference pods to be ready"
-        conds.append(_cond("InferenceReady", ready, "InferenceReady" if ready else "InferencePending", msg))
-        conds.append(_cond("WorkspaceSucceeded", ready, "WorkspaceReady" if ready else "Pending", msg))
+        if ready:
+            msg = "inference pods are ready"
+            conds.append(_cond("InferenceReady", True, "InferenceReady", msg))
+            conds.append(_cond("WorkspaceSucceeded", True, "WorkspaceReady", msg))
+        elif readiness.timed_out(readiness.started_at(workload), timeout_s, now):
+            # Still reconciled after this (the handler keeps retrying, the timer and pod
+            # events re-check), so pods that become ready later flip the conditions to True.
+            have = int(((workload or {}).get("status") or {}).get("readyReplicas") or 0)
+            msg = (
+                f"{(workload or {}).get('kind', 'workload')} {ws.name}: {have}/{count} replicas ready after "
+                f"{readiness.seconds_text(timeout_s)} (readiness timeout of {what})"
+            )
+            conds.append(_cond("InferenceReady", False, readiness.REASON_INFERENCE, msg))
+            conds.append(_cond("WorkspaceSucceeded", False, readiness.REASON_INFERENCE, msg))
+            if _newly(body, "InferenceReady", readiness.REASON_INFERENCE):
+                out.events.append((readiness.REASON_INFERENCE, msg))
+        else:
+            msg = "waiting for the inference pods to be ready"
+            conds.append(_cond("InferenceReady", False, "InferencePending", msg))
+            conds.append(_cond("WorkspaceSucceeded", False, "Pending", msg))
         out.done = ready
         if not ready:
             out.waiting = msg

@@ -52,6 +52,10 @@ class OperatorSettings:
     retry_seconds: float = 10.0
     """Delay before a handler that waits (nodes, pods, job) runs again."""
 
+    readiness_timeout_override_seconds: float | None = None
+    """Seconds to wait for pods and NodeClaims to be ready, instead of each preset's
+    readiness timeout (30 min by default); for tests and drills only, None in production."""
+
     webhook_port: int = 8443
     """Port of the validating webhook server (0: no webhook)."""
 
@@ -79,7 +83,9 @@ class OperatorSettings:
             if raw is None:
                 continue
             default = f.default
-            if isinstance(default, bool):
+            if f.name == "readiness_timeout_override_seconds":
+                kwargs[f.name] = float(raw) if raw.strip() else None
+            elif isinstance(default, bool):
                 kwargs[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif isinstance(default, int):
                 kwargs[f.name] = int(raw)
