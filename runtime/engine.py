@@ -7,7 +7,8 @@ sequences (QueueFull beyond `max_waiting`, the API turns it into 429),
 its own thread so forwards never block the event loop. Every step it evicts
 finished/cancelled rows, prefills newly admitted sequences in chunks of at most
 `prefill_chunk_tokens` and sends each chunk's first tokens at once (low TTFT in
-a burst), then decodes the rows that were already running by one token; under
+a burst), then decodes the rows that were already running by one token (unless
+more requests arrived meanwhile: then that decode waits one step); under
 torchrun each step's plan is broadcast first so worker ranks run the same
 forwards. The hot path stays lean: all-greedy batches take one argmax, and
 detokenization calls the Rust tokenizer directly.
@@ -170,6 +171,7 @@ class Engine:
         self.step_failures = 0
         self._admitting: list[Sequence] = []  # taken from `waiting`, not yet in `running` (failure cleanup)
         self._outbox: list = []  # events of the current step, flushed at its end
+        self._deferred = False  # the last step skipped its decode to admit new arrivals first
         self.error: BaseException | None = None
 
     @property
@@ -352,10 +354,22 @@ class Engine:
             done += size
             self._advance(group, pre)
             flush(self._outbox)
+        if decoding and self.broadcast is None and not self._deferred and self._room_for_arrivals():
+            # Requests arrived during this step's prefill (a burst being parsed): admit them in the next step
+            # before this decode, so their first tokens do not wait for it; a step never defers twice in a
+            # row, so running rows still advance at least every other step.
+            self._deferred = True
+            self._gauges()
+            return
+        self._deferred = False
         if decoding:
             self._advance(decoding, self.ex.decode(plan["decode"]))
         flush(self._outbox)
         self._gauges()
+
+    def _room_for_arrivals(self) -> bool:
+        with self._cv:
+            return bool(self.waiting) and len(self.running) < self.max_batch_size
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, infos = sample(logits, seqs, [] if not self.eos_ids else self.eos_ids)

@@ -179,7 +179,14 @@ class BatchExecutor:
             mask[i, L - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, kv = self._forward(ids, mask, position_ids, rows, False, **self._keep_kw)
+        if self.fast is not None and self.fast.usable(L):
+            self.lora.set_rows(list(rows))
+            try:
+                logits, kv = self.fast.prefill(ids, position_ids, mask)
+            finally:
+                self.lora.set_rows([])
+        else:
+            logits, kv = self._forward(ids, mask, position_ids, rows, False, **self._keep_kw)
         pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
         self._merge(kv, mask, pos, rows)
         return logits

@@ -97,7 +97,7 @@ class FastDecoder:
             q, k, v = qkv[..., :qd], qkv[..., qd:qd + kd], qkv[..., qd + kd:]
         else:
             q, k, v = _lin(at.q_proj, x), _lin(at.k_proj, x), _lin(at.v_proj, x)
-        shape = (n, 1, -1, at.head_dim)
+        shape = (n, x.shape[1], -1, at.head_dim)
         return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
     def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +108,38 @@ class FastDecoder:
         gate = _lin(mlp.gate_proj, x)
         act = F.silu(gate) if self.silu else mlp.act_fn(gate)
         return _lin(mlp.down_proj, act * _lin(mlp.up_proj, x))
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, position_ids: torch.Tensor, pad: torch.Tensor
+                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Whole left-padded prompts: ids, position_ids, pad (1 = real token) [n, L]. Returns the last
+        position's logits [n, V] and each layer's rotated K/V [n, H, L, D] for the executor's buffers.
+
+        Why: a burst of arrivals is prefilled in several forwards, and transformers' per-call Python (and
+        each op's wait for the GIL the event loop holds) was most of a short prompt's time to first token."""
+        n, L = ids.shape
+        h = self.embed(ids)
+        cos, sin = self.rotary(h, position_ids=position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        real = pad.bool()
+        mask = None
+        if L > 1 and not bool(real.all()):
+            causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+            # Padding queries keep their own column: a fully masked row would be NaN, and their K/V land
+            # (masked) in the cache, where a non-finite value poisons attention even at weight 0.
+            mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=ids.device)
+        kv = []
+        for layer in self.layers:
+            at = layer.self_attn
+            x = _rms(layer.input_layernorm, h)
+            q, k, v = self._qkv(at, x, n)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            kv.append((k, v))
+            o, _ = self.attend(at, q, k, v, mask, dropout=0.0, scaling=at.scaling, sliding_window=self.sliding_window,
+                               is_causal=mask is None and L > 1)
+            h = h + _lin(at.o_proj, o.reshape(n, L, -1))
+            h = h + self._mlp(layer.mlp, _rms(layer.post_attention_layernorm, h))
+        return _lin(self.lm_head, _rms(self.norm, h[:, -1:]))[:, -1, :], kv
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
