@@ -79,6 +79,17 @@ class Layout(BlobSource):
         if not (self.path / "index.json").exists():
             self._write_index({"schemaVersion": 2, "mediaType": V.OCI_INDEX, "manifests": []})
 
+    def _tmp_blob(self) -> Path:
+        # Unique per process, thread and call: concurrent builds into one layout never share a file.
+        return self.path / "blobs" / f".ingest-{os.getpid()}-{threading.get_ident():x}-{next(_seq)}"
+
+    def _commit_blob(self, tmp: Path, digest: str) -> str:
+        """Rename a complete, verified temporary file into its content-addressed place."""
+        final = self.blob_path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        return digest
+
     def digester(self, segments: tuple[Segment, ...], progress: ProgressFn = None) -> str:
         """Layer.from_segments hook: building into a layout copies and hashes in one pass.
 
@@ -86,7 +97,7 @@ class Layout(BlobSource):
         thread hashes the same range through mmap, so a build costs about one sha256.
         """
         self._init()
-        tmp = self.path / "blobs" / f".ingest-{os.getpid()}-{threading.get_ident():x}-{next(_seq)}"
+        tmp = self._tmp_blob()
         h = hashlib.sha256()
         try:
             with open(tmp, "wb") as f, ThreadPoolExecutor(1) as copier:
@@ -122,17 +133,14 @@ class Layout(BlobSource):
                         progress(len(s) if isinstance(s, bytes) else s.length)
                 copied.result()
             digest = "sha256:" + h.hexdigest()
-            final = self.blob_path(digest)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            return digest
+            return self._commit_blob(tmp, digest)
         finally:
             tmp.unlink(missing_ok=True)
 
     def ingest(self, chunks: Iterable[bytes], progress: ProgressFn = None, expect: Optional[str] = None) -> str:
         """Write `chunks` as a blob, hashing while writing; renamed into place only when verified."""
         self._init()
-        tmp = self.path / "blobs" / f".ingest-{os.getpid()}-{threading.get_ident():x}-{next(_seq)}"
+        tmp = self._tmp_blob()
         h = hashlib.sha256()
         try:
             with open(tmp, "wb") as f, ThreadPoolExecutor(1) as writer:
@@ -150,10 +158,7 @@ class Layout(BlobSource):
             digest = "sha256:" + h.hexdigest()
             if expect and digest != expect:
                 raise VerificationError(f"writing blob to {self.path}: content has digest {digest}, expected {expect}")
-            final = self.blob_path(digest)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            return digest
+            return self._commit_blob(tmp, digest)
         finally:
             tmp.unlink(missing_ok=True)
 

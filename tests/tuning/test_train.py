@@ -147,7 +147,7 @@ JOB_ERRORS = [
 
 
 @pytest.mark.parametrize("overrides,message", JOB_ERRORS, ids=[m[:30] for _, m in JOB_ERRORS])
-def test_job_errors_name_the_flag(dolly_parquet, tmp_path, overrides, message):
+def test_bad_job_input_names_the_flag(dolly_parquet, tmp_path, overrides, message):
     kwargs = dict(preset="tiny-phi-3", method="qlora", data=[str(dolly_parquet.parent)], output=tmp_path / "o")
     kwargs.update(overrides)
     with pytest.raises(InvalidInput) as e:
