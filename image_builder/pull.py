@@ -83,8 +83,9 @@ def _raw_name(x, img: Image) -> Optional[str]:
     return None
 
 
-def _merge(layer_dir: Path, tree: Path) -> None:
-    """Apply one extracted layer onto the tree (whiteouts honoured), by renames."""
+def _merge(layer_dir: Path, tree: Path, keep: bool = False) -> None:
+    """Apply one extracted layer onto the tree (whiteouts honoured), by renames; with `keep` (the same
+    layer comes again later in the image) by hard links, so the layer directory stays whole."""
     for dirpath, dirnames, filenames in os.walk(layer_dir, topdown=True):
         rel = Path(dirpath).relative_to(layer_dir)
         target_dir = tree / rel
@@ -105,7 +106,18 @@ def _merge(layer_dir: Path, tree: Path) -> None:
                 continue
             if dst.is_dir() and not dst.is_symlink():
                 shutil.rmtree(dst)
-            os.replace(src, dst)
+            if not keep:
+                os.replace(src, dst)
+            elif src.is_symlink():
+                if os.path.lexists(dst):
+                    dst.unlink()
+                os.symlink(os.readlink(src), dst)
+            else:
+                tmp = dst.with_name(f".{dst.name}.kaito-link")
+                if os.path.lexists(tmp):
+                    tmp.unlink()
+                os.link(src, tmp)
+                os.replace(tmp, dst)
         for d in dirnames:
             t = target_dir / d
             if os.path.lexists(t) and (t.is_symlink() or not t.is_dir()):
@@ -221,8 +233,10 @@ def pull(
             done.touch()
             progress.finish(x.digest, "done")
 
+        # An image may list one layer twice (two empty layers, say): fetch it once, apply it at each place.
+        unique = list({x.digest: x for x in layers}.values())
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="kaito-pull") as ex:
-            futures = [ex.submit(fetch, x) for x in layers]
+            futures = [ex.submit(fetch, x) for x in unique]
             errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             # A bad layer (tampered, unsafe) poisons the whole pull: drop everything staged.
@@ -234,8 +248,9 @@ def pull(
         if tree.exists():
             shutil.rmtree(tree)
         tree.mkdir()
-        for x in layers:
-            _merge(staging / "layers" / x.digest.split(":", 1)[1], tree)
+        for i, x in enumerate(layers):
+            again = any(y.digest == x.digest for y in layers[i + 1:])
+            _merge(staging / "layers" / x.digest.split(":", 1)[1], tree, keep=again)
         root = tree if (full or strip or V.ANN_CONTENT_ROOT in img.annotations) else _guess_root(tree)
         files = _files(root)
         (root / MARKER).write_text(json.dumps({"ref": str(ref), "digest": digest, "full": full, "files": list(files)}))

@@ -1,114 +1,49 @@
-"""The continuous-batching scheduler: admits, decodes, samples, detokenizes and stops sequences.
+"""The continuous-batching scheduler: admits, prefills, decodes, samples and stops sequences.
 
 Called by the serving layer (`kaito.runtime.serving`): `submit()` queues
 sequences (QueueFull beyond `max_waiting`, the API turns it into 429),
 `cancel()` frees a sequence's slot (client disconnects), and each sequence's
-`events` asyncio queue receives `Token`s and one `Finished`. The loop runs on
-its own thread so forwards never block the event loop. Every step it evicts
-finished/cancelled rows, prefills newly admitted sequences in chunks of at most
-`prefill_chunk_tokens` and sends each chunk's first tokens at once (low TTFT in
-a burst), then decodes the rows that were already running by one token (unless
-more requests arrived meanwhile: then that decode waits one step); under
-torchrun each step's plan is broadcast first so worker ranks run the same
-forwards. The hot path stays lean: all-greedy batches take one argmax, and
-detokenization calls the Rust tokenizer directly.
+`events` asyncio queue receives `Token`s and one `Finished` (types and text
+handling in `kaito.runtime.sequence`). Forwards never run on the event loop:
+the engine thread evicts finished/cancelled rows and decodes the running batch
+by one token per step; the prefill thread prefills arrivals meanwhile (one
+prompt per forward while the batch decodes, chunks of at most
+`prefill_chunk_tokens` into an idle batch), sends their first tokens at once,
+and hands the rows over to be merged between two decode steps. Without the
+prefill thread (under torchrun, where every rank replays one serial plan
+broadcast before each phase, or for rotary embeddings that rescale by length)
+a step decodes first and then admits arrivals, prefilling at most
+`prefill_step_ratio` times the decode's time. The hot path stays lean:
+all-greedy batches take one argmax, and detokenization calls the Rust
+tokenizer directly.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from kaito.runtime.executor import BatchExecutor
-from kaito.runtime.lora import LoraAdapter, RowSpec
+from kaito.runtime.lora import LoraAdapter
 from kaito.runtime.sampling import SamplingParams, sample
+from kaito.runtime.sequence import (
+    Finished,
+    QueueFull,
+    Sequence,
+    Token,
+    fast_decode,
+    check_stop,
+    detok,
+    flush,
+    release,
+)
 
 log = logging.getLogger("kaito.runtime.engine")
-_ids = itertools.count()
-
-
-class QueueFull(Exception):
-    """More requests are waiting than settings.max_waiting allows."""
-
-
-@dataclass
-class Token:
-    token_id: int
-    text: str  # text released by this token (may be "" while a stop string or UTF-8 char is pending)
-    logprob: tuple[float, list[tuple[int, float]]] | None = None
-
-
-@dataclass
-class Finished:
-    reason: str  # stop | length | abort (client gone) | error (the engine failed this step)
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(eq=False)
-class Sequence:
-    prompt_ids: list[int]
-    params: SamplingParams
-    lora: RowSpec = ()
-    loop: asyncio.AbstractEventLoop | None = None
-    index: int = 0  # choice index within its request
-    queue: asyncio.Queue | None = None  # shared by the choices of one request
-    id: int = field(default_factory=lambda: next(_ids))
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of `text` already sent
-    pending: int | None = None  # sampled token not yet fed to the model
-    finish_reason: str | None = None
-    cancelled: bool = False
-    generator: torch.Generator | None = None
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    _prefix: int = 0
-    _read: int = 0
-
-    def __post_init__(self):
-        self.events: asyncio.Queue = self.queue if self.queue is not None else asyncio.Queue()
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(int(self.params.seed))
-
-    def _push(self, item, outbox: list | None = None) -> None:
-        """Deliver (choice index, Token | Finished) to the request's queue on its event loop.
-
-        With an outbox the delivery waits for `flush()`, so one engine step wakes the loop once, not per row.
-        """
-        if self.loop is None:
-            self.events.put_nowait((self.index, item))
-        elif outbox is not None:
-            outbox.append((self, item))
-        else:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, item))
-
-
-def _deliver(items: list) -> None:
-    for seq, item in items:
-        seq.events.put_nowait((seq.index, item))
-
-
-def flush(outbox: list) -> None:
-    """Hand a step's events to their event loops, one wake-up per loop."""
-    by_loop: dict = {}
-    for seq, item in outbox:
-        by_loop.setdefault(seq.loop, []).append((seq, item))
-    for loop, items in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_deliver, items)
-        except RuntimeError:  # that loop is closed (server shutting down): nobody is listening
-            pass
-    outbox.clear()
 
 
 def _chunks(lengths: list[int], budget: int) -> list[int]:
@@ -134,23 +69,11 @@ def _fill_holes(alive: list[bool]) -> list[int]:
     return [i if i >= 0 else next(tail) for i in keep]
 
 
-def _fast_decode(tok) -> Callable[[list[int]], str]:
-    """decode(ids, skip_special_tokens=True), straight to the Rust tokenizer when that gives the same text.
-
-    transformers' wrapper (type conversion, kwargs) costs several times the decode itself, once per row
-    and token; it only adds work when clean_up_tokenization_spaces is set.
-    """
-    backend = getattr(tok, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "decode") and not getattr(tok, "clean_up_tokenization_spaces", False):
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tok.decode(ids, skip_special_tokens=True)
-
-
 class Engine:
     def __init__(self, executor: BatchExecutor, tokenizer, *, eos_ids: list[int], max_model_len: int,
                  max_batch_size: int = 32, max_waiting: int = 256, metrics=None,
                  broadcast: Callable[[dict], None] | None = None, max_prefill_tokens: int = 4096,
-                 prefill_chunk_tokens: int = 128):
+                 prefill_chunk_tokens: int = 128, prefill_step_ratio: float = 1.0, prefill_thread: bool = False):
         self.ex = executor
         self.tok = tokenizer
         self.eos_ids = list(eos_ids)
@@ -159,6 +82,8 @@ class Engine:
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_step_ratio = prefill_step_ratio
+        self._prefill_s_per_token: float | None = None  # learned from this engine's own prefills
         self.metrics = metrics
         self.broadcast = broadcast
         self.waiting: deque[Sequence] = deque()
@@ -171,8 +96,14 @@ class Engine:
         self.step_failures = 0
         self._admitting: list[Sequence] = []  # taken from `waiting`, not yet in `running` (failure cleanup)
         self._outbox: list = []  # events of the current step, flushed at its end
-        self._deferred = False  # the last step skipped its decode to admit new arrivals first
         self.error: BaseException | None = None
+        # The prefill thread (see `_prefill_loop`): sequences it is prefilling, and prefilled groups
+        # (seqs, kv, mask, pos) waiting for the engine thread to merge them into the batch.
+        self.prefill_thread = prefill_thread and broadcast is None
+        self._prefiller: threading.Thread | None = None
+        self._inflight: list[Sequence] = []
+        self._ready: list[tuple] = []
+        self._model_lock = threading.Lock()  # adapter (un)loading vs a prefill forward on the other thread
 
     @property
     def tok(self):
@@ -180,18 +111,18 @@ class Engine:
 
     @tok.setter
     def tok(self, tokenizer) -> None:
-        self._tok, self._decode = tokenizer, _fast_decode(tokenizer)
+        self._tok, self._decode = tokenizer, fast_decode(tokenizer)
 
     # ---- called from the event loop -------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences of one request together; all or none (QueueFull)."""
         with self._cv:
             # Rows that finished in the last step still sit in `running` until the next evicts them.
-            busy = sum(1 for s in self.running if s.finish_reason is None)
+            busy = sum(1 for s in self.running if s.finish_reason is None) + self._pending_rows()
             if len(self.waiting) + len(seqs) > self.max_waiting + max(0, self.max_batch_size - busy):
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.max_waiting})")
             self.waiting.extend(seqs)
-            self._cv.notify()
+            self._cv.notify_all()
         self._gauges()
 
     def cancel(self, seqs: list[Sequence]) -> None:
@@ -199,7 +130,7 @@ class Engine:
             for s in seqs:
                 if s.finish_reason is None:
                     s.cancelled = True
-            self._cv.notify()
+            self._cv.notify_all()
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
         """Install an adapter between steps (workers re-read it from the same path)."""
@@ -215,25 +146,33 @@ class Engine:
         done = threading.Event()
         with self._cv:
             self._ops.append((op, done))
-            self._cv.notify()
+            self._cv.notify_all()
         done.wait(timeout=60)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="kaito-engine", daemon=True)
         self._thread.start()
+        if self.prefill_thread:
+            self._prefiller = threading.Thread(target=self._prefill_loop, name="kaito-prefill", daemon=True)
+            self._prefiller.start()
 
     def stop(self) -> None:
         with self._cv:
             self._stop = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._cv.notify_all()
+        for t in (self._thread, self._prefiller):
+            if t is not None:
+                t.join(timeout=30)
         if self.broadcast is not None:
             self.broadcast({"stop": True})
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + self._pending_rows()
+
+    def _pending_rows(self) -> int:
+        """Sequences holding a batch slot outside `running`: being prefilled, or prefilled and not yet merged."""
+        return len(self._inflight) + sum(len(g[0]) for g in self._ready)
 
     @property
     def num_waiting(self) -> int:
@@ -242,11 +181,15 @@ class Engine:
     # ---- the engine thread ----------------------------------------------------------
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.running.set(len(self.running))
+            self.metrics.running.set(self.num_running)
             self.metrics.waiting.set(len(self.waiting))
 
     def _apply_ops(self, ops: list) -> list:
         wire = []
+        with self._model_lock:
+            return self._apply_ops_locked(ops, wire)
+
+    def _apply_ops_locked(self, ops: list, wire: list) -> list:
         for op in ops:
             if op[0] == "load":
                 self.ex.lora.add(op[1])
@@ -262,7 +205,8 @@ class Engine:
             while True:
                 with self._cv:
                     idle = False
-                    while not (self._stop or self.waiting or self.running or self._ops):
+                    while not (self._stop or self.running or self._ready or self._ops
+                               or (self.waiting and self._prefiller is None)):
                         # Idle workers block in a collective; a periodic no-op keeps it under its timeout.
                         if not self._cv.wait(timeout=30 if self.broadcast else None):
                             idle = True
@@ -292,60 +236,101 @@ class Engine:
                     if failures >= 3 or self.broadcast is not None:
                         raise
                     self.step_failures += 1
-                    for s in list(self.running) + self._admitting:
-                        if s.finish_reason is None:
-                            self._finish(s, "error")
-                    self.running, self._admitting = [], []
+                    with self._cv:
+                        for s in list(self.running) + self._admitting:
+                            if s.finish_reason is None:
+                                self._finish(s, "error")
+                        self.running, self._admitting = [], []
                     self.ex.reset()
                     flush(self._outbox)
         except BaseException as e:  # the server must report, not hang, if a forward fails
             log.exception("engine loop failed")
-            self.error = e
-            flush(self._outbox)
-            for s in list(self.running) + self._admitting + list(self.waiting):
+            self._fail_all(e)
+
+    def _fail_all(self, e: BaseException) -> None:
+        """The engine cannot go on: every sequence it holds ends with an error, and both threads stop."""
+        with self._cv:
+            self.error, self._stop = e, True
+            self._cv.notify_all()
+            stuck = list(self.running) + self._admitting + list(self.waiting) + self._inflight
+            stuck += [s for g in self._ready for s in g[0]]
+        flush(self._outbox)
+        for s in stuck:
+            if s.finish_reason is None:
                 s.finish_reason = "error"
                 s._push(Finished("error", len(s.prompt_ids), len(s.output_ids)))
 
     def step(self) -> None:
-        """One scheduling step: evict, prefill admissions and send their first tokens, decode the running rows."""
+        """One scheduling step: evict, decode the running rows by one token, then admit and prefill arrivals.
+
+        Decoding first means a request that arrived during the decode is admitted at the end of the same
+        step (not one whole step later), and running streams get their token before any prefill work.
+        While rows are decoding, the admissions' estimated prefill time is held to `prefill_step_ratio`
+        times this step's decode time (one prompt at least): a burst is admitted over a few steps, running
+        streams keep their pace, and clients that arrived together stop moving in lock-step, so later
+        arrivals find a short queue instead of a whole burst ahead of them (Sarathi-style stall-free batching).
+        """
+        with self._cv:
+            ready, self._ready = self._ready, []
+        for group, kv, mask, pos in ready:
+            self.ex.merge(kv, mask, pos, [s.lora for s in group])
+            with self._cv:
+                self.running = self.running + group
         with self._cv:
             keep = _fill_holes([s.finish_reason is None and not s.cancelled for s in self.running])
             for s in self.running:
                 if s.cancelled and s.finish_reason is None:
                     self._finish(s, "abort")
+            freed = len(self.running) > len(keep)
             self.running = [self.running[i] for i in keep]
+            if freed and self.waiting and self._prefiller is not None:
+                self._cv.notify_all()  # the prefill thread may have been waiting for room
             # Cancelled while waiting: never run.
             for s in [s for s in self.waiting if s.cancelled]:
                 self.waiting.remove(s)
                 self._finish(s, "abort")
-            admitted: list[Sequence] = []
-            budget = self.max_prefill_tokens
-            while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
-                nxt = self.waiting[0]
-                if admitted and len(nxt.prompt_ids) > budget:
-                    break
-                budget -= len(nxt.prompt_ids)
-                admitted.append(self.waiting.popleft())
         decoding = self.running
+        self.steps += 1
+        decode_s = 0.0
+        if decoding or keep != list(range(len(keep))) or self.ex.batch_size != len(keep):
+            # The same order as BatchExecutor.apply (which worker ranks replay): evict, then decode.
+            plan = {"keep": keep, "decode": [s.pending for s in decoding], "prefill": []}
+            if self.broadcast is not None:
+                self.broadcast(plan)
+            self.ex.evict(keep)
+            if decoding:
+                t0 = time.perf_counter()
+                self._advance(decoding, self.ex.decode(plan["decode"]))
+                decode_s = time.perf_counter() - t0
+                flush(self._outbox)
+        if self._prefiller is not None:  # admissions are the prefill thread's job
+            self._gauges()
+            return
+        # While rows decode, prefill may take `prefill_step_ratio` x this decode's time; the queue is looked at
+        # again after each admission, so requests that arrive during a prefill still get in this step.
+        deadline = time.perf_counter() + self.prefill_step_ratio * decode_s if decoding and self.prefill_step_ratio > 0 else None
+        first = True
+        while admitted := self._admit(None if deadline is None else deadline - time.perf_counter(), first):
+            first = False
+            self._prefill(admitted)
+            if deadline is None:
+                break
+        flush(self._outbox)
+        self._gauges()
+
+    def _prefill(self, admitted: list[Sequence]) -> None:
         chunks = _chunks([len(s.prompt_ids) for s in admitted], self.prefill_chunk_tokens)
-        plan = {
-            "keep": keep,
-            "decode": [s.pending for s in decoding],
-            "prefill": [(s.prompt_ids, [list(x) for x in s.lora]) for s in admitted],
-            "chunks": chunks,
-        }
+        plan = {"keep": list(range(len(self.running))), "decode": [],
+                "prefill": [(s.prompt_ids, [list(x) for x in s.lora]) for s in admitted], "chunks": chunks}
         self._admitting = admitted
         if self.broadcast is not None:
             self.broadcast(plan)
-        # The same order as BatchExecutor.apply (which worker ranks replay): evict, prefill, decode.
-        self.ex.evict(keep)
-        self.steps += 1
-        self.running = list(decoding)
         done = 0
         for size in chunks:
             # Each chunk's first tokens go out as soon as it is prefilled: a burst of arrivals is served
-            # in order instead of everyone waiting for the whole burst (and nobody waits for a decode).
+            # in order instead of everyone waiting for the whole burst.
             group = admitted[done:done + size]
+            t0 = time.perf_counter()
             pre = self.ex.prefill([s.prompt_ids for s in group], [s.lora for s in group])
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in group))
@@ -353,25 +338,105 @@ class Engine:
             self._admitting = admitted[done + size:]
             done += size
             self._advance(group, pre)
+            self._learn_prefill(sum(len(s.prompt_ids) for s in group), time.perf_counter() - t0)
             flush(self._outbox)
-        if decoding and self.broadcast is None and not self._deferred and self._room_for_arrivals():
-            # Requests arrived during this step's prefill (a burst being parsed): admit them in the next step
-            # before this decode, so their first tokens do not wait for it; a step never defers twice in a
-            # row, so running rows still advance at least every other step.
-            self._deferred = True
+        self._admitting = []
+
+    # ---- the prefill thread -----------------------------------------------------------
+    def _prefill_loop(self) -> None:
+        """Prefill arrivals while the engine thread decodes, and send their first tokens at once.
+
+        Why: on a busy batch an arrival would otherwise wait for the decode step under way and then add its
+        prefill to the next one, for every running stream. Here it waits only for its own forward (the
+        prompt's forward reads the weights and no batch state), and the engine thread merges the prefilled
+        rows between two decode steps. Prompts are taken in arrival order, one chunk of at most
+        `prefill_chunk_tokens` per forward, while the batch has room.
+        """
+        outbox: list = []
+        failures = 0
+        while True:
+            with self._cv:
+                while not self._stop and not (self.waiting and self._room() > 0):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                for s in [s for s in self.waiting if s.cancelled]:
+                    self.waiting.remove(s)
+                    self._finish(s, "abort", outbox)
+                # While the batch decodes, one prompt per forward: an arrival's first token waits for no other
+                # prompt, and arrivals spread over decode steps instead of moving in lock-step. Into an idle
+                # batch a burst goes in chunks, sharing each forward's fixed cost.
+                room = self._room() if not self.running else 1
+                group: list[Sequence] = []
+                tokens = 0
+                while self.waiting and len(group) < room:
+                    n = len(self.waiting[0].prompt_ids)
+                    if group and (tokens + n > self.prefill_chunk_tokens or tokens + n > self.max_prefill_tokens):
+                        break
+                    tokens += n
+                    group.append(self.waiting.popleft())
+                self._inflight = group
+            flush(outbox)
+            if not group:
+                continue
+            try:
+                t0 = time.perf_counter()
+                with self._model_lock:
+                    logits, kv, mask, pos = self.ex.prefill_forward([s.prompt_ids for s in group], [s.lora for s in group])
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(tokens)
+                self._advance(group, logits, outbox)
+                self._learn_prefill(tokens, time.perf_counter() - t0)
+                failures = 0
+            except Exception as e:
+                failures += 1
+                log.exception("prefill failed (%d in a row); failing its %d requests", failures, len(group))
+                self.step_failures += 1
+                with self._cv:
+                    self._inflight = []
+                for s in group:
+                    if s.finish_reason is None:
+                        self._finish(s, "error", outbox)
+                flush(outbox)
+                if failures >= 3:
+                    self._fail_all(e)
+                    return
+                continue
+            flush(outbox)
+            with self._cv:
+                self._ready.append((group, kv, mask, pos))
+                self._inflight = []
+                self._cv.notify_all()
             self._gauges()
-            return
-        self._deferred = False
-        if decoding:
-            self._advance(decoding, self.ex.decode(plan["decode"]))
-        flush(self._outbox)
-        self._gauges()
 
-    def _room_for_arrivals(self) -> bool:
+    def _room(self) -> int:
+        return self.max_batch_size - len(self.running) - self._pending_rows()
+
+    def _learn_prefill(self, tokens: int, seconds: float) -> None:
+        """Running estimate of prefill seconds per prompt token (forward, sampling and delivery included)."""
+        per = seconds / max(1, tokens)
+        self._prefill_s_per_token = per if self._prefill_s_per_token is None else 0.8 * self._prefill_s_per_token + 0.2 * per
+
+    def _admit(self, time_left: float | None, first: bool) -> list[Sequence]:
+        """Take waiting sequences into the batch: room permitting, within the token cap and, when `time_left`
+        is given, within that much estimated prefill time. A step's first admission always takes one."""
+        per = self._prefill_s_per_token or 0.0
+        admitted: list[Sequence] = []
         with self._cv:
-            return bool(self.waiting) and len(self.running) < self.max_batch_size
+            budget = self.max_prefill_tokens
+            while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+                n = len(self.waiting[0].prompt_ids)
+                forced = first and not admitted
+                if not forced and (n > budget or (time_left is not None and n * per > time_left)):
+                    break
+                budget -= n
+                if time_left is not None:
+                    time_left -= n * per
+                admitted.append(self.waiting.popleft())
+        return admitted
 
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, outbox: list | None = None) -> None:
+        outbox = self._outbox if outbox is None else outbox
         tokens, infos = sample(logits, seqs, [] if not self.eos_ids else self.eos_ids)
         now = time.monotonic()
         for s, t, info in zip(seqs, tokens, infos):
@@ -392,9 +457,9 @@ class Engine:
             if t in self.eos_ids and not s.params.ignore_eos:
                 reason = "stop"
             else:
-                self._detok(s, final=False)
+                detok(s, self._decode, final=False)
                 if s.params.stop:
-                    reason = self._check_stop(s)
+                    reason = check_stop(s)
                     stopped_by_string = reason is not None
             if reason is None and len(s.output_ids) >= s.params.max_tokens:
                 reason = "length"
@@ -402,51 +467,21 @@ class Engine:
                 reason = "length"
             if reason is not None:
                 if not stopped_by_string and s._read < len(s.output_ids):
-                    self._detok(s, final=True)  # flush bytes held back for an unfinished character
+                    detok(s, self._decode, final=True)  # flush bytes held back for an unfinished character
                     if s.params.stop:
-                        self._check_stop(s)
-                s._push(Token(t, self._release(s, final=True), info), self._outbox)
-                self._finish(s, reason)
+                        check_stop(s)
+                s._push(Token(t, release(s, final=True), info), outbox)
+                self._finish(s, reason, outbox)
             else:
                 s.pending = t
-                s._push(Token(t, self._release(s, final=False), info), self._outbox)
+                s._push(Token(t, release(s, final=False), info), outbox)
 
-    def _detok(self, s: Sequence, final: bool) -> str:
-        """Incremental detokenization (prefix/read offsets) so multi-byte characters are never split."""
-        ids = s.output_ids
-        prev = self._decode(ids[s._prefix:s._read])
-        new = self._decode(ids[s._prefix:])
-        if len(new) > len(prev) and (final or not new.endswith("\ufffd")):
-            delta = new[len(prev):]
-            s.text += delta
-            s._prefix, s._read = s._read, len(ids)
-            return delta
-        return ""
-
-    def _check_stop(self, s: Sequence) -> str | None:
-        longest = max(len(x) for x in s.params.stop)
-        window_start = max(0, s.emitted - longest)
-        hits = [(s.text.find(x, window_start), x) for x in s.params.stop]
-        hits = [(i, x) for i, x in hits if i >= 0]
-        if hits:
-            s.text = s.text[: min(i for i, _ in hits)]
-            return "stop"
-        return None
-
-    def _release(self, s: Sequence, final: bool) -> str:
-        """Text safe to send now: hold back what could still become a stop string."""
-        hold = 0 if final or not s.params.stop else max(len(x) for x in s.params.stop) - 1
-        upto = max(s.emitted, len(s.text) - hold)
-        out = s.text[s.emitted:upto]
-        s.emitted = upto
-        return out
-
-    def _finish(self, s: Sequence, reason: str) -> None:
+    def _finish(self, s: Sequence, reason: str, outbox: list | None = None) -> None:
         s.finish_reason = reason
         if self.metrics is not None:
             self.metrics.success.labels(finished_reason=reason).inc()
             self.metrics.e2e.observe(time.monotonic() - s.arrival)
-        s._push(Finished(reason, len(s.prompt_ids), len(s.output_ids)), self._outbox)
+        s._push(Finished(reason, len(s.prompt_ids), len(s.output_ids)), self._outbox if outbox is None else outbox)
 
 
 def run_to_completion(engine: Engine, seqs: list[Sequence]) -> list[tuple[list[int], str, str]]:
@@ -457,4 +492,4 @@ def run_to_completion(engine: Engine, seqs: list[Sequence]) -> list[tuple[list[i
     return [(s.output_ids, s.text, s.finish_reason) for s in seqs]
 
 
-__all__ = ["Any", "Engine", "Finished", "QueueFull", "SamplingParams", "Sequence", "Token", "run_to_completion"]
+__all__ = ["Any", "Engine", "Finished", "QueueFull", "SamplingParams", "Sequence", "Token", "flush", "run_to_completion"]

@@ -71,6 +71,14 @@ class BatchExecutor:
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [B] next position of each row
         self.rows: list[RowSpec] = []
 
+    def concurrent_prefill_ok(self) -> bool:
+        """Whether `prefill_forward` may run on another thread during `decode`: not when the rotary
+        embedding swaps its frequencies by sequence length (dynamic NTK, LongRoPE), a module-level state
+        that two forwards of different lengths would race on."""
+        inner = getattr(self.model, "model", None)
+        rotary = getattr(inner, "rotary_emb", None)
+        return getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope")
+
     @property
     def batch_size(self) -> int:
         return len(self.rows)
@@ -171,6 +179,16 @@ class BatchExecutor:
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], rows: list[RowSpec]) -> torch.Tensor:
         """Run new prompts (left-padded together), add them to the batch; returns their last logits [n, V]."""
+        logits, kv, mask, pos = self.prefill_forward(prompts, rows)
+        self._merge(kv, mask, pos, rows)
+        return logits
+
+    @torch.inference_mode()
+    def prefill_forward(self, prompts: list[list[int]], rows: list[RowSpec]):
+        """The prompts' forward alone: (last logits [n, V], per-layer K/V, pad mask, next positions).
+
+        Touches no batch state, so the engine's prefill thread runs it while the engine thread decodes;
+        `merge` then adds the rows to the batch between two decode steps."""
         n, L = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros(n, L, dtype=torch.long)
         mask = torch.zeros(n, L, dtype=torch.long)
@@ -188,8 +206,12 @@ class BatchExecutor:
         else:
             logits, kv = self._forward(ids, mask, position_ids, rows, False, **self._keep_kw)
         pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
+        return logits, kv, mask, pos
+
+    @torch.inference_mode()
+    def merge(self, kv, mask, pos, rows: list[RowSpec]) -> None:
+        """Add rows computed by `prefill_forward` below the batch."""
         self._merge(kv, mask, pos, rows)
-        return logits
 
     def _merge(self, kv, mask, pos, rows) -> None:
         """Write prefilled rows (tight [n, H, l, D] tensors) below the batch, right-aligned at its window's end.
@@ -255,10 +277,10 @@ class BatchExecutor:
         return logits
 
     def apply(self, plan: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One scheduler step, identical on every rank: evict, prefill admissions, decode the survivors.
+        """One phase of a scheduler step, identical on every rank: evict, prefill admissions, decode.
 
-        Prefill goes first so the engine can send new requests their first token before the decode
-        forward (TTFT); the decode then feeds only the rows that were running before this step.
+        The engine sends a step as two plans, its decode (keep + decode) and then its admissions
+        (prefill, with every row kept), so worker ranks replay the forwards in rank 0's order.
         Returns (decode logits [n_decode, V] or None, prefill logits [n_prefill, V] or None).
         """
         for op in plan.get("ops", []):  # adapter changes, replayed on worker ranks

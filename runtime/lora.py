@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,8 +119,17 @@ class LoraManager:
         self.adapters: dict[str, LoraAdapter] = {}
         self._hooked: set[str] = set()
         self._modules = dict(model.named_modules())
-        # adapter name -> (row indices, per-row coefficient [n,1,1]); empty when no row uses adapters.
-        self._plan: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        # Per thread (the engine's decode and prefill threads run forwards at once): adapter name ->
+        # (row indices, per-row coefficient [n,1,1]); empty when no row uses adapters.
+        self._local = threading.local()
+
+    @property
+    def _plan(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+        return getattr(self._local, "plan", {})
+
+    @_plan.setter
+    def _plan(self, plan: dict) -> None:
+        self._local.plan = plan
 
     def add(self, adapter: LoraAdapter) -> None:
         self.adapters[adapter.name] = adapter
@@ -140,13 +150,14 @@ class LoraManager:
                     plan.setdefault(name, []).append((i, float(strength)))
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
-        self._plan = {}
+        out: dict = {}
         for name, items in plan.items():
             idx = [i for i, _ in items]
             coef = torch.tensor([s for _, s in items], device=device, dtype=dtype).view(-1, 1, 1)
             # Every row on this adapter: skip the gather/scatter.
             rows_t = None if idx == list(range(len(rows))) else torch.tensor(idx, device=device)
-            self._plan[name] = (rows_t, coef)
+            out[name] = (rows_t, coef)
+        self._plan = out
 
     def _make_hook(self, mod: str):
         def hook(module, args, out):

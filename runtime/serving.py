@@ -73,7 +73,8 @@ class Runtime:
             self.engine = Engine(
                 executor, self.loaded.tokenizer, eos_ids=self.loaded.eos_ids, max_model_len=self.loaded.max_model_len,
                 max_batch_size=self.settings.max_batch_size, max_waiting=self.settings.max_waiting,
-                prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
+                prefill_chunk_tokens=self.settings.prefill_chunk_tokens, prefill_step_ratio=self.settings.prefill_step_ratio,
+                prefill_thread=self.settings.prefill_thread and executor.concurrent_prefill_ok(),
                 metrics=self.metrics, broadcast=self.broadcast,
             )
             if self.broadcast is not None:

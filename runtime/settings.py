@@ -47,6 +47,8 @@ class RuntimeSettings(BaseSettings):
     adapter_pull_auth_file: Path | None = Field(None, description="dockerconfigjson used to pull adapter images (never logged).")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together in one forward pass.")
     max_waiting: int = Field(256, ge=0, description="Requests queued beyond the running batch; more get 429 with Retry-After.")
+    prefill_thread: bool = Field(True, description="Prefill arriving prompts on a second thread while the running batch keeps decoding, and send their first tokens as soon as their own forward is done. Off under torchrun (every rank replays one serial plan) and for models whose rotary embedding rescales with the sequence length (dynamic, longrope).")
+    prefill_step_ratio: float = Field(1.0, ge=0, description="Without the prefill thread: while sequences are decoding, one engine step prefills new prompts for at most this multiple of its decode's time (one prompt at least; 0 = no bound). A burst of arrivals is then admitted over a few steps, running streams keep their pace, and clients that arrived together stop moving in lock-step.")
     prefill_chunk_tokens: int = Field(128, ge=1, description="Admitted prompts are prefilled in forwards of at most this many tokens (one prompt at least), each chunk's first tokens sent before the next: a burst of short prompts is answered in order instead of all at once.")
     max_model_len: int | None = Field(None, ge=8, description="Context length enforced (prompt + completion); default the preset's, else the model config's.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")

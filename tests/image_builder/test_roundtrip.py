@@ -41,10 +41,33 @@ def test_random_images_roundtrip(registry, tmp_path, layers, compression):
     push(back, f"oci:{tmp_path / f'l{n}'}:v1")  # registry -> layout keeps the digest
     got = pull(f"oci:{tmp_path / f'l{n}'}:v1", tmp_path / f"out{n}", full=True)
     expected: dict[str, bytes] = {}
-    for f in layers:
-        expected.update({f"data/{k}": v for k, v in f.items()})
+    for f in layers:  # OCI changesets: a later entry replaces what was at its path, its parents, its children
+        for k, v in f.items():
+            p = f"data/{k}"
+            expected = {q: w for q, w in expected.items() if not (p.startswith(q + "/") or q.startswith(p + "/"))}
+            expected[p] = v
     assert got.digest == img.digest
     assert {p: (tmp_path / f"out{n}" / p).read_bytes() for p in got.files} == expected
+
+
+def test_a_layer_listed_twice_is_applied_at_each_place_and_files_become_directories(tmp_path):
+    """[A, B, A]: A's file wins again after B; a later layer's directory replaces an earlier file."""
+    a = Layer.from_bytes({"data/x": b"a", "data/d": b"a file"})
+    b = Layer.from_bytes({"data/x": b"b", "data/y": b"y", "data/d/e": b"e"})
+    img = append(empty_image(), [a, b, a])
+    assert [x.digest for x in img.layers].count(a.digest) == 2
+    push(img, f"oci:{tmp_path / 'lay'}:v1")
+    got = pull(f"oci:{tmp_path / 'lay'}:v1", tmp_path / "out", full=True)
+    out = tmp_path / "out"
+    assert (out / "data/x").read_bytes() == b"a" and (out / "data/y").read_bytes() == b"y"
+    # A again: its file "data/d" replaces B's directory "data/d" (OCI changesets replace by path).
+    assert (out / "data/d").is_file() and (out / "data/d").read_bytes() == b"a file"
+    assert sorted(got.files) == ["data/d", "data/x", "data/y"]
+    c = Layer.from_bytes({"data/d": b"a file"})
+    d = Layer.from_bytes({"data/d/e": b"e"})
+    push(append(empty_image(), [c, d]), f"oci:{tmp_path / 'lay2'}:v1")
+    got = pull(f"oci:{tmp_path / 'lay2'}:v1", tmp_path / "out2", full=True)
+    assert sorted(got.files) == ["data/d/e"] and (tmp_path / "out2/data/d").is_dir()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from op_harness import NC, WS, Harness, load_example
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(150)
 
 
 async def test_operator_run_command_reconciles_via_kubeconfig(emulator: Any, tmp_path: Path) -> None:
@@ -41,10 +41,16 @@ async def test_operator_run_command_reconciles_via_kubeconfig(emulator: Any, tmp
         body = load_example("workspace-phi-3-mini.yaml")
         await h.create_workspace(body)
         name = body["metadata"]["name"]
-        dep = await h.wait_for(lambda: h.obj("apps/v1/deployments", "default", name), timeout=30, what="Deployment")
+        try:
+            dep = await h.wait_for(lambda: h.obj("apps/v1/deployments", "default", name), timeout=90, what="Deployment")
+        except AssertionError as e:  # say what the operator was doing
+            log.flush()
+            raise AssertionError(f"{e}; operator log:\n{(tmp_path / 'operator.log').read_text()[-4000:]}") from None
         assert dep["spec"]["template"]["spec"]["containers"][0]["image"].startswith("reg.example/kaito/")
         assert h.objects(NC) == []  # a Ready matching node exists: nothing to provision
-        assert h.obj(WS, "default", name)["status"]["conditions"]
+        ws = await h.wait_for(lambda: ((h.obj(WS, "default", name) or {}).get("status") or {}).get("conditions") and h.obj(WS, "default", name),
+                              timeout=30, what="Workspace status conditions")
+        assert ws["status"]["conditions"]
         sent = [r for r in emulator.k8s.log if r.headers.get("User-Agent", "").startswith("kaito-operator/")]
         assert sent and all(r.headers.get("Authorization") == "Bearer not-a-real-token" for r in sent)
     finally:

@@ -104,23 +104,121 @@ def test_prefill_chunks_and_hole_filling_order():
     assert _fill_holes([False]) == []
 
 
-def test_decode_waits_one_step_for_arrivals_but_never_two(loaded):
-    """While requests keep waiting for a slot, a step admits them before decoding the running rows, but
-    running rows still advance every other step, and the tokens are those of each prompt run alone."""
-    def engine():
-        # A prefill budget of one prompt per step: the others wait, as in a burst still being parsed.
+def test_inline_scheduler_decodes_first_then_admits_within_its_time_budget(loaded):
+    """Without the prefill thread (torchrun, or prefill_thread off) a step decodes the running rows and then
+    admits arrivals: with a near-zero prefill_step_ratio one per step (running rows still advance every
+    step), with ratio 0 all at once; the tokens are those of each prompt run alone."""
+    def engine(ratio):
         return Engine(BatchExecutor(loaded.model), loaded.tokenizer, eos_ids=loaded.eos_ids,
-                      max_model_len=loaded.max_model_len, max_prefill_tokens=1)
+                      max_model_len=loaded.max_model_len, prefill_step_ratio=ratio)
 
-    alone = [run_to_completion(engine(), [Sequence(p, greedy(6))])[0][0] for p in PROMPTS]
-    e = engine()
-    seqs = [Sequence(p, greedy(6)) for p in PROMPTS]
-    e.submit(seqs)
-    counts = []
-    while any(s.finish_reason is None for s in seqs):
-        e.step()
-        counts.append([len(s.output_ids) for s in seqs])
-    # Step 1: first prompt's first token. Step 2: second admitted, the first's decode deferred (others wait).
-    # Step 3: third admitted and this time the running rows decode.
-    assert counts[:3] == [[1, 0, 0, 0], [1, 1, 0, 0], [2, 2, 1, 0]]
-    assert [s.output_ids for s in seqs] == alone
+    alone = [run_to_completion(engine(0), [Sequence(p, greedy(6))])[0][0] for p in PROMPTS]
+    for ratio, want in ((1e-9, [[2, 1, 0, 0], [3, 2, 1, 0], [4, 3, 2, 1]]), (0, [[2, 1, 1, 1], [3, 2, 2, 2]])):
+        e = engine(ratio)
+        seqs = [Sequence(p, greedy(6)) for p in PROMPTS]
+        e.submit(seqs[:1])
+        e.step()  # nothing was running: the first prompt is prefilled
+        e.submit(seqs[1:])
+        counts = []
+        while any(s.finish_reason is None for s in seqs):
+            e.step()
+            counts.append([len(s.output_ids) for s in seqs])
+        assert counts[:len(want)] == want, f"ratio {ratio}"
+        assert [s.output_ids for s in seqs] == alone
+
+
+def _wait(cond, timeout=60.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.002)
+    return cond()
+
+
+def test_prefill_thread_serves_arrivals_while_the_batch_decodes(loaded):
+    """With the prefill thread, arrivals are prefilled on it (never inline) while a long row keeps decoding,
+    their rows are merged between decode steps, and every output equals its prompt run alone."""
+    import threading
+
+    def engine(**kw):
+        return Engine(BatchExecutor(loaded.model), loaded.tokenizer, eos_ids=loaded.eos_ids,
+                      max_model_len=loaded.max_model_len, **kw)
+
+    cases = [(PROMPTS[1], 80)] + [(p, 8) for p in PROMPTS] + [(PROMPTS[0], 1)]
+    alone = [run_to_completion(engine(), [Sequence(p, greedy(n))])[0][0] for p, n in cases]
+    e = engine(prefill_thread=True)
+    threads: list[str] = []
+    forward = e.ex.prefill_forward
+
+    def spy(*a, **kw):
+        threads.append(threading.current_thread().name)
+        return forward(*a, **kw)
+
+    e.ex.prefill_forward = spy
+    e.ex.prefill = lambda *a, **kw: pytest.fail("the engine thread prefilled inline")
+    e.start()
+    try:
+        long = Sequence(cases[0][0], greedy(cases[0][1]))
+        e.submit([long])
+        assert _wait(lambda: len(long.output_ids) >= 5)
+        later = [Sequence(p, greedy(n)) for p, n in cases[1:]]
+        for s in later:  # one request at a time, as separate clients would
+            e.submit([s])
+        assert _wait(lambda: all(s.finish_reason is not None for s in [long] + later))
+        assert long.finish_reason == "length" and all(s.finish_reason == "length" for s in later)
+        assert all(s.first_token_at < long.last_token_at for s in later)
+        assert [long.output_ids] + [s.output_ids for s in later] == alone
+        assert threads and set(threads) == {"kaito-prefill"}
+        assert _wait(lambda: e.num_running == 0 and not e.running)  # the 1-token row was merged, then evicted
+    finally:
+        e.stop()
+    assert e.error is None
+
+
+def test_rotary_that_rescales_by_length_keeps_prefill_on_the_engine_thread(loaded):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    assert BatchExecutor(loaded.model).concurrent_prefill_ok()
+    cfg = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=64,
+                     rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+                     pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    assert not BatchExecutor(Phi3ForCausalLM(cfg).eval()).concurrent_prefill_ok()
+
+
+def test_a_failing_prefill_on_the_thread_fails_its_requests_only(loaded):
+    """A prefill forward that raises on the prefill thread ends its requests with an error and the engine
+    keeps serving; three failures in a row stop the engine, and nobody is left waiting."""
+    e = Engine(BatchExecutor(loaded.model), loaded.tokenizer, eos_ids=loaded.eos_ids,
+               max_model_len=loaded.max_model_len, prefill_thread=True)
+    real, fail = e.ex.prefill_forward, {"left": 1}
+
+    def flaky(*a, **kw):
+        if fail["left"] > 0:
+            fail["left"] -= 1
+            raise RuntimeError("simulated prefill failure")
+        return real(*a, **kw)
+
+    e.ex.prefill_forward = flaky
+    e.start()
+    try:
+        bad = Sequence(PROMPTS[0], greedy(4))
+        e.submit([bad])
+        assert _wait(lambda: bad.finish_reason is not None)
+        assert bad.finish_reason == "error" and e.error is None and e.step_failures == 1
+        good = Sequence(PROMPTS[0], greedy(4))
+        e.submit([good])
+        assert _wait(lambda: good.finish_reason is not None)
+        assert good.finish_reason == "length" and len(good.output_ids) == 4
+        fail["left"] = 3
+        doomed = [Sequence(p, greedy(4)) for p in PROMPTS[:3]]
+        for s in doomed:
+            e.submit([s])
+            assert _wait(lambda s=s: s.finish_reason is not None)
+        assert {s.finish_reason for s in doomed} == {"error"} and isinstance(e.error, RuntimeError)
+        assert _wait(lambda: not e._thread.is_alive() and not e._prefiller.is_alive())
+    finally:
+        e.stop()
