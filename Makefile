@@ -18,7 +18,7 @@ REGISTRY ?= out/registry
 TAG ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench build-preset crd lint e2e-container clean
+.PHONY: install demo test test-fast test-gpu bench build-preset crd lint e2e-container clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -I -m venv $(VENV)
@@ -39,6 +39,10 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/pytest -m "not slow and not docker" $(PYTEST_ARGS)
+
+# CUDA paths only (they skip, saying why, where torch sees too few GPUs); needs a CUDA build of torch.
+test-gpu: install
+	$(VENV)/bin/pytest -m "gpu or multi_gpu" -rs $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/image_push.py
