@@ -86,6 +86,40 @@ def _head(rid: str, obj: str, created: int, model: str) -> str:
     return f'data: {{"id":{json.dumps(rid)},"object":"{obj}","created":{created},"model":{json.dumps(model, ensure_ascii=False)},"choices":[{{"index":'
 
 
+def _stream(rt: Runtime, seqs, queue, *, obj: str, rid: str, created: int, model: str, prompt_tokens: int,
+            include_usage: bool, text_chunk, token_choice, end_choice, prelude=()) -> StreamingResponse:
+    """The SSE response of one request, chat or text: `prelude` choices first, then one chunk per event
+    (plain text through the preformatted `text_chunk`, tokens with logprobs through `token_choice`, each
+    choice's end through `end_choice`), the usage chunk, and `data: [DONE]`; an engine failure ends the
+    stream with an error event."""
+    def chunk(choices: list, **extra) -> bytes:
+        return _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra})
+
+    async def events():
+        completion = 0
+        for c in prelude:
+            yield chunk([c])
+        async for idx, ev in _guard(rt.events(seqs, queue)):
+            if isinstance(ev, dict):
+                yield _sse(ev)
+                yield "data: [DONE]\n\n"
+                return
+            if isinstance(ev, Token):
+                if ev.logprob is None:
+                    if ev.text:
+                        yield text_chunk(idx, ev.text)
+                    continue
+                yield chunk([token_choice(idx, ev)])
+            else:
+                completion += ev.completion_tokens
+                yield chunk([end_choice(idx, ev)])
+        if include_usage:
+            yield chunk([], usage=_usage(prompt_tokens, completion))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Request):
     rt.require_ready()
     lora = rt.resolve(req.model, req.adapter_strength)
@@ -108,38 +142,16 @@ async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Req
 
     if req.stream:
         include_usage = req.stream_options.include_usage if req.stream_options else True
-
-        text_chunk = _text_chunk(_head(rid, "chat.completion.chunk", created, model), '"delta":{"content":', "}")
-
-        async def stream():
-            usage = [len(ids), 0]
-            for i in range(len(seqs)):
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
-            async for idx, ev in _guard(rt.events(seqs, queue)):
-                if isinstance(ev, dict):  # the engine failed: an error event ends the stream
-                    yield _sse(ev)
-                    yield "data: [DONE]\n\n"
-                    return
-                if isinstance(ev, Token):
-                    if not ev.text and ev.logprob is None:
-                        continue
-                    if ev.logprob is None:
-                        yield text_chunk(idx, ev.text)
-                        continue
-                    lp = {"content": [_chat_logprob(rt, ev)]}
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [{"index": idx, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]})
-                else:
-                    usage[1] += ev.completion_tokens
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [{"index": idx, "delta": {}, "logprobs": None, "finish_reason": ev.reason}]})
-            if include_usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [], "usage": _usage(*usage)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _stream(
+            rt, seqs, queue, obj="chat.completion.chunk", rid=rid, created=created, model=model,
+            prompt_tokens=len(ids), include_usage=include_usage,
+            text_chunk=_text_chunk(_head(rid, "chat.completion.chunk", created, model), '"delta":{"content":', "}"),
+            token_choice=lambda idx, ev: {"index": idx, "delta": {"content": ev.text},
+                                          "logprobs": {"content": [_chat_logprob(rt, ev)]}, "finish_reason": None},
+            end_choice=lambda idx, ev: {"index": idx, "delta": {}, "logprobs": None, "finish_reason": ev.reason},
+            prelude=[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                     for i in range(len(seqs))],
+        )
 
     texts = [""] * len(seqs)
     lps: list[list] = [[] for _ in seqs]
@@ -208,39 +220,15 @@ async def completions(rt: Runtime, req: CompletionRequest, request: Request):
     if req.stream:
         ids, seqs, queue = jobs[0]
         include_usage = req.stream_options.include_usage if req.stream_options else True
-
-        text_chunk = _text_chunk(_head(rid, "text_completion", created, model), '"text":')
-
-        async def stream():
-            completion = 0
-            if req.echo:
-                for i in range(len(seqs)):
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                "choices": [{"index": i, "text": tok.decode(ids), "logprobs": None, "finish_reason": None}]})
-            async for idx, ev in _guard(rt.events(seqs, queue)):
-                if isinstance(ev, dict):  # the engine failed: an error event ends the stream
-                    yield _sse(ev)
-                    yield "data: [DONE]\n\n"
-                    return
-                if isinstance(ev, Token):
-                    if not ev.text and ev.logprob is None:
-                        continue
-                    if ev.logprob is None:
-                        yield text_chunk(idx, ev.text)
-                        continue
-                    lp = lp_block([ev], 0)
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                "choices": [{"index": idx, "text": ev.text, "logprobs": lp, "finish_reason": None}]})
-                else:
-                    completion += ev.completion_tokens
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                "choices": [{"index": idx, "text": "", "logprobs": None, "finish_reason": ev.reason}]})
-            if include_usage:
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [], "usage": _usage(len(ids), completion)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _stream(
+            rt, seqs, queue, obj="text_completion", rid=rid, created=created, model=model,
+            prompt_tokens=len(ids), include_usage=include_usage,
+            text_chunk=_text_chunk(_head(rid, "text_completion", created, model), '"text":'),
+            token_choice=lambda idx, ev: {"index": idx, "text": ev.text, "logprobs": lp_block([ev], 0), "finish_reason": None},
+            end_choice=lambda idx, ev: {"index": idx, "text": "", "logprobs": None, "finish_reason": ev.reason},
+            prelude=[{"index": i, "text": tok.decode(ids), "logprobs": None, "finish_reason": None}
+                     for i in range(len(seqs))] if req.echo else (),
+        )
 
     choices, prompt_total, completion_total = [], 0, 0
     for p_i, (ids, seqs, queue) in enumerate(jobs):
