@@ -72,9 +72,12 @@ class BatchExecutor:
         self.rows: list[RowSpec] = []
 
     def concurrent_prefill_ok(self) -> bool:
-        """Whether `prefill_forward` may run on another thread during `decode`: not when the rotary
-        embedding swaps its frequencies by sequence length (dynamic NTK, LongRoPE), a module-level state
-        that two forwards of different lengths would race on."""
+        """Whether `prefill_forward` may run on another thread during `decode`: only for the architectures
+        of our fast path (their modules keep no per-call state), and not when the rotary embedding swaps
+        its frequencies by sequence length (dynamic NTK, LongRoPE), a module-level state that two forwards
+        of different lengths would race on."""
+        if self.fast is None:
+            return False
         inner = getattr(self.model, "model", None)
         rotary = getattr(inner, "rotary_emb", None)
         return getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope")

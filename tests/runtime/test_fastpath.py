@@ -187,6 +187,9 @@ def test_rotary_that_rescales_by_length_keeps_prefill_on_the_engine_thread(loade
                      rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
     assert not BatchExecutor(Phi3ForCausalLM(cfg).eval()).concurrent_prefill_ok()
+    slow = BatchExecutor(loaded.model)
+    slow.fast = None  # an architecture outside the fast path: its modules may keep per-call state
+    assert not slow.concurrent_prefill_ok()
 
 
 def test_a_failing_prefill_on_the_thread_fails_its_requests_only(loaded):
