@@ -21,6 +21,19 @@ from rich.progress import (
 from kaito.image_builder.oci.progress import Advance, Progress
 
 
+class _Bar:
+    """Advance one bar; `resize` sets its real total (a layer's tar stream, not the file inside)."""
+
+    def __init__(self, bars: RichBars, tid: int) -> None:
+        self.bars, self.tid = bars, tid
+
+    def __call__(self, n: int) -> None:
+        self.bars.advance(self.tid, n)
+
+    def resize(self, total: int) -> None:
+        self.bars.update(self.tid, total=total)
+
+
 class RichProgress(Progress):
     def __init__(self) -> None:
         self.bars = RichBars(
@@ -40,7 +53,7 @@ class RichProgress(Progress):
         with self.lock:
             tid = self.bars.add_task(description[:48], total=total or None, note="")
             self.ids[key] = tid
-        return lambda n: self.bars.advance(tid, n)
+        return _Bar(self.bars, tid)
 
     def finish(self, key: str, note: str = "") -> None:
         with self.lock:

@@ -255,6 +255,8 @@ class Layer:
         `have(digest)` says whether a cached digest's blob is already where it is needed.
         """
         size = sum(len(s) if isinstance(s, bytes) else s.length for s in segments)
+        if progress is not None and hasattr(progress, "resize"):
+            progress.resize(size)  # the bar was opened with the file's size; the tar stream is a little longer
         digest = None
         key = _cache_key(segments, media_type) if cache and any(isinstance(s, FileRange) for s in segments) else None
         cpath = _cache_dir() / "layer-digests" / key if key else None

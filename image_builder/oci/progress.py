@@ -2,6 +2,8 @@
 
 Library code asks for a task per blob and advances it with byte counts; the
 null implementation keeps library calls silent (tests, `--quiet`, other packages).
+An Advance may also have `resize(total)`: callers that learn the exact byte count
+late (a file's tar stream is longer than the file) correct the total with it.
 """
 
 from __future__ import annotations
