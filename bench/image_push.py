@@ -29,9 +29,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _size(s: str) -> int:
+    """256M, 1G, 1.5GiB, 512K; a unit is required (a bare 1024 would be a 1 KiB "model")."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    s = s.upper().rstrip("IB")
-    return int(float(s[:-1]) * units[s[-1]]) if s[-1] in units else int(s)
+    t = s.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if t and t[-1] in units and float(t[:-1]) > 0:
+            return int(float(t[:-1]) * units[t[-1]])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"--size {s!r}: give a number with a unit K, M or G, e.g. 256M or 1G")
 
 
 def run_child(*args: str) -> tuple[dict, float]:
@@ -131,11 +137,11 @@ def line(name: str, ours: float, base: float, base_name: str, goal: str, higher_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="256M", help="weight file size, e.g. 256M (default) or 1G")
+    ap.add_argument("--size", default="256M", type=_size, help="weight file size with a unit, e.g. 256M (default) or 1G")
     ap.add_argument("--repeat", type=int, default=3, help="runs per contender; the best is reported (default 3)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
-    size = _size(args.size)
+    size = args.size
 
     from support.registry import start_registry
 
