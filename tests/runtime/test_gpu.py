@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from support.procs import stop_group
 
 from .conftest import asgi_client, free_port, settings_for
 from .test_torchrun import _outputs
@@ -98,10 +98,5 @@ async def test_two_gpu_torchrun_matches_one_process(tiny_model_dir, adapters_dir
             raise AssertionError("torchrun server not healthy:\n" + (tmp_path / "torchrun.log").read_text()[-3000:])
         assert await _outputs(url) == expected
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout=30)
         log.close()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from support.procs import stop_group
 from kaito.presets.errors import InvalidInput
 from kaito.runtime.settings import adapter_strength, listen_port, load_settings
 
@@ -123,7 +124,6 @@ def test_the_operators_default_inference_config_loads():
 @pytest.mark.slow
 def test_kaito_serve_starts_a_server_with_kaitos_env_contract(tiny_model_dir, adapters_dir, tmp_path):
     import os
-    import signal
     import time
     from pathlib import Path
 
@@ -168,9 +168,4 @@ def test_kaito_serve_starts_a_server_with_kaitos_env_contract(tiny_model_dir, ad
         assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "beta"}).status_code == 200
         assert out("tiny-phi-3") == out("alpha")  # now only alpha (strength 0): the base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout=20)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from support.procs import stop_group
 
 from .conftest import asgi_client, free_port, settings_for
 
@@ -66,10 +66,5 @@ async def test_two_process_torchrun_matches_one_process(tiny_model_dir, adapters
         info = httpx.get(worker + "/worker").json()
         assert info["rank"] == 1 and info["steps"] > 20 and info["adapters"] == ["alpha", "beta"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout=20)
         log.close()
