@@ -186,17 +186,14 @@ class Engine:
 
     def _apply_ops(self, ops: list) -> list:
         wire = []
-        with self._model_lock:
-            return self._apply_ops_locked(ops, wire)
-
-    def _apply_ops_locked(self, ops: list, wire: list) -> list:
         for op in ops:
-            if op[0] == "load":
-                self.ex.lora.add(op[1])
-                wire.append(("load", op[1].name, str(op[1].path)))
-            else:
-                self.ex.lora.remove(op[1])
-                wire.append(("unload", op[1]))
+            with self._model_lock:  # never while the prefill thread runs a forward through the hooks
+                if op[0] == "load":
+                    self.ex.lora.add(op[1])
+                    wire.append(("load", op[1].name, str(op[1].path)))
+                else:
+                    self.ex.lora.remove(op[1])
+                    wire.append(("unload", op[1]))
         return wire
 
     def _loop(self) -> None:
@@ -285,10 +282,7 @@ class Engine:
             self.running = [self.running[i] for i in keep]
             if freed and self.waiting and self._prefiller is not None:
                 self._cv.notify_all()  # the prefill thread may have been waiting for room
-            # Cancelled while waiting: never run.
-            for s in [s for s in self.waiting if s.cancelled]:
-                self.waiting.remove(s)
-                self._finish(s, "abort")
+            self._drop_cancelled_waiting(self._outbox)
         decoding = self.running
         self.steps += 1
         decode_s = 0.0
@@ -310,7 +304,8 @@ class Engine:
         # again after each admission, so requests that arrive during a prefill still get in this step.
         deadline = time.perf_counter() + self.prefill_step_ratio * decode_s if decoding and self.prefill_step_ratio > 0 else None
         first = True
-        while admitted := self._admit(None if deadline is None else deadline - time.perf_counter(), first):
+        while admitted := self._admit(self._room(), self.max_prefill_tokens,
+                                      None if deadline is None else deadline - time.perf_counter(), first):
             first = False
             self._prefill(admitted)
             if deadline is None:
@@ -360,33 +355,22 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     return
-                for s in [s for s in self.waiting if s.cancelled]:
-                    self.waiting.remove(s)
-                    self._finish(s, "abort", outbox)
+                self._drop_cancelled_waiting(outbox)
                 # While the batch decodes, one prompt per forward: an arrival's first token waits for no other
                 # prompt, and arrivals spread over decode steps instead of moving in lock-step. Into an idle
                 # batch a burst goes in chunks, sharing each forward's fixed cost.
-                room = self._room() if not self.running else 1
-                group: list[Sequence] = []
-                tokens = 0
-                while self.waiting and len(group) < room:
-                    n = len(self.waiting[0].prompt_ids)
-                    if group and (tokens + n > self.prefill_chunk_tokens or tokens + n > self.max_prefill_tokens):
-                        break
-                    tokens += n
-                    group.append(self.waiting.popleft())
+                group = self._admit(self._room() if not self.running else 1,
+                                    min(self.prefill_chunk_tokens, self.max_prefill_tokens))
                 self._inflight = group
             flush(outbox)
             if not group:
                 continue
             try:
-                t0 = time.perf_counter()
                 with self._model_lock:
                     logits, kv, mask, pos = self.ex.prefill_forward([s.prompt_ids for s in group], [s.lora for s in group])
                 if self.metrics is not None:
-                    self.metrics.prompt_tokens.inc(tokens)
+                    self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in group))
                 self._advance(group, logits, outbox)
-                self._learn_prefill(tokens, time.perf_counter() - t0)
                 failures = 0
             except Exception as e:
                 failures += 1
@@ -417,23 +401,27 @@ class Engine:
         per = seconds / max(1, tokens)
         self._prefill_s_per_token = per if self._prefill_s_per_token is None else 0.8 * self._prefill_s_per_token + 0.2 * per
 
-    def _admit(self, time_left: float | None, first: bool) -> list[Sequence]:
-        """Take waiting sequences into the batch: room permitting, within the token cap and, when `time_left`
-        is given, within that much estimated prefill time. A step's first admission always takes one."""
+    def _admit(self, max_rows: int, max_tokens: int, time_left: float | None = None, first: bool = True) -> list[Sequence]:
+        """Take waiting sequences in arrival order: at most `max_rows` rows and `max_tokens` prompt tokens and,
+        when `time_left` is given, that much estimated prefill time; with `first` one is taken regardless."""
         per = self._prefill_s_per_token or 0.0
         admitted: list[Sequence] = []
         with self._cv:
-            budget = self.max_prefill_tokens
-            while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            while self.waiting and len(admitted) < max_rows:
                 n = len(self.waiting[0].prompt_ids)
-                forced = first and not admitted
-                if not forced and (n > budget or (time_left is not None and n * per > time_left)):
+                if not (first and not admitted) and (n > max_tokens or (time_left is not None and n * per > time_left)):
                     break
-                budget -= n
+                max_tokens -= n
                 if time_left is not None:
                     time_left -= n * per
                 admitted.append(self.waiting.popleft())
         return admitted
+
+    def _drop_cancelled_waiting(self, outbox: list) -> None:
+        """Sequences cancelled while waiting never run (caller holds the lock)."""
+        for s in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(s)
+            self._finish(s, "abort", outbox)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor, outbox: list | None = None) -> None:
         outbox = self._outbox if outbox is None else outbox

@@ -183,7 +183,7 @@ class BatchExecutor:
     def prefill(self, prompts: list[list[int]], rows: list[RowSpec]) -> torch.Tensor:
         """Run new prompts (left-padded together), add them to the batch; returns their last logits [n, V]."""
         logits, kv, mask, pos = self.prefill_forward(prompts, rows)
-        self._merge(kv, mask, pos, rows)
+        self.merge(kv, mask, pos, rows)
         return logits
 
     @torch.inference_mode()
@@ -213,10 +213,6 @@ class BatchExecutor:
 
     @torch.inference_mode()
     def merge(self, kv, mask, pos, rows: list[RowSpec]) -> None:
-        """Add rows computed by `prefill_forward` below the batch."""
-        self._merge(kv, mask, pos, rows)
-
-    def _merge(self, kv, mask, pos, rows) -> None:
         """Write prefilled rows (tight [n, H, l, D] tensors) below the batch, right-aligned at its window's end.
 
         Every masked column inside the window is zero, as in a fresh buffer: rows and columns are reused,

@@ -4,21 +4,15 @@ parallel) answers as one process does."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import sys
 import time
 
-import httpx
 import pytest
-from support.procs import stop_group
 
-from .conftest import asgi_client, free_port, settings_for
-from .test_torchrun import _outputs
+from .conftest import asgi_client, settings_for
+from .test_torchrun import _outputs, torchrun_server
 
 
-def _greedy_generate(model, ids: list[int], n: int) -> list[int]:
+def _greedy_reference(model, ids: list[int], n: int) -> list[int]:
     """Reference: transformers' own forward and cache, argmax, EOS not special (as ignore_eos)."""
     import torch
 
@@ -45,7 +39,7 @@ def test_engine_on_cuda_matches_generate_with_the_prefill_thread(tiny_model_dir)
     ex = BatchExecutor(loaded.model)
     assert ex.fast is not None and ex.concurrent_prefill_ok()
     prompts = [[1, 50, 60], [1, 70, 80, 90, 100, 110, 120], [1, 5], [1, 300, 301, 302, 9, 9, 9]]
-    want = [_greedy_generate(loaded.model, p, 16) for p in prompts]
+    want = [_greedy_reference(loaded.model, p, 16) for p in prompts]
     e = Engine(ex, loaded.tokenizer, eos_ids=loaded.eos_ids, max_model_len=loaded.max_model_len, prefill_thread=True)
     e.start()
     try:
@@ -76,27 +70,5 @@ async def test_bfloat16_on_cuda_serves_the_openai_api(tiny_model_dir, adapters_d
 async def test_two_gpu_torchrun_matches_one_process(tiny_model_dir, adapters_dir, tmp_path):
     async with asgi_client(settings_for(tiny_model_dir, adapters_dir, device="cuda")) as c:
         expected = await _outputs("", c)
-    port, master = free_port(), free_port()
-    log = open(tmp_path / "torchrun.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(master), "-m", "kaito.runtime", "--preset", "tiny-phi-3", "--model-dir", str(tiny_model_dir),
-         "--adapters-dir", str(adapters_dir), "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.5)
-        else:
-            raise AssertionError("torchrun server not healthy:\n" + (tmp_path / "torchrun.log").read_text()[-3000:])
+    async with torchrun_server(tmp_path, tiny_model_dir, adapters_dir, timeout=300) as (url, _):
         assert await _outputs(url) == expected
-    finally:
-        stop_group(proc, timeout=30)
-        log.close()

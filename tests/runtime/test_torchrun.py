@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -29,27 +30,25 @@ async def _outputs(base_url: str, client: httpx.AsyncClient | None = None) -> li
     return [r.json()["choices"][0]["text"] for r in rs] + [chat.json()["Result"]]
 
 
-@pytest.mark.slow
-async def test_two_process_torchrun_matches_one_process(tiny_model_dir, adapters_dir, tmp_path):
-    async with asgi_client(settings_for(tiny_model_dir, adapters_dir)) as c:
-        expected = await _outputs("", c)
-
+@contextlib.asynccontextmanager
+async def torchrun_server(tmp_path, tiny_model_dir, adapters_dir, *extra: str, env: dict | None = None,
+                          timeout: float = 120):
+    """2 ranks of `python -m kaito.runtime` under torchrun; yields (rank 0's URL, rank 1's health URL) once
+    both answer /health, and stops the process group after."""
     port = free_port()
-    while True:
-        port2 = free_port()
-        if port2 != port + 1:
-            break
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    master = free_port()
+    while master == port + 1:  # rank 1's health server listens on port + 1
+        master = free_port()
     log = open(tmp_path / "torchrun.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(port2), "-m", "kaito.runtime", "--preset", "tiny-phi-3", "--model-dir", str(tiny_model_dir),
-         "--adapters-dir", str(adapters_dir), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu",
-         "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+         "--master-port", str(master), "-m", "kaito.runtime", "--preset", "tiny-phi-3", "--model-dir", str(tiny_model_dir),
+         "--adapters-dir", str(adapters_dir), "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning", *extra],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True)
     try:
         url, worker = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
-        deadline = time.time() + 120
+        deadline = time.time() + timeout
         while time.time() < deadline:
             assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
             try:
@@ -60,11 +59,20 @@ async def test_two_process_torchrun_matches_one_process(tiny_model_dir, adapters
             await asyncio.sleep(0.3)
         else:
             raise AssertionError("torchrun server not healthy:\n" + (tmp_path / "torchrun.log").read_text()[-3000:])
+        yield url, worker
+    finally:
+        stop_group(proc, timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+async def test_two_process_torchrun_matches_one_process(tiny_model_dir, adapters_dir, tmp_path):
+    async with asgi_client(settings_for(tiny_model_dir, adapters_dir)) as c:
+        expected = await _outputs("", c)
+    async with torchrun_server(tmp_path, tiny_model_dir, adapters_dir, "--device", "cpu",
+                               env={"OMP_NUM_THREADS": "1"}) as (url, worker):
         assert httpx.get(worker + "/health").json() == {"status": "Healthy"}
         got = await _outputs(url)
         assert got == expected
         info = httpx.get(worker + "/worker").json()
         assert info["rank"] == 1 and info["steps"] > 20 and info["adapters"] == ["alpha", "beta"]
-    finally:
-        stop_group(proc, timeout=20)
-        log.close()
