@@ -16,6 +16,10 @@ tensor-parallel when the model has a tp_plan):
 CPU check of the same path (gloo, 2 processes):
     torchrun --standalone --nproc-per-node 2 -m kaito.runtime --preset tiny-phi-3 --model-dir DIR --device cpu
 
+Flags: every runtime setting (`--help` lists them, with dashes or underscores, plus Kaito's
+--torch_dtype); unknown flags are ignored with one warning line, as Kaito's server does. The process
+exits non-zero when the model cannot be loaded or the engine meets an unrecoverable fault.
+
 Environment: LOCAL_RANK (port = --port + LOCAL_RANK, as Kaito), KAITO_<SETTING> for any setting
 (e.g. KAITO_MAX_BATCH_SIZE=64, KAITO_API_KEY=...), and one variable per adapter named exactly like
 the adapter directory holding its strength (e.g. `phi-3-adapter=0.5`; default 1.0).

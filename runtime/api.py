@@ -7,8 +7,8 @@ mapped here: OpenAI's `{"error": {...}}` envelope under /v1, FastAPI's
 `{"detail": ...}` elsewhere (Kaito's /chat), never a stack trace.
 
 Endpoints: GET / | /health | /healthz | /metrics (Prometheus) | /kaito/metrics
-(Kaito's JSON GPU/CPU info) | /v1/models; POST /chat | /v1/chat/completions |
-/v1/completions | /v1/load_lora_adapter | /v1/unload_lora_adapter.
+(Kaito's JSON GPU/CPU info) | /v1/models | /v1/models/{id}; POST /chat | /v1/chat/completions |
+/v1/completions | /v1/responses | /v1/load_lora_adapter | /v1/unload_lora_adapter.
 """
 
 from __future__ import annotations
@@ -26,15 +26,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from kaito.runtime import kaito_chat as kchat
 from kaito.runtime import openai_serving as oai
+from kaito.runtime import responses as resp
 from kaito.runtime.metrics import system_info
 from kaito.runtime.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     KaitoChatRequest,
     LoadLoraRequest,
+    ResponsesRequest,
     UnloadLoraRequest,
 )
-from kaito.runtime.serving import ApiError, Runtime
+from kaito.runtime.serving import ApiError, Runtime, not_found
 from kaito.runtime.settings import RuntimeSettings
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -110,7 +112,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     for e in exc.errors()[:10]:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         param = param or (loc[0] if loc else None)
-        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")  # pydantic's prefix for our own checks
+        parts.append(f"{'.'.join(loc) or 'body'}: {msg}")
     return "; ".join(parts) or "invalid request body", param
 
 
@@ -175,14 +178,26 @@ def build_app(settings: RuntimeSettings, broadcast: Callable[[dict], None] | Non
     async def kaito_metrics():
         return await asyncio.to_thread(system_info)
 
-    @app.get("/v1/models")
-    async def models():
+    def model_cards() -> list[dict]:
         rt.require_ready()
         base = {"id": rt.model_name, "object": "model", "created": 0, "owned_by": "kaito", "root": str(settings.model_dir),
                 "parent": None, "max_model_len": rt.loaded.max_model_len}
-        data = [base] + [{"id": n, "object": "model", "created": 0, "owned_by": "kaito", "root": n,
+        return [base] + [{"id": n, "object": "model", "created": 0, "owned_by": "kaito", "root": n,
                           "parent": rt.model_name, "strength": s} for n, s in sorted(rt.strengths.items())]
-        return {"object": "list", "data": data}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        cards = model_cards()
+        if oai.is_base_path(rt, model_id) or model_id in rt.base_names():
+            return cards[0]
+        for card in cards[1:]:
+            if card["id"] == model_id:
+                return card
+        raise not_found(model_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -191,6 +206,10 @@ def build_app(settings: RuntimeSettings, broadcast: Callable[[dict], None] | Non
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         return await oai.completions(rt, req, request)
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, request: Request):
+        return await resp.create(rt, req, request)
 
     @app.post("/chat")
     async def chat(req: KaitoChatRequest, request: Request):

@@ -7,7 +7,10 @@ worker ranks run `worker_loop`, executing the same forwards so a tensor-parallel
 model (CUDA, transformers tp_plan) computes collectively, or a replica stays in
 step. Plans travel as JSON bytes (no pickle). Workers with LOCAL_RANK also
 answer GET /health on 5000 + LOCAL_RANK so each pod's probe passes (and GET
-/worker with their rank, replayed step count and adapters, for checks).
+/worker with their rank, replayed step count and adapters, for checks). A
+worker never outlives a failed rank 0 nor hides its own failure: a replay that
+raises, or a stop plan carrying rank 0's error, ends the worker process
+non-zero, and torchrun then ends the whole group.
 """
 
 from __future__ import annotations
@@ -67,9 +70,23 @@ def tp_plan_for(settings: RuntimeSettings) -> str | None:
     return "auto" if size > 1 and settings.tensor_parallel and torch.cuda.is_available() else None
 
 
-def _health_server(settings: RuntimeSettings, ready: threading.Event, stats: dict) -> None:
-    """A minimal /health for worker pods (the probe on 5000 + LOCAL_RANK); no inference here."""
-    import uvicorn
+def rank0_health_url(settings: RuntimeSettings) -> str:
+    """Where rank 0 answers /health, on the base port (rank 0's LOCAL_RANK is 0): on rank 0's node (torchrun's
+    GROUP_RANK 0) the address it binds (loopback for a wildcard bind: `--standalone` sets MASTER_ADDR to a
+    host name that need not reach a loopback bind), on other nodes torchrun's MASTER_ADDR."""
+    if os.environ.get("GROUP_RANK", "0") == "0":
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    else:
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return f"http://{host}:{settings.port}/health"
+
+
+def health_app(ready: threading.Event, stats: dict, rank0: str):
+    """A worker pod's /health (the probe on 5000 + LOCAL_RANK); no inference here.
+
+    Every rank reports the group's health: rank 0 schedules every step, so a worker is healthy only while it
+    is loaded and rank 0's /health (at `rank0`) says so; a worker never says Healthy next to a dead rank 0."""
+    import httpx
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
@@ -82,15 +99,30 @@ def _health_server(settings: RuntimeSettings, ready: threading.Event, stats: dic
     @app.get("/health")
     @app.get("/healthz")
     async def health():
-        if ready.is_set():
-            return {"status": "Healthy"}
-        return JSONResponse({"status": "Loading"}, status_code=503)
+        if not ready.is_set():
+            return JSONResponse({"status": "Loading"}, status_code=503)
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                r = await client.get(rank0)
+        except httpx.HTTPError as e:
+            return JSONResponse({"status": "Unhealthy", "detail": f"rank 0 does not answer at {rank0}: {e!r}"}, status_code=503)
+        if r.status_code != 200:
+            return JSONResponse({"status": "Unhealthy" if r.status_code != 503 or "Loading" not in r.text else "Loading",
+                                 "detail": f"rank 0 answers {r.status_code} at {rank0}"}, status_code=503)
+        return {"status": "Healthy"}
 
     @app.get("/worker")
     async def worker():
-        return {"rank": dist.get_rank(), "steps": stats["steps"], "adapters": sorted(stats["adapters"])}
+        return {"rank": dist.get_rank(), "pid": os.getpid(), "steps": stats["steps"], "adapters": sorted(stats["adapters"])}
 
-    uvicorn.run(app, host=settings.host, port=listen_port(settings), log_level="warning")
+    return app
+
+
+def _health_server(settings: RuntimeSettings, ready: threading.Event, stats: dict) -> None:
+    import uvicorn
+
+    uvicorn.run(health_app(ready, stats, rank0_health_url(settings)), host=settings.host, port=listen_port(settings),
+                log_level="warning")
 
 
 def worker_loop(settings: RuntimeSettings) -> None:
@@ -109,6 +141,8 @@ def worker_loop(settings: RuntimeSettings) -> None:
     while True:
         plan = broadcast_plan(None)
         if plan.get("stop"):
+            if plan.get("error"):  # rank 0 failed: this rank's process must fail too (torchrun then ends the group)
+                raise SystemExit(f"rank 0 stopped after an error: {plan['error']}")
             break
         if plan.get("noop"):
             continue

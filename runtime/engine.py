@@ -16,6 +16,12 @@ a step decodes first and then admits arrivals, prefilling at most
 `prefill_step_ratio` times the decode's time. The hot path stays lean:
 all-greedy batches take one argmax, and detokenization calls the Rust
 tokenizer directly.
+
+No request can stop the engine (`kaito.runtime.faults`): a forward over
+several rows that fails is retried row by row, so only the rows that fail
+alone end with "error"; sampling is isolated the same way. Only a fault of the
+device or of the torchrun group stops the engine, and then `on_fatal` lets the
+server process exit non-zero.
 """
 
 from __future__ import annotations
@@ -29,10 +35,13 @@ from typing import Any
 
 import torch
 from kaito.runtime.executor import BatchExecutor
+from kaito.runtime.faults import ContainedForwards, FaultHook, is_device_fault, sample_rows
 from kaito.runtime.lora import LoraAdapter
-from kaito.runtime.sampling import SamplingParams, sample
+from kaito.runtime.sampling import SamplingParams
 from kaito.runtime.sequence import (
+    EngineDead,
     Finished,
+    NeverFits,
     QueueFull,
     Sequence,
     Token,
@@ -69,7 +78,7 @@ def _fill_holes(alive: list[bool]) -> list[int]:
     return [i if i >= 0 else next(tail) for i in keep]
 
 
-class Engine:
+class Engine(ContainedForwards):
     def __init__(self, executor: BatchExecutor, tokenizer, *, eos_ids: list[int], max_model_len: int,
                  max_batch_size: int = 32, max_waiting: int = 256, metrics=None,
                  broadcast: Callable[[dict], None] | None = None, max_prefill_tokens: int = 4096,
@@ -104,6 +113,9 @@ class Engine:
         self._inflight: list[Sequence] = []
         self._ready: list[tuple] = []
         self._model_lock = threading.Lock()  # adapter (un)loading vs a prefill forward on the other thread
+        self._merging = 0  # rows taken from `_ready` and not yet in `running` (counted as busy meanwhile)
+        self.fault_hook: FaultHook | None = None  # tests: make chosen rows' forwards fail
+        self.on_fatal: Callable[[BaseException], None] | None = None  # the server: exit the process
 
     @property
     def tok(self):
@@ -115,8 +127,14 @@ class Engine:
 
     # ---- called from the event loop -------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
-        """Queue sequences of one request together; all or none (QueueFull)."""
+        """Queue sequences of one request together; all or none (QueueFull when waiting would help,
+        NeverFits when it would not)."""
+        if any(not s.prompt_ids for s in seqs):
+            raise NeverFits("the prompt is empty (0 tokens); send at least one token of text")
+        self.check_fits(len(seqs))
         with self._cv:
+            if self.error is not None:  # nobody would ever run them
+                raise EngineDead(f"the engine stopped after {self.error!r}")
             # Rows that finished in the last step still sit in `running` until the next evicts them.
             busy = sum(1 for s in self.running if s.finish_reason is None) + self._pending_rows()
             if len(self.waiting) + len(seqs) > self.max_waiting + max(0, self.max_batch_size - busy):
@@ -124,6 +142,14 @@ class Engine:
             self.waiting.extend(seqs)
             self._cv.notify_all()
         self._gauges()
+
+    def check_fits(self, rows: int) -> None:
+        """NeverFits when one request's `rows` sequences could never be held at once, however long they waited
+        (the serving layer checks a multi-prompt request as a whole with this before submitting any prompt)."""
+        if rows > self.max_batch_size + self.max_waiting:
+            raise NeverFits(f"this request needs {rows} sequences at once (prompts x n), over this server's limit of "
+                            f"max_batch_size + max_waiting = {self.max_batch_size} + {self.max_waiting}; "
+                            "send fewer prompts or a smaller n per request")
 
     def cancel(self, seqs: list[Sequence]) -> None:
         with self._cv:
@@ -163,16 +189,17 @@ class Engine:
         for t in (self._thread, self._prefiller):
             if t is not None:
                 t.join(timeout=30)
-        if self.broadcast is not None:
-            self.broadcast({"stop": True})
+        if self.broadcast is not None:  # after a fatal error the workers exit non-zero too
+            self.broadcast({"stop": True, **({"error": repr(self.error)} if self.error is not None else {})})
 
     @property
     def num_running(self) -> int:
-        return len(self.running) + self._pending_rows()
+        with self._cv:  # one snapshot: rows move between these lists on two threads (an unlocked sum read 2x the batch)
+            return len(self.running) + self._pending_rows()
 
     def _pending_rows(self) -> int:
         """Sequences holding a batch slot outside `running`: being prefilled, or prefilled and not yet merged."""
-        return len(self._inflight) + sum(len(g[0]) for g in self._ready)
+        return len(self._inflight) + sum(len(g[0]) for g in self._ready) + self._merging
 
     @property
     def num_waiting(self) -> int:
@@ -181,8 +208,7 @@ class Engine:
     # ---- the engine thread ----------------------------------------------------------
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.running.set(self.num_running)
-            self.metrics.waiting.set(len(self.waiting))
+            self.metrics.record_scheduler(self.num_running, self.running, self.waiting, self.max_batch_size * self.max_model_len)
 
     def _apply_ops(self, ops: list) -> list:
         wire = []
@@ -225,12 +251,14 @@ class Engine:
                 try:
                     self.step()
                     failures = 0
-                except Exception:
-                    # One bad step (e.g. NaN logits) fails the requests in the batch, not the server; a
-                    # failure that repeats (device lost) stops the engine and /health turns 503.
+                except EngineDead:
+                    raise
+                except Exception as e:
+                    # Forwards and sampling contain their own faults (see _contain); what lands here is a fault
+                    # outside them: it fails the running batch, not the server, unless it repeats or is the device's.
                     failures += 1
                     log.exception("engine step failed (%d in a row); aborting the running batch", failures)
-                    if failures >= 3 or self.broadcast is not None:
+                    if failures >= 3 or self.broadcast is not None or is_device_fault(e):
                         raise
                     self.step_failures += 1
                     with self._cv:
@@ -256,6 +284,8 @@ class Engine:
             if s.finish_reason is None:
                 s.finish_reason = "error"
                 s._push(Finished("error", len(s.prompt_ids), len(s.output_ids)))
+        if self.on_fatal is not None:
+            self.on_fatal(e)
 
     def step(self) -> None:
         """One scheduling step: evict, decode the running rows by one token, then admit and prefill arrivals.
@@ -268,11 +298,19 @@ class Engine:
         arrivals find a short queue instead of a whole burst ahead of them (Sarathi-style stall-free batching).
         """
         with self._cv:
+            # Rows being merged stay counted as busy (`_merging`): the prefill thread must not see their slots free.
             ready, self._ready = self._ready, []
+            self._merging = sum(len(g[0]) for g in ready)
         for group, kv, mask, pos in ready:
-            self.ex.merge(kv, mask, pos, [s.lora for s in group])
+            try:
+                self.ex.merge(kv, mask, pos, [s.lora for s in group])
+                merged = group
+            except Exception as e:  # e.g. no memory for a bigger cache: these rows fail, the batch goes on
+                merged = []
+                self._contain(e, group)
             with self._cv:
-                self.running = self.running + group
+                self.running = self.running + merged
+                self._merging -= len(group)
         with self._cv:
             keep = _fill_holes([s.finish_reason is None and not s.cancelled for s in self.running])
             for s in self.running:
@@ -294,7 +332,7 @@ class Engine:
             self.ex.evict(keep)
             if decoding:
                 t0 = time.perf_counter()
-                self._advance(decoding, self.ex.decode(plan["decode"]))
+                self._decode_step(decoding, plan["decode"])
                 decode_s = time.perf_counter() - t0
                 flush(self._outbox)
         if self._prefiller is not None:  # admissions are the prefill thread's job
@@ -326,13 +364,19 @@ class Engine:
             # in order instead of everyone waiting for the whole burst.
             group = admitted[done:done + size]
             t0 = time.perf_counter()
-            pre = self.ex.prefill([s.prompt_ids for s in group], [s.lora for s in group])
-            if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in group))
-            self.running.extend(group)
+            try:
+                pre = self._guarded("prefill", group, lambda g=group: self.ex.prefill([s.prompt_ids for s in g], [s.lora for s in g]))
+            except Exception as e:
+                self._prefill_alone(group, e)  # the group stays in `_admitting` meanwhile (cleanup on EngineDead)
+                pre = None
+            if pre is not None:
+                if self.metrics is not None:
+                    self.metrics.record_prefill(group)
+                self.running.extend(group)
             self._admitting = admitted[done + size:]
             done += size
-            self._advance(group, pre)
+            if pre is not None:
+                self._advance(group, pre)
             self._learn_prefill(sum(len(s.prompt_ids) for s in group), time.perf_counter() - t0)
             flush(self._outbox)
         self._admitting = []
@@ -348,7 +392,6 @@ class Engine:
         `prefill_chunk_tokens` per forward, while the batch has room.
         """
         outbox: list = []
-        failures = 0
         while True:
             with self._cv:
                 while not self._stop and not (self.waiting and self._room() > 0):
@@ -366,29 +409,18 @@ class Engine:
             if not group:
                 continue
             try:
-                with self._model_lock:
-                    logits, kv, mask, pos = self.ex.prefill_forward([s.prompt_ids for s in group], [s.lora for s in group])
-                if self.metrics is not None:
-                    self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in group))
-                self._advance(group, logits, outbox)
-                failures = 0
-            except Exception as e:
-                failures += 1
-                log.exception("prefill failed (%d in a row); failing its %d requests", failures, len(group))
-                self.step_failures += 1
-                with self._cv:
-                    self._inflight = []
+                self._prefill_group(group, outbox)
+            except EngineDead as e:
+                flush(outbox)
+                self._fail_all(e)
+                return
+            except Exception:  # outside the forwards (delivery): these rows fail, the thread goes on
+                log.exception("prefill bookkeeping failed; failing its %d requests", len(group))
                 for s in group:
                     if s.finish_reason is None:
                         self._finish(s, "error", outbox)
-                flush(outbox)
-                if failures >= 3:
-                    self._fail_all(e)
-                    return
-                continue
             flush(outbox)
             with self._cv:
-                self._ready.append((group, kv, mask, pos))
                 self._inflight = []
                 self._cv.notify_all()
             self._gauges()
@@ -415,6 +447,8 @@ class Engine:
                 if time_left is not None:
                     time_left -= n * per
                 admitted.append(self.waiting.popleft())
+        if self.metrics is not None:
+            self.metrics.record_scheduled(admitted)
         return admitted
 
     def _drop_cancelled_waiting(self, outbox: list) -> None:
@@ -425,17 +459,16 @@ class Engine:
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor, outbox: list | None = None) -> None:
         outbox = self._outbox if outbox is None else outbox
-        tokens, infos = sample(logits, seqs, [] if not self.eos_ids else self.eos_ids)
+        tokens, infos, failed = sample_rows(logits, seqs, [] if not self.eos_ids else self.eos_ids)
+        for i in failed:
+            self.step_failures += 1
+            self._finish(seqs[i], "error", outbox)
         now = time.monotonic()
         for s, t, info in zip(seqs, tokens, infos):
             if s.finish_reason is not None or s.cancelled:
                 continue
             if self.metrics is not None:
-                if s.first_token_at is None:
-                    self.metrics.ttft.observe(now - s.arrival)
-                else:
-                    self.metrics.itl.observe(now - s.last_token_at)
-                self.metrics.generation_tokens.inc()
+                self.metrics.record_token(s, now)
             if s.first_token_at is None:
                 s.first_token_at = now
             s.last_token_at = now
@@ -467,8 +500,7 @@ class Engine:
     def _finish(self, s: Sequence, reason: str, outbox: list | None = None) -> None:
         s.finish_reason = reason
         if self.metrics is not None:
-            self.metrics.success.labels(finished_reason=reason).inc()
-            self.metrics.e2e.observe(time.monotonic() - s.arrival)
+            self.metrics.record_finished(s, reason)
         s._push(Finished(reason, len(s.prompt_ids), len(s.output_ids)), self._outbox if outbox is None else outbox)
 
 

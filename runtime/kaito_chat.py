@@ -7,6 +7,8 @@ means greedy, `return_full_text` prepends the prompt (not the `prefix`),
 `handle_long_generation: "hole"` cuts the prompt from the left to make room,
 `num_return_sequences` results are concatenated, errors are FastAPI `detail`
 messages. All /chat requests run with every adapter merged at its strength.
+generate_kwargs are bounded by `kaito.runtime.protocol.GenerateKwargs` (an empty prompt, a top_p that
+rounds to 0, typical_p other than 1 are refused before anything runs); tokenization runs off the loop.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ async def kaito_chat(rt: Runtime, req: KaitoChatRequest, request: Request) -> di
     gk = req.generate_kwargs
     if req.prompt is not None:
         text = (req.prefix or "") + req.prompt
-        ids = tok(text)["input_ids"]
+        ids = (await rt.prepare(tok, text))["input_ids"]
+        if not ids:
+            raise ApiError(400, "prompt is empty; give at least one token of text")
     elif req.messages is not None:
         if not req.messages:
             raise ApiError(400, "Conversational parameter messages required")
@@ -34,8 +38,9 @@ async def kaito_chat(rt: Runtime, req: KaitoChatRequest, request: Request) -> di
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ApiError(400, f"messages[{i}] needs string fields 'role' and 'content'")
         try:
-            ids = list(tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in req.messages],
-                                               add_generation_prompt=True, tokenize=True, return_dict=False))
+            ids = list(await rt.prepare(
+                tok.apply_chat_template, [{"role": m["role"], "content": m["content"]} for m in req.messages],
+                add_generation_prompt=True, tokenize=True, return_dict=False))
         except Exception as e:  # the template's own checks (role order, unknown role)
             raise ApiError(400, f"the chat template rejected these messages: {e}") from None
     elif rt.loaded.pipeline == "conversational":

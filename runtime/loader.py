@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 from kaito.presets import get_preset
-from kaito.presets.errors import InvalidInput, KaitoError
-from kaito.runtime.settings import RuntimeSettings
+from kaito.presets.errors import InvalidInput
+from kaito.runtime.settings import RuntimeSettings, preflight
 
 log = logging.getLogger("kaito.runtime.loader")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +57,7 @@ def _chat_template(settings: RuntimeSettings, preset_template: str | None) -> st
 def load(settings: RuntimeSettings, tp_plan: str | None = None) -> Loaded:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    preflight(settings)
     preset = get_preset(settings.preset) if settings.preset else None
     allowed_remote = bool(preset and preset.trust_remote_code)
     if settings.trust_remote_code and not allowed_remote:
@@ -66,8 +67,6 @@ def load(settings: RuntimeSettings, tp_plan: str | None = None) -> Loaded:
         )
     trust = allowed_remote
     model_dir = Path(settings.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise KaitoError(f"model dir {model_dir}: config.json not found; point --model-dir at the preset's weights")
     device = resolve_device(settings)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)

@@ -1,16 +1,21 @@
 """OpenAI chat and text completions: prompt building, parameters, JSON and SSE responses.
 
-Called by the /v1 routers in `kaito.runtime.api`; uses `Runtime` from
-`kaito.runtime.serving` for lookups and the engine. Streams are SSE
-(`data: {chunk}` ... `data: [DONE]`) with a final usage chunk.
+Called by the /v1 routers in `kaito.runtime.api` (and, for the shared prompt/parameter steps, by
+`kaito.runtime.responses`); uses `Runtime` from `kaito.runtime.serving` for lookups and the engine.
+Streams are SSE (`data: {chunk}` ... `data: [DONE]`); the usage chunk (`choices: []`) comes only with
+`stream_options.include_usage`, as OpenAI and vLLM send it. Tokenization and chat templates run in a
+worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from kaito.runtime import logits
 from kaito.runtime.engine import Token
 from kaito.runtime.protocol import (
     ChatCompletionRequest,
@@ -20,20 +25,68 @@ from kaito.runtime.protocol import (
 from kaito.runtime.sampling import SamplingParams
 from kaito.runtime.serving import ApiError, Runtime, new_id, now
 
+# OpenAI options this server does not implement: a request using one is refused by name, never half-served.
+UNSUPPORTED = {"tools": "no tool calling", "tool_choice": "no tool calling", "functions": "no function calling",
+               "function_call": "no function calling", "audio": "text only", "modalities": "text only"}
+# Values of those options that ask for nothing beyond plain text.
+HARMLESS = (None, [], "none", ["text"])
 
-def sampling_params(req: SamplingFields, rt: Runtime, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+
+def reject_unsupported(req) -> None:
+    for name, why in UNSUPPORTED.items():
+        if getattr(req, name, None) not in HARMLESS:
+            raise ApiError(400, f"`{name}` is not supported by this server ({why}); leave it out", param=name)
+
+
+def is_base_path(rt: Runtime, model: str | None) -> bool:
+    """Kaito's server also answers to the weights path it was started with (e.g. /workspace/weights/)."""
+    if not model or model in rt.strengths:
+        return False
+    want = str(rt.settings.model_dir).rstrip("/")
+    return model.rstrip("/") in (want, str(Path(want).resolve()))
+
+
+def resolve(rt: Runtime, model: str | None, strength: float | None):
+    """The adapter rows for `model`: the served name, the preset, the weights path, or one adapter's name."""
+    return rt.resolve(None if is_base_path(rt, model) else model, strength)
+
+
+def model_label(rt: Runtime, model: str | None) -> str:
+    """The `model` field of responses: the adapter's name, else the served name (also when addressed by path)."""
+    return model if model and (model in rt.strengths or model in rt.base_names()) else rt.model_name
+
+
+async def sampling_params(req: SamplingFields, rt: Runtime, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+    """One SamplingParams per choice, with logit_bias and the response_format grammar attached."""
     if req.n > rt.settings.max_n:
         raise ApiError(400, f"n={req.n} exceeds this server's max_n of {rt.settings.max_n}", param="n")
-    out = []
-    for i in range(req.n):
-        out.append(SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            seed=None if req.seed is None else (req.seed + i) % 2**63,
-            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, stop=list(req.stop or []), ignore_eos=req.ignore_eos,
-            min_tokens=req.min_tokens, logprobs=logprobs,
-        ))
+    vocab = rt.loaded.model.config.vocab_size
+    compiled = None
+    if req.response_format is not None and req.response_format.type != "text":
+        compiled = await rt.prepare(logits.compile_format, req.response_format, rt.loaded.tokenizer, vocab, rt.loaded.eos_ids)
+    out = [SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        seed=None if req.seed is None else (req.seed + i) % 2**63,
+        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, stop=list(req.stop or []), ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens, logprobs=logprobs,
+    ) for i in range(req.n)]
+    logits.processors(out, bias=req.logit_bias, compiled=compiled, vocab_size=vocab)
     return out
+
+
+def chat_prompt_ids(rt: Runtime, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation through the model's chat template (blocking: call in a thread)."""
+    tok = rt.loaded.tokenizer
+    if not tok.chat_template:
+        raise ApiError(400, "this model has no chat template; use /v1/completions or start with --chat-template", param="messages")
+    try:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as e:  # jinja raises for conversations the template rejects (e.g. bad role order)
+        raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 def _tok_text(rt: Runtime, token_id: int) -> str:
@@ -47,23 +100,52 @@ def _chat_logprob(rt: Runtime, ev: Token) -> dict:
             "top_logprobs": [{"token": _tok_text(rt, i), "logprob": lp, "bytes": list(_tok_text(rt, i).encode())} for i, lp in top]}
 
 
-def _disconnect(request: Request):
+def disconnect_check(request: Request):
     async def check() -> bool:
         return await request.is_disconnected()
     return check
 
 
-def _usage(prompt: int, completion: int) -> dict:
+def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _guard(events):
-    """Pass events through; an ApiError mid-stream becomes one final (None, {"error": ...}) item."""
-    try:
-        async for item in events:
+def error_body(e: ApiError) -> dict:
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}}
+
+
+async def merged_events(rt: Runtime, jobs: list[tuple], n: int, disconnected=None):
+    """(choice index, event) of several submitted prompts as they come; prompt p's choice i is index p*n + i,
+    as vLLM numbers them. jobs: (ids, seqs, queue). Leaving early cancels every prompt's sequences."""
+    if len(jobs) == 1:
+        async for item in rt.events(jobs[0][1], jobs[0][2], disconnected):
             yield item
-    except ApiError as e:
-        yield None, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}}
+        return
+    out: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int, seqs, queue) -> None:
+        try:
+            async for idx, ev in rt.events(seqs, queue, disconnected):
+                out.put_nowait((p * n + idx, ev))
+        except ApiError as e:
+            out.put_nowait(e)
+        finally:
+            out.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(p, seqs, queue)) for p, (_, seqs, queue) in enumerate(jobs)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await out.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, ApiError):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def _sse(obj) -> bytes:
@@ -86,12 +168,12 @@ def _head(rid: str, obj: str, created: int, model: str) -> str:
     return f'data: {{"id":{json.dumps(rid)},"object":"{obj}","created":{created},"model":{json.dumps(model, ensure_ascii=False)},"choices":[{{"index":'
 
 
-def _stream(rt: Runtime, seqs, queue, *, obj: str, rid: str, created: int, model: str, prompt_tokens: int,
-            include_usage: bool, text_chunk, token_choice, end_choice, prelude=()) -> StreamingResponse:
+def _stream(rt: Runtime, jobs, n: int, *, obj: str, rid: str, created: int, model: str, include_usage: bool,
+            text_chunk, token_choice, end_choice, prelude=()) -> StreamingResponse:
     """The SSE response of one request, chat or text: `prelude` choices first, then one chunk per event
     (plain text through the preformatted `text_chunk`, tokens with logprobs through `token_choice`, each
-    choice's end through `end_choice`), the usage chunk, and `data: [DONE]`; an engine failure ends the
-    stream with an error event."""
+    choice's end through `end_choice`), the usage chunk when asked, and `data: [DONE]`; an engine failure
+    ends the stream with an error event."""
     def chunk(choices: list, **extra) -> bytes:
         return _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra})
 
@@ -99,22 +181,23 @@ def _stream(rt: Runtime, seqs, queue, *, obj: str, rid: str, created: int, model
         completion = 0
         for c in prelude:
             yield chunk([c])
-        async for idx, ev in _guard(rt.events(seqs, queue)):
-            if isinstance(ev, dict):
-                yield _sse(ev)
-                yield "data: [DONE]\n\n"
-                return
-            if isinstance(ev, Token):
-                if ev.logprob is None:
-                    if ev.text:
-                        yield text_chunk(idx, ev.text)
-                    continue
-                yield chunk([token_choice(idx, ev)])
-            else:
-                completion += ev.completion_tokens
-                yield chunk([end_choice(idx, ev)])
+        try:
+            async for idx, ev in merged_events(rt, jobs, n):
+                if isinstance(ev, Token):
+                    if ev.logprob is None:
+                        if ev.text:
+                            yield text_chunk(idx, ev.text)
+                        continue
+                    yield chunk([token_choice(idx, ev)])
+                else:
+                    completion += ev.completion_tokens
+                    yield chunk([end_choice(idx, ev)])
+        except ApiError as e:
+            yield _sse(error_body(e))
+            yield "data: [DONE]\n\n"
+            return
         if include_usage:
-            yield chunk([], usage=_usage(prompt_tokens, completion))
+            yield chunk([], usage=usage(sum(len(j[0]) for j in jobs), completion))
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -122,29 +205,20 @@ def _stream(rt: Runtime, seqs, queue, *, obj: str, rid: str, created: int, model
 
 async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Request):
     rt.require_ready()
-    lora = rt.resolve(req.model, req.adapter_strength)
-    tok = rt.loaded.tokenizer
-    if not tok.chat_template:
-        raise ApiError(400, "this model has no chat template; use /v1/completions or start with --chat-template", param="messages")
+    reject_unsupported(req)
+    lora = resolve(rt, req.model, req.adapter_strength)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    try:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    except Exception as e:  # jinja raises for conversations the template rejects (e.g. bad role order)
-        raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    ids = list(ids)
+    ids = await rt.prepare(chat_prompt_ids, rt, messages)
     max_tokens = rt.check_length(len(ids), req.max_completion_tokens or req.max_tokens, "messages")
     want_lp = req.top_logprobs or 0 if req.logprobs else None
-    params = sampling_params(req, rt, max_tokens, want_lp)
+    params = await sampling_params(req, rt, max_tokens, want_lp)
     seqs, queue = rt.submit(ids, params, lora)
-    rid, created, model = new_id("chatcmpl"), now(), req.model or rt.model_name
+    rid, created, model = new_id("chatcmpl"), now(), model_label(rt, req.model)
 
     if req.stream:
-        include_usage = req.stream_options.include_usage if req.stream_options else True
         return _stream(
-            rt, seqs, queue, obj="chat.completion.chunk", rid=rid, created=created, model=model,
-            prompt_tokens=len(ids), include_usage=include_usage,
+            rt, [(ids, seqs, queue)], req.n, obj="chat.completion.chunk", rid=rid, created=created, model=model,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
             text_chunk=_text_chunk(_head(rid, "chat.completion.chunk", created, model), '"delta":{"content":', "}"),
             token_choice=lambda idx, ev: {"index": idx, "delta": {"content": ev.text},
                                           "logprobs": {"content": [_chat_logprob(rt, ev)]}, "finish_reason": None},
@@ -157,7 +231,7 @@ async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Req
     lps: list[list] = [[] for _ in seqs]
     reasons: list = [None] * len(seqs)
     completion = 0
-    async for idx, ev in rt.events(seqs, queue, _disconnect(request)):
+    async for idx, ev in rt.events(seqs, queue, disconnect_check(request)):
         if isinstance(ev, Token):
             texts[idx] += ev.text
             if ev.logprob is not None:
@@ -168,10 +242,11 @@ async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Req
     choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                 "logprobs": {"content": lps[i]} if req.logprobs else None, "finish_reason": reasons[i]} for i in range(len(seqs))]
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                         "choices": choices, "usage": _usage(len(ids), completion)})
+                         "choices": choices, "usage": usage(len(ids), completion)})
 
 
 def _completion_prompts(rt: Runtime, req: CompletionRequest) -> list[list[int]]:
+    """Token ids of each prompt (blocking: call in a thread)."""
     tok = rt.loaded.tokenizer
     p = req.prompt
     if isinstance(p, str):
@@ -184,67 +259,100 @@ def _completion_prompts(rt: Runtime, req: CompletionRequest) -> list[list[int]]:
     return [tok(x)["input_ids"] for x in p]
 
 
-async def completions(rt: Runtime, req: CompletionRequest, request: Request):
-    rt.require_ready()
-    if req.suffix:
-        raise ApiError(400, "suffix is not supported by this server", param="suffix")
-    lora = rt.resolve(req.model, req.adapter_strength)
-    prompts = _completion_prompts(rt, req)
-    if any(not ids for ids in prompts):
-        raise ApiError(400, "prompt is empty; give at least one token of text", param="prompt")
-    if req.stream and len(prompts) > 1:
-        raise ApiError(400, "streaming supports one prompt per request", param="prompt")
-    budgets = [rt.check_length(len(ids), req.max_tokens, "prompt") for ids in prompts]
-    tok = rt.loaded.tokenizer
-    rid, created, model = new_id("cmpl"), now(), req.model or rt.model_name
-    jobs = []
+def _lp_block(rt: Runtime, evs: list[Token], offset: int) -> dict:
+    """Completions' logprobs object for a run of tokens whose text starts at character `offset`."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for ev in evs:
+        t = _tok_text(rt, ev.token_id)
+        offsets.append(offset)
+        offset += len(t)
+        tokens.append(t)
+        token_lps.append(ev.logprob[0])
+        tops.append({_tok_text(rt, i): lp for i, lp in ev.logprob[1]})
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def score_prompt(rt: Runtime, ids: list[int], k: int, lora) -> dict:
+    """The completions logprobs block of a prompt (first token: null, as OpenAI and vLLM give it)."""
+    scores: list = []
+    if len(ids) > 1:
+        forced = logits.ForcedPrompt(ids, k)
+        params = SamplingParams(max_tokens=len(ids) - 1, temperature=0.0, ignore_eos=True, logits_processors=[forced])
+        seqs, queue = rt.submit(ids[:1], [params], lora)
+        async for _ in rt.events(seqs, queue):
+            pass
+        scores = forced.scores
+    texts = [_tok_text(rt, t) for t in ids]
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [None] + [s[0] for s in scores],
+            "top_logprobs": [None] + [{_tok_text(rt, i): lp for i, lp in s[1]} for s in scores], "text_offset": offsets}
+
+
+def _joined(head: dict | None, tail: dict | None) -> dict | None:
+    """Prompt logprobs (echo) followed by the completion's."""
+    if head is None or tail is None:
+        return tail
+    return {key: head[key] + tail[key] for key in head}
+
+
+async def _submit_all(rt: Runtime, req: CompletionRequest, prompts: list[list[int]], budgets: list[int], lora) -> list[tuple]:
+    """Submit every prompt (all or none: a refusal cancels the ones already queued)."""
+    rt.check_capacity(len(prompts) * req.n)  # the whole request at once: 400 when it could never fit
+    jobs: list[tuple] = []
     try:
         for ids, budget in zip(prompts, budgets):
-            jobs.append((ids, *rt.submit(ids, sampling_params(req, rt, budget, req.logprobs), lora)))
+            jobs.append((ids, *rt.submit(ids, await sampling_params(req, rt, budget, req.logprobs), lora)))
     except ApiError:
         for _, seqs, _ in jobs:
             rt.engine.cancel(seqs)
         raise
+    return jobs
 
-    def lp_block(evs: list[Token], offset: int) -> dict:
-        tokens, token_lps, tops, offsets = [], [], [], []
-        for ev in evs:
-            t = _tok_text(rt, ev.token_id)
-            offsets.append(offset)
-            offset += len(t)
-            tokens.append(t)
-            token_lps.append(ev.logprob[0])
-            tops.append({_tok_text(rt, i): lp for i, lp in ev.logprob[1]})
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+async def completions(rt: Runtime, req: CompletionRequest, request: Request):
+    rt.require_ready()
+    reject_unsupported(req)
+    if req.suffix:
+        raise ApiError(400, "suffix is not supported by this server", param="suffix")
+    lora = resolve(rt, req.model, req.adapter_strength)
+    prompts = await rt.prepare(_completion_prompts, rt, req)
+    if any(not ids for ids in prompts):
+        raise ApiError(400, "prompt is empty; give at least one token of text", param="prompt")
+    tok = rt.loaded.tokenizer
+    budgets = [rt.check_length(len(ids), req.max_tokens, "prompt") for ids in prompts]  # refused before any work
+    scored: list = [None] * len(prompts)
+    if req.echo and req.logprobs is not None:
+        scored = list(await asyncio.gather(*[score_prompt(rt, ids, req.logprobs, lora) for ids in prompts]))
+    jobs = await _submit_all(rt, req, prompts, budgets, lora)
+    rid, created, model = new_id("cmpl"), now(), model_label(rt, req.model)
+    echoes = [tok.decode(ids) if req.echo else "" for ids in prompts]
 
     if req.stream:
-        ids, seqs, queue = jobs[0]
-        include_usage = req.stream_options.include_usage if req.stream_options else True
         return _stream(
-            rt, seqs, queue, obj="text_completion", rid=rid, created=created, model=model,
-            prompt_tokens=len(ids), include_usage=include_usage,
+            rt, jobs, req.n, obj="text_completion", rid=rid, created=created, model=model,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
             text_chunk=_text_chunk(_head(rid, "text_completion", created, model), '"text":'),
-            token_choice=lambda idx, ev: {"index": idx, "text": ev.text, "logprobs": lp_block([ev], 0), "finish_reason": None},
+            token_choice=lambda idx, ev: {"index": idx, "text": ev.text, "logprobs": _lp_block(rt, [ev], 0), "finish_reason": None},
             end_choice=lambda idx, ev: {"index": idx, "text": "", "logprobs": None, "finish_reason": ev.reason},
-            prelude=[{"index": i, "text": tok.decode(ids), "logprobs": None, "finish_reason": None}
-                     for i in range(len(seqs))] if req.echo else (),
+            prelude=[{"index": p * req.n + i, "text": echoes[p], "logprobs": scored[p], "finish_reason": None}
+                     for p in range(len(jobs)) for i in range(req.n)] if req.echo else (),
         )
 
-    choices, prompt_total, completion_total = [], 0, 0
-    for p_i, (ids, seqs, queue) in enumerate(jobs):
-        texts = [tok.decode(ids) if req.echo else ""] * len(seqs)
-        evs: list[list[Token]] = [[] for _ in seqs]
-        reasons: list = [None] * len(seqs)
-        async for idx, ev in rt.events(seqs, queue, _disconnect(request)):
-            if isinstance(ev, Token):
-                texts[idx] += ev.text
-                evs[idx].append(ev)
-            else:
-                reasons[idx] = ev.reason
-                completion_total += ev.completion_tokens
-        prompt_total += len(ids)
-        for i in range(len(seqs)):
-            lp = lp_block(evs[i], len(texts[i]) - sum(len(e.text) for e in evs[i])) if req.logprobs is not None else None
-            choices.append({"index": p_i * len(seqs) + i, "text": texts[i], "logprobs": lp, "finish_reason": reasons[i]})
+    total = len(jobs) * req.n
+    texts = [echoes[i // req.n] for i in range(total)]
+    evs: list[list[Token]] = [[] for _ in range(total)]
+    reasons: list = [None] * total
+    completion = 0
+    async for idx, ev in merged_events(rt, jobs, req.n, disconnect_check(request)):
+        if isinstance(ev, Token):
+            texts[idx] += ev.text
+            evs[idx].append(ev)
+        else:
+            reasons[idx] = ev.reason
+            completion += ev.completion_tokens
+    choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
+                "logprobs": _joined(scored[i // req.n], _lp_block(rt, evs[i], len(echoes[i // req.n])))
+                if req.logprobs is not None else None}
+               for i in range(total)]
     return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                         "choices": choices, "usage": _usage(prompt_total, completion_total)})
+                         "choices": choices, "usage": usage(sum(len(ids) for ids in prompts), completion)})

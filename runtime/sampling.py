@@ -5,6 +5,13 @@ every running row. Each row keeps its own parameters (temperature, top-p,
 top-k, penalties, seed); rows with a seed draw from their own generator, so a
 seeded request samples the same tokens alone or inside any batch. Greedy rows
 (temperature 0) take the argmax.
+
+Any parameter value reaching here is survivable: the HTTP edge validates the
+documented ranges, but a row that slips through with an extreme value (a
+temperature of 1e-40, a top_p that rounds to 0, a top_k of 1e20, an infinite
+penalty) is clamped to a finite meaning, and a row whose distribution still
+comes out non-finite takes its most likely token instead of crashing the
+batch's `multinomial`.
 """
 
 from __future__ import annotations
@@ -12,6 +19,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-40 overflows to inf.
+TEMPERATURE_EPS = 1e-5
+# Penalties beyond these bounds change nothing more but could overflow float32 (1e308 * count = inf, 0 * inf = NaN).
+PENALTY_MAX = 1e6
+REPETITION_RANGE = (1e-6, 1e6)
+# OpenAI's (and vLLM's) stand-in for a logprob of -inf: JSON has no -inf or NaN.
+LOGPROB_FLOOR = -9999.0
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    """x inside [lo, hi]; NaN becomes lo."""
+    return lo if not x >= lo else min(x, hi)
+
+
+def is_greedy(p: "SamplingParams") -> bool:
+    """Greedy rows: temperature 0, or so small (or NaN) that sampling would divide by almost nothing."""
+    return not p.temperature >= TEMPERATURE_EPS
 
 
 @dataclass
@@ -28,6 +53,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob and top-k alternatives
+    # Per-row hooks (logit_bias, grammar masks; kaito.runtime.logits): fn(output_ids, row [V] float32) edits the
+    # row in place, before penalties and temperature, as vLLM's logits processors do.
+    logits_processors: list = field(default_factory=list)
 
 
 def _penalise(logits: torch.Tensor, rows: list, seqs: list) -> None:
@@ -36,20 +64,23 @@ def _penalise(logits: torch.Tensor, rows: list, seqs: list) -> None:
         p = seq.params
         row = logits[i]
         if p.repetition_penalty != 1.0:
+            rep = _clamp(p.repetition_penalty, *REPETITION_RANGE)
             seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)), dtype=torch.long, device=row.device)
             if seen.numel():
                 s = row.index_select(0, seen)
-                s = torch.where(s > 0, s / p.repetition_penalty, s * p.repetition_penalty)
+                s = torch.where(s > 0, s / rep, s * rep)
                 row.index_copy_(0, seen, s)
         if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
             out = torch.tensor(seq.output_ids, dtype=torch.long, device=row.device)
             counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            freq = _clamp(p.frequency_penalty, -PENALTY_MAX, PENALTY_MAX)
+            pres = _clamp(p.presence_penalty, -PENALTY_MAX, PENALTY_MAX)
+            row -= freq * counts + pres * (counts > 0).to(row.dtype)
 
 
 def _plain_greedy(p: SamplingParams, n_out: int, eos_ids: list[int]) -> bool:
-    return (p.temperature <= 0 and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-            and p.logprobs is None and (not eos_ids or n_out >= p.min_tokens))
+    return (is_greedy(p) and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and p.logprobs is None and not p.logits_processors and (not eos_ids or n_out >= p.min_tokens))
 
 
 @torch.inference_mode()
@@ -70,29 +101,43 @@ def sample_general(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tupl
     logits = logits.float()
     B, V = logits.shape
     needs = [(i, s) for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty]
-    if needs:
+    hooked = [(i, s) for i, s in enumerate(seqs) if s.params.logits_processors]
+    if needs or hooked:
         logits = logits.clone()
+    for i, s in hooked:
+        for fn in s.params.logits_processors:
+            fn(s.output_ids, logits[i])
+    if needs:
         _penalise(logits, needs, seqs)
+    eos_ids = [e for e in eos_ids if 0 <= e < V]
     for i, s in enumerate(seqs):
         if eos_ids and len(s.output_ids) < s.params.min_tokens:
             logits[i, eos_ids] = float("-inf")
+    # NaN (a broken row, an inf - inf) never wins an argmax nor reaches multinomial; +inf stays the top token.
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
 
-    temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=logits.device)
-    greedy = temps <= 0
+    greedy_rows = [is_greedy(s.params) for s in seqs]
+    greedy = torch.tensor(greedy_rows, device=logits.device)
+    temps = torch.tensor([1.0 if g else min(s.params.temperature, 1e30) for g, s in zip(greedy_rows, seqs)],
+                         dtype=logits.dtype, device=logits.device)
     tokens = logits.argmax(-1)
     if not bool(greedy.all()):
-        x = logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
-        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else V for s in seqs], device=x.device)
-        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=x.dtype, device=x.device)
+        x = logits / temps.unsqueeze(1)
+        # Bounded in Python first: a top_k of 1e20 overflows int64, a NaN top_p keeps only the top token.
+        top_k = torch.tensor([int(min(s.params.top_k, V)) if s.params.top_k > 0 else V for s in seqs], device=x.device)
+        top_p = torch.tensor([_clamp(s.params.top_p, 0.0, 1.0) for s in seqs], dtype=x.dtype, device=x.device)
         sorted_x, order = x.sort(dim=-1, descending=True)  # [B, V]
         ranks = torch.arange(V, device=x.device).unsqueeze(0)
         sorted_x = sorted_x.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
         probs = sorted_x.softmax(-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill(before >= top_p.unsqueeze(1), 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-        picked = torch.empty(B, dtype=torch.long, device=x.device)
+        probs = probs.masked_fill((before >= top_p.unsqueeze(1)) & (ranks > 0), 0.0)
+        mass = probs.sum(-1, keepdim=True)
+        # A row with no finite mass left (every logit -inf) takes its top token rather than failing multinomial.
+        dead = ~(mass > 0) | ~torch.isfinite(mass)
+        probs = torch.where(dead, (ranks == 0).to(probs.dtype), probs / mass.clamp(min=1e-38))
+        picked = torch.zeros(B, dtype=torch.long, device=x.device)  # greedy rows' entries are gathered too
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None and not bool(greedy[i])]
         if unseeded:
             idx = torch.tensor(unseeded, device=x.device)
@@ -100,7 +145,7 @@ def sample_general(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tupl
         for i, s in enumerate(seqs):
             if s.generator is not None and not bool(greedy[i]):
                 picked[i] = torch.multinomial(probs[i].cpu(), 1, generator=s.generator).to(x.device)[0]
-        sampled = order.gather(1, picked.clamp(min=0).unsqueeze(1)).squeeze(1)
+        sampled = order.gather(1, picked.unsqueeze(1)).squeeze(1)
         tokens = torch.where(greedy, tokens, sampled)
 
     token_list = tokens.tolist()
@@ -108,8 +153,9 @@ def sample_general(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tupl
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if want:
         lp = logits.index_select(0, torch.tensor(want, device=logits.device)).log_softmax(-1)
+        lp = lp.nan_to_num(nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR)
         for j, i in enumerate(want):
-            k = seqs[i].params.logprobs
+            k = min(max(0, int(seqs[i].params.logprobs)), V)
             chosen = float(lp[j, token_list[i]])
             top = []
             if k:

@@ -22,7 +22,16 @@ _ids = itertools.count()
 
 
 class QueueFull(Exception):
-    """More requests are waiting than settings.max_waiting allows."""
+    """More requests are waiting than settings.max_waiting allows (waiting helps: 429)."""
+
+
+class NeverFits(ValueError):
+    """A request the engine could never hold, however long it waited (more rows than max_batch_size +
+    max_waiting, an empty prompt): the API answers 400 with this message, which names the limit."""
+
+
+class EngineDead(RuntimeError):
+    """A fault the engine cannot contain to one request (the device, a torchrun peer): the process must exit."""
 
 
 @dataclass
@@ -58,13 +67,15 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    scheduled_at: float | None = None  # left the queue for a prefill (metrics: queue and prefill time)
     _prefix: int = 0
     _read: int = 0
 
     def __post_init__(self):
         self.events: asyncio.Queue = self.queue if self.queue is not None else asyncio.Queue()
         if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(int(self.params.seed))
+            # manual_seed takes [-2**63, 2**64); any integer seed maps into that range instead of overflowing.
+            self.generator = torch.Generator().manual_seed(int(self.params.seed) % (1 << 64))
 
     def _push(self, item, outbox: list | None = None) -> None:
         """Deliver (choice index, Token | Finished) to the request's queue on its event loop.

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from kaito.presets.errors import InvalidInput
+from kaito.presets import get_preset
+from kaito.presets.errors import InvalidInput, KaitoError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,10 +66,39 @@ class RuntimeSettings(BaseSettings):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        ok = {"auto", "float32", "bfloat16", "float16"}
-        if v not in ok:
-            raise ValueError(f"dtype {v!r} is not one of {sorted(ok)}")
-        return v
+        return check_dtype(v)
+
+    @field_validator("pipeline", mode="before")
+    @classmethod
+    def _pipeline(cls, v):
+        return v if v is None else check_pipeline(v)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PIPELINES = ("text-generation", "conversational")
+
+
+def check_dtype(v: str) -> str:
+    """The one dtype rule of flags, env and config; the message carries Kaito's phrase for the same error."""
+    if v not in DTYPES:
+        raise ValueError(f"Invalid torch dtype {v!r}: use one of {', '.join(DTYPES)}")
+    return v
+
+
+def check_pipeline(v: str) -> str:
+    if v not in PIPELINES:
+        raise ValueError(f"Unsupported pipeline {v!r}: use one of {', '.join(PIPELINES)}")
+    return v
+
+
+def preflight(settings: RuntimeSettings) -> None:
+    """What loading would fail on, checked before anything heavy starts (so `kaito serve` exits at once):
+    a preset that does not exist, a model directory without config.json."""
+    if settings.preset:
+        get_preset(settings.preset)
+    model_dir = Path(settings.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise KaitoError(f"model dir {model_dir}: config.json not found; point --model-dir at the preset's weights")
 
 
 FIELD_NAMES = sorted(RuntimeSettings.model_fields)
@@ -133,7 +163,7 @@ def _format(err: ValidationError, where: str) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "settings"
-        parts.append(f"{loc}: {e['msg']}")
+        parts.append(f"{loc}: {str(e['msg']).removeprefix('Value error, ')}")  # pydantic's prefix for our checks
     return f"invalid runtime settings ({where}): " + "; ".join(parts)
 
 

@@ -29,13 +29,17 @@ async def test_root_health_models_metrics(client):
     models = (await client.get("/v1/models")).json()["data"]
     assert [m["id"] for m in models] == ["tiny-phi-3", "alpha", "beta"]
     assert models[0]["parent"] is None and {m["parent"] for m in models[1:]} == {"tiny-phi-3"}
+    assert (await client.get("/v1/models/alpha")).json() == models[1]
+    assert (await client.get("/v1/models/tiny-phi-3")).json() == models[0]
+    r = await client.get("/v1/models/gamma")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0})
     text = (await client.get("/metrics")).text
-    for name in ("kaito:num_requests_running", "kaito:num_requests_waiting", "kaito:prompt_tokens_total",
-                 "kaito:generation_tokens_total", "kaito:time_to_first_token_seconds_bucket",
-                 "kaito:inter_token_latency_seconds_bucket", "kaito:e2e_request_latency_seconds_bucket",
-                 'kaito:request_success_total{finished_reason="length"}', "kaito:lora_adapter_loads_total 2.0",
-                 "process_cpu_seconds_total"):
+    for name in ('vllm:num_requests_running{engine="0",model_name="tiny-phi-3"}', "vllm:num_requests_waiting{",
+                 "vllm:prompt_tokens_total{", "vllm:generation_tokens_total{", "vllm:time_to_first_token_seconds_bucket{",
+                 "vllm:inter_token_latency_seconds_bucket{", "vllm:e2e_request_latency_seconds_bucket{",
+                 'vllm:request_success_total{engine="0",finished_reason="length",model_name="tiny-phi-3"}',
+                 "kaito:lora_adapter_loads_total 2.0", "process_cpu_seconds_total"):
         assert name in text, name
     info = (await client.get("/kaito/metrics")).json()
     assert info["cpu_info"]["total_cores"] >= 1 and "memory" in info["cpu_info"]
@@ -218,7 +222,8 @@ async def test_chat_completion_shape_n_logprobs_and_stream(client):
     assert len(lp) == 6 and len(lp[0]["top_logprobs"]) == 2 and lp[0]["logprob"] <= 0
     again = (await client.post("/v1/chat/completions", json=body)).json()
     assert [c["message"]["content"] for c in again["choices"]] == [c["message"]["content"] for c in r["choices"]]
-    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "logprobs": False}) as s:
+    streamed = {**body, "stream": True, "logprobs": False, "top_logprobs": None, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/chat/completions", json=streamed) as s:
         lines = [line async for line in s.aiter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(x[6:]) for x in lines[:-1]]

@@ -195,7 +195,7 @@ def _wait(cond, timeout=20.0):
     return cond()
 
 
-def test_a_failing_step_aborts_its_batch_but_the_engine_keeps_serving(loaded):
+def test_a_failing_forward_fails_its_row_and_the_engine_keeps_serving(loaded):
     e = engine(loaded)
     real, calls = None, {"n": 0}
     e.start()
@@ -227,3 +227,137 @@ def test_a_failing_step_aborts_its_batch_but_the_engine_keeps_serving(loaded):
         e.ex.prefill = real_prefill
     finally:
         e.stop()
+
+
+# ---- fault containment: one bad row never fails another request ------------------------------------------
+
+def _hook_failing(bad: Sequence, kind: str, after_tokens: int = 0):
+    """Fault injection at the engine's forward boundary: every forward of `kind` that includes `bad` raises
+    (after it produced `after_tokens` tokens), as a row whose data breaks the model would."""
+    def hook(k, rows):
+        if k == kind and any(r is bad for r in rows) and len(bad.output_ids) >= after_tokens:
+            raise RuntimeError("injected: this row breaks the forward")
+    return hook
+
+
+def _greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_one_bad_row_fails_alone_at_prefill_and_decode(loaded, kind, threaded):
+    want = [run_to_completion(engine(loaded), [Sequence(ids(loaded, p), _greedy(12))])[0][0] for p in PROMPTS]
+    e = engine(loaded, max_batch_size=8, prefill_thread=threaded)
+    good = [Sequence(ids(loaded, p), _greedy(12)) for p in PROMPTS]
+    bad = Sequence(ids(loaded, "a bad request"), _greedy(12))
+    e.fault_hook = _hook_failing(bad, kind, after_tokens=3 if kind == "decode" else 0)
+    batch = good[:3] + [bad] + good[3:]  # mixed into one prefill group with good requests
+    if threaded:
+        e.start()
+        try:
+            e.submit(batch)
+            assert _wait(lambda: all(s.finish_reason is not None for s in batch), 60)
+        finally:
+            e.stop()
+    else:
+        run_to_completion(e, batch)
+    assert bad.finish_reason == "error" and e.error is None
+    if kind == "decode":
+        assert len(bad.output_ids) == 3  # it ran until its forward started failing
+    for s, w in zip(good, want):
+        assert s.finish_reason == "length" and s.output_ids == w, "a good row changed because of the bad one"
+    if not threaded:  # the engine goes on serving, with the same tokens as before
+        again = Sequence(ids(loaded, PROMPTS[0]), _greedy(12))
+        run_to_completion(e, [again])
+        assert again.output_ids == want[0]
+
+
+def test_a_device_fault_stops_the_engine_and_calls_on_fatal(loaded):
+    e = engine(loaded, max_batch_size=4)
+    fatal = []
+    e.on_fatal = fatal.append
+    a, b = Sequence(ids(loaded, "hi"), _greedy(50)), Sequence(ids(loaded, "What is a GPU?"), _greedy(50))
+    e.fault_hook = lambda kind, rows: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access")) \
+        if kind == "decode" and len(a.output_ids) >= 2 else None
+    e.start()
+    e.submit([a, b])
+    assert _wait(lambda: e.error is not None)
+    assert _wait(lambda: a.finish_reason == "error" and b.finish_reason == "error")
+    assert len(fatal) == 1 and "CUDA error" in str(fatal[0])
+
+
+def test_every_forward_failing_is_the_device_not_a_request(loaded, monkeypatch):
+    # A row that fails alone triggers a one-token probe; when that fails too, the device is broken.
+    e = engine(loaded)
+    fatal = []
+    e.on_fatal = fatal.append
+    monkeypatch.setattr(e.ex, "prefill_forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken")))
+    s = Sequence(ids(loaded, "hi"), _greedy(5))
+    e.start()
+    e.submit([s])
+    assert _wait(lambda: e.error is not None) and s.finish_reason == "error"
+    assert fatal and "probe" in str(fatal[0])
+    e.stop()
+
+
+def test_requests_that_can_never_fit_are_refused_with_the_limit(loaded):
+    from kaito.runtime.sequence import NeverFits
+
+    e = engine(loaded, max_batch_size=4, max_waiting=4)
+    with pytest.raises(NeverFits, match="empty"):
+        e.submit([Sequence([], _greedy(3))])
+    with pytest.raises(NeverFits, match=r"max_batch_size \+ max_waiting = 4 \+ 4"):
+        e.submit([Sequence(ids(loaded, "hi"), _greedy(3)) for _ in range(9)])
+    e.submit([Sequence(ids(loaded, "hi"), _greedy(3)) for _ in range(8)])  # fits: 4 run, 4 wait
+    with pytest.raises(QueueFull):  # waiting would help: 429
+        e.submit([Sequence(ids(loaded, "hi"), _greedy(3))])
+
+
+def test_extreme_sampling_values_do_not_crash_the_batch(loaded):
+    extreme = [dict(temperature=1e-40), dict(top_p=1e-46), dict(top_k=10**20), dict(repetition_penalty=1e-40),
+               dict(presence_penalty=1e308, frequency_penalty=-1e308), dict(temperature=float("inf")),
+               dict(temperature=float("nan"), top_p=float("nan"), logprobs=10**6), dict(seed=2**80, temperature=1.0),
+               dict(repetition_penalty=float("inf"), min_tokens=10**9, logprobs=5)]
+    seqs = [Sequence(ids(loaded, PROMPTS[i % len(PROMPTS)]), SamplingParams(max_tokens=6, ignore_eos=True, **kw))
+            for i, kw in enumerate(extreme)]
+    good = Sequence(ids(loaded, PROMPTS[0]), _greedy(6))
+    e = engine(loaded)
+    run_to_completion(e, seqs + [good])
+    assert e.step_failures == 0 and e.error is None
+    assert [(s.finish_reason, len(s.output_ids)) for s in seqs + [good]] == [("length", 6)] * (len(seqs) + 1)
+    import math
+    for s in seqs:
+        while not s.events.empty():
+            _, ev = s.events.get_nowait()
+            if getattr(ev, "logprob", None):
+                assert all(math.isfinite(v) for v in [ev.logprob[0]] + [lp for _, lp in ev.logprob[1]])
+
+
+def test_running_never_exceeds_max_batch_size_under_a_threaded_burst(loaded):
+    import threading
+
+    e = engine(loaded, max_batch_size=4, max_waiting=100, prefill_thread=True)
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(e.num_running)
+
+    e.start()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        seqs = []
+        for wave in range(6):
+            batch = [Sequence(ids(loaded, PROMPTS[i % len(PROMPTS)]), _greedy(2 + (i + wave) % 5)) for i in range(7)]
+            seqs += batch
+            e.submit(batch)
+            time.sleep(0.02)
+        assert _wait(lambda: all(s.finish_reason is not None for s in seqs), 60)
+    finally:
+        stop.set()
+        watcher.join()
+        e.stop()
+    assert all(s.finish_reason == "length" for s in seqs)
+    assert max(seen) <= 4 and len(seen) > 100, max(seen)

@@ -9,6 +9,7 @@ from kaito.runtime.engine import Engine, Sequence, _chunks, _fill_holes, run_to_
 from kaito.runtime.executor import BatchExecutor
 from kaito.runtime.loader import load
 from kaito.runtime.sampling import SamplingParams, sample, sample_general
+from kaito.runtime.sequence import EngineDead
 from kaito.runtime.settings import RuntimeSettings
 
 PROMPTS = [[1, 50, 60], [1, 70, 80, 90, 100, 110, 120], [1, 5], [1, 300, 301, 302, 9, 9, 9, 9, 9, 9, 9]]
@@ -194,7 +195,8 @@ def test_rotary_that_rescales_by_length_keeps_prefill_on_the_engine_thread(loade
 
 def test_a_failing_prefill_on_the_thread_fails_its_requests_only(loaded):
     """A prefill forward that raises on the prefill thread ends its requests with an error and the engine
-    keeps serving; three failures in a row stop the engine, and nobody is left waiting."""
+    keeps serving; when the one-token probe after it fails too (the device, not the request), the engine
+    stops, nobody is left waiting, and later submissions are refused."""
     e = Engine(BatchExecutor(loaded.model), loaded.tokenizer, eos_ids=loaded.eos_ids,
                max_model_len=loaded.max_model_len, prefill_thread=True)
     real, fail = e.ex.prefill_forward, {"left": 1}
@@ -216,12 +218,13 @@ def test_a_failing_prefill_on_the_thread_fails_its_requests_only(loaded):
         e.submit([good])
         assert _wait(lambda: good.finish_reason is not None)
         assert good.finish_reason == "length" and len(good.output_ids) == 4
-        fail["left"] = 3
-        doomed = [Sequence(p, greedy(4)) for p in PROMPTS[:3]]
-        for s in doomed:
-            e.submit([s])
-            assert _wait(lambda s=s: s.finish_reason is not None)
-        assert {s.finish_reason for s in doomed} == {"error"} and isinstance(e.error, RuntimeError)
+        fail["left"] = 2  # the request's forward and the probe after it
+        doomed = Sequence(PROMPTS[1], greedy(4))
+        e.submit([doomed])
+        assert _wait(lambda: doomed.finish_reason is not None)
+        assert doomed.finish_reason == "error" and isinstance(e.error, EngineDead) and "probe" in str(e.error)
         assert _wait(lambda: not e._thread.is_alive() and not e._prefiller.is_alive())
+        with pytest.raises(EngineDead):
+            e.submit([Sequence(PROMPTS[2], greedy(4))])
     finally:
         e.stop()

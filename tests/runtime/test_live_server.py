@@ -62,7 +62,7 @@ def _wait_idle(rt, timeout=10.0) -> bool:
 
 def _aborted(url) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith('kaito:request_success_total{finished_reason="abort"}'):
+        if line.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in line:
             return float(line.split()[-1])
     return 0.0
 

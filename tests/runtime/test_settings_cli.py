@@ -92,7 +92,60 @@ def test_python_m_entry_documents_torchrun():
     assert r.returncode == 0 and "--adapters-dir" in r.stdout and "--torch_dtype" in r.stdout
     r = subprocess.run([sys.executable, "-m", "kaito.runtime", "--max-batch-size", "0", "--model-dir", "/nonexistent"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "max_batch_size" in r.stdout
+    assert r.returncode == 2 and "max_batch_size" in r.stderr
+
+
+def test_one_flag_list_for_both_commands_and_unknown_flags_are_ignored(tmp_path, capsys):
+    from kaito.presets.cli import main as kaito_main
+    from kaito.runtime.launch import build_parser, main
+    from kaito.runtime.settings import RuntimeSettings
+
+    # Every setting is a flag, in both spellings, and `kaito serve` passes its arguments to the same parser.
+    parser_flags = {o for a in build_parser()._actions for o in a.option_strings}
+    for name in RuntimeSettings.model_fields:
+        assert f"--{name.replace('_', '-')}" in parser_flags and f"--{name}" in parser_flags
+    # Kaito's server ignores flags it does not know: one warning line, then the usual checks go on.
+    assert main(["--model-dir", str(tmp_path), "--new_arg1", "value1", "--flag_arg"]) == 1
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: ignoring unknown flag(s) --new_arg1 value1 --flag_arg (Kaito's server ignores them too)"]
+    assert "config.json not found" in err
+    # Kaito's phrases inside our wording, from either command.
+    assert kaito_main(["serve", "--pipeline", "summarize"]) == 2
+    assert "Unsupported pipeline 'summarize': use one of text-generation, conversational" in capsys.readouterr().err
+    assert main(["--torch_dtype", "float8"]) == 2
+    assert "Invalid torch dtype 'float8': use one of auto" in capsys.readouterr().err
+    with pytest.raises(InvalidInput, match="Invalid torch dtype 'int4'"):
+        load_settings({"dtype": "int4"})
+
+
+@pytest.mark.parametrize("flags", [["--preset", "no-such"], ["--model-dir", "/nonexistent"]])
+def test_kaito_serve_with_an_unloadable_model_exits_at_once(flags):
+    import time
+    from pathlib import Path
+
+    kaito = Path(sys.executable).parent / "kaito"
+    t0 = time.monotonic()
+    r = subprocess.run([str(kaito), "serve", *flags, "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and time.monotonic() - t0 < 20
+    assert ("unknown preset 'no-such'" if flags[0] == "--preset" else "/nonexistent: config.json not found") in r.stderr
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_ends_the_process_non_zero(tmp_path):
+    """Past the quick checks (config.json is there, but no model can be built from it) the load fails in the
+    server's background thread: the process still exits non-zero with the error, instead of answering 503."""
+    import time
+
+    from .conftest import free_port
+
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "kaito.runtime", "--model-dir", str(tmp_path), "--host", "127.0.0.1",
+                        "--port", str(free_port()), "--device", "cpu"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "loading the model failed" in r.stderr and "exiting" in r.stderr
+    print(f"exited {time.monotonic() - t0:.1f} s after start")
 
 
 def test_kaito_inference_config_template_is_accepted(tmp_path):

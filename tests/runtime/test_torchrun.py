@@ -32,9 +32,9 @@ async def _outputs(base_url: str, client: httpx.AsyncClient | None = None) -> li
 
 @contextlib.asynccontextmanager
 async def torchrun_server(tmp_path, tiny_model_dir, adapters_dir, *extra: str, env: dict | None = None,
-                          timeout: float = 120):
+                          timeout: float = 120, procs: list | None = None):
     """2 ranks of `python -m kaito.runtime` under torchrun; yields (rank 0's URL, rank 1's health URL) once
-    both answer /health, and stops the process group after."""
+    both answer /health, and stops the process group after. `procs`, when given, receives the torchrun process."""
     port = free_port()
     master = free_port()
     while master == port + 1:  # rank 1's health server listens on port + 1
@@ -59,9 +59,12 @@ async def torchrun_server(tmp_path, tiny_model_dir, adapters_dir, *extra: str, e
             await asyncio.sleep(0.3)
         else:
             raise AssertionError("torchrun server not healthy:\n" + (tmp_path / "torchrun.log").read_text()[-3000:])
+        if procs is not None:
+            procs.append(proc)
         yield url, worker
     finally:
-        stop_group(proc, timeout=30)
+        if proc.poll() is None:
+            stop_group(proc, timeout=30)
         log.close()
 
 
@@ -76,3 +79,65 @@ async def test_two_process_torchrun_matches_one_process(tiny_model_dir, adapters
         assert got == expected
         info = httpx.get(worker + "/worker").json()
         assert info["rank"] == 1 and info["steps"] > 20 and info["adapters"] == ["alpha", "beta"]
+
+
+@pytest.mark.slow
+async def test_a_lost_peer_ends_every_rank_non_zero_within_seconds(tiny_model_dir, adapters_dir, tmp_path):
+    """A rank that dies (OOM-killed, node lost) must not leave rank 0 answering: the whole group exits
+    non-zero within seconds, so Kubernetes restarts the pod (never one rank Healthy and another dead)."""
+    import signal
+
+    procs: list = []
+    async with torchrun_server(tmp_path, tiny_model_dir, adapters_dir, "--device", "cpu",
+                               env={"OMP_NUM_THREADS": "1"}, procs=procs) as (url, worker):
+        proc = procs[0]
+        assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
+        os.kill(httpx.get(worker + "/worker").json()["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        # Rank 0 keeps receiving requests while the group goes down: none may hang.
+        while time.monotonic() - t0 < 60 and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=5)
+            await asyncio.sleep(0.2)
+        gone = time.monotonic() - t0
+        assert proc.returncode not in (None, 0), proc.returncode
+    assert gone < 30, f"the torchrun group was still alive {gone:.0f} s after losing rank 1"
+    print(f"group gone {gone:.1f} s after rank 1 was killed")
+
+
+async def test_a_worker_reports_rank_0s_health(tmp_path):
+    """A worker rank's /health follows rank 0's (a real HTTP server stands in for rank 0 here)."""
+    import http.server
+    import threading
+
+    from kaito.runtime.distributed import health_app
+
+    answer = {"code": 200, "body": b'{"status": "Healthy"}'}
+
+    class Rank0(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(answer["code"])
+            self.end_headers()
+            self.wfile.write(answer["body"])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Rank0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ready = threading.Event()
+    app = health_app(ready, {"steps": 0, "adapters": []}, f"http://127.0.0.1:{server.server_port}/health")
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as c:
+            assert (await c.get("/health")).json()["status"] == "Loading"  # this rank is still loading
+            ready.set()
+            assert (await c.get("/health")).json() == {"status": "Healthy"}
+            answer.update(code=503, body=b'{"status": "Unhealthy"}')  # rank 0's engine died
+            r = await c.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "Unhealthy" and "rank 0 answers 503" in r.json()["detail"]
+            server.shutdown()
+            server.server_close()  # rank 0 gone
+            r = await c.get("/health")
+            assert r.status_code == 503 and "rank 0 does not answer" in r.json()["detail"]
+    finally:
+        server.server_close()
