@@ -9,6 +9,7 @@ transformers.
 from kaito.image_builder.build import BuildResult, build_adapter, build_preset, preset_weights
 from kaito.image_builder.oci import Image, Layer, Reference, append, empty_image, parse_reference
 from kaito.image_builder.oci.errors import AuthError, OCIError, RegistryError, UnsafeLayer, VerificationError
+from kaito.image_builder.oci.extract import ExtractLimits
 from kaito.image_builder.pull import PullResult, pull
 from kaito.image_builder.transfer import Connection, PushResult, copy, inspect, read_image, write_image
 
@@ -32,6 +33,7 @@ __all__ = [
     "AuthError",
     "BuildResult",
     "Connection",
+    "ExtractLimits",
     "Image",
     "Layer",
     "OCIError",

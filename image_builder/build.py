@@ -1,14 +1,14 @@
 """Building Kaito images: preset images (+ their ModelPack artifact) and adapter images.
 
 A preset image is a base runtime image (reused by digest, never rebuilt)
-plus one uncompressed layer per weight file under /workspace/weights and one
-small layer for config and tokenizer files. The same layer blobs also form a
-weights-only CNCF ModelPack artifact tagged `<tag>-modelpack` beside the
-image, so no blob is stored twice. Same inputs, same digests; a rebuild with
-unchanged weights hashes nothing (digest cache) and uploads nothing.
+plus one uncompressed layer per file of the weights directory under
+/workspace/weights. The same files also form a weights-only CNCF ModelPack
+artifact, `<registry>/kaito-<preset>-weights:<tag>` (names from
+kaito.presets.images), one layer per file at its model-relative path, as the
+ModelPack spec reads. Same inputs, same digests; a rebuild with unchanged
+weights hashes nothing (digest cache) and uploads nothing.
 Called by the CLI (`kaito image build-preset|build-adapter`), tuning (adapters)
-and `make build-preset`.
-"""
+and `make build-preset`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from kaito.image_builder.transfer import Connection, PushResult, as_ref, read_im
 from kaito.presets import __version__ as KAITO_VERSION
 from kaito.presets import get_preset
 from kaito.presets.errors import InvalidInput, KaitoError
+from kaito.presets.images import BASE_REPOSITORY, image_repository, modelpack_repository
 
 DEFAULT_REGISTRY = os.environ.get("KAITO_REGISTRY", "./out/registry")
 WEIGHTS_ROOT = "workspace/weights"
@@ -50,6 +51,43 @@ class BuildResult:
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+LOCAL_LAYOUT = "out/registry"  # where `make build-base` stores the base (an OCI layout)
+
+
+def default_base_refs(registry: str) -> list[str]:
+    """Where a preset build looks for the runtime base when none is named, in order.
+
+    `<registry>/kaito-base:<version>` (the same name the operator runs init containers
+    from), then the layout `make build-base` writes (out/registry/kaito-base:<version>).
+    """
+    refs = [str(image_ref_for(registry, BASE_REPOSITORY, KAITO_VERSION))]
+    local = str(image_ref_for(LOCAL_LAYOUT, BASE_REPOSITORY, KAITO_VERSION))
+    return refs if local in refs else [*refs, local]
+
+
+def resolve_base(base: Optional[str], registry: Optional[str], conn: Connection) -> str:
+    """The base image for a preset build: `base` as given, else the first default that exists.
+
+    A preset image without the runtime cannot serve, so a missing base is an error
+    that says how to build or name one, never a silent weights-only image.
+    """
+    if base:
+        return base
+    tried = default_base_refs(registry or DEFAULT_REGISTRY)
+    for ref in tried:
+        try:
+            read_image(as_ref(ref, "base"), conn)
+        except (KaitoError, OSError):  # not there (or unreachable): try the next place
+            continue
+        return ref
+    raise InvalidInput(
+        f"--base: no runtime base image at {' or '.join(tried)}; build it once with "
+        "`make build-base` (stores it in out/registry), or name one with --base / KAITO_BASE_IMAGE "
+        "(a registry reference, oci:DIR:TAG, or docker-daemon:NAME:TAG); --weights-only builds an image "
+        "that holds only the weights and cannot serve"
+    )
 
 
 def preset_weights(preset_name: str, weights_dir: Optional[Union[str, Path]] = None) -> Path:
@@ -94,22 +132,87 @@ def _split_files(d: Path) -> tuple[list[str], list[str]]:
     return weights, other
 
 
-def _modelpack(spec, tag: str, weight_layers: list[Layer], config_layer: Layer, annotations: dict) -> Image:
-    cfg = {
-        "descriptor": {
-            "name": spec.name,
-            "version": tag,
-            "family": spec.family,
-            "revision": spec.hf_revision or "",
-            **({"sourceURL": f"https://huggingface.co/{spec.hf_repo}"} if spec.hf_repo else {}),
-        },
-        "config": {"format": "safetensors", "precision": spec.dtype},
-        "modelfs": {"type": "layers", "diffIds": [x.diff_id for x in (*weight_layers, config_layer)]},
+def _modelpack_media_type(rel: str) -> str:
+    """ModelPack's layer kinds: weights, their config (config.json, tokenizer files), docs, code."""
+    name = rel.rsplit("/", 1)[-1]
+    if name.endswith(".safetensors"):
+        return V.MODEL_WEIGHT_TAR
+    if name.endswith(".md") or name.upper().startswith(("LICENSE", "README", "NOTICE")):
+        return V.MODEL_DOC_TAR
+    if name.endswith(".py"):
+        return V.MODEL_CODE_TAR
+    return V.MODEL_WEIGHT_CONFIG_TAR
+
+
+def _file_layers(wdir: Path, files: list[str], prefix: str, hook: dict, progress: Progress) -> list[Layer]:
+    """One uncompressed tar layer per file at `<prefix>/<file>`; its `org.cncf.model.filepath` is that tar path."""
+    out = []
+    for f in files:
+        arc = f"{prefix}/{f}" if prefix else f
+        out.append(
+            Layer.from_file(
+                wdir / f,
+                arc,
+                annotations={V.MODEL_FILEPATH: arc, V.ANN_TITLE: f"{arc}.tar"},
+                progress=progress.task(f"hash:{arc}", f"hash {arc}", (wdir / f).stat().st_size),
+                **hook,
+            )
+        )
+    return out
+
+
+def _modelpack(spec, tag: str, layers: list[Layer], annotations: dict) -> Image:
+    """The weights as a CNCF ModelPack artifact (github.com/modelpack/model-spec, docs/spec.md and config.md).
+
+    One tar layer per file, its path in the tar relative to the model directory and equal to its
+    `org.cncf.model.filepath`, so any ModelPack extractor rebuilds the weights directory as it was.
+    """
+    config = {"format": "safetensors"}
+    if spec.dtype and spec.dtype != "auto":  # the spec's precision names match torch's dtype names
+        config["precision"] = spec.dtype
+    descriptor = {
+        "name": spec.name,
+        "version": tag,
+        "family": spec.family,
+        "revision": spec.hf_revision or f"embedded-{spec.embedded}",
+        "sourceURL": f"https://huggingface.co/{spec.hf_repo}" if spec.hf_repo else None,
     }
-    layers = tuple(x.with_media_type(V.MODEL_WEIGHT_TAR) for x in weight_layers) + (
-        config_layer.with_media_type(V.MODEL_WEIGHT_CONFIG_TAR),
-    )
-    return Image(V.canonical_json(cfg), layers, annotations, V.MODEL_CONFIG, V.MODEL_ARTIFACT)
+    cfg = {
+        "descriptor": {k: v for k, v in descriptor.items() if v},  # the schema has no nulls: absent, not null
+        "config": config,
+        "modelfs": {"type": "layers", "diffIds": [x.diff_id for x in layers]},
+    }
+    typed = tuple(x.with_media_type(_modelpack_media_type(x.annotations[V.MODEL_FILEPATH])) for x in layers)
+    return Image(V.canonical_json(cfg), typed, annotations, V.MODEL_CONFIG, V.MODEL_ARTIFACT)
+
+
+def _sink_hook(ref: Reference) -> tuple[dict, list]:
+    """Building into a layout writes each blob in the same pass that hashes it; returns (hook, bytes written)."""
+    if not ref.is_layout:
+        return {}, [0]
+    sink, written = Layout(ref.path), [0]
+
+    def digester(segments, prog):
+        written[0] += sum(len(x) if isinstance(x, bytes) else x.length for x in segments)
+        return sink.digester(segments, prog)
+
+    return {"digester": digester, "have": sink.has_blob}, written
+
+
+def _labels(spec, tag: str) -> dict:
+    labels = {
+        "org.opencontainers.image.title": image_repository(spec.name),
+        "org.opencontainers.image.version": tag,
+        "org.opencontainers.image.vendor": "kaito",
+        "org.opencontainers.image.description": f"Kaito preset {spec.name} ({spec.hf_repo or 'embedded'})",
+        "sh.kaito.preset": spec.name,
+        "sh.kaito.preset.revision": spec.hf_revision or f"embedded-{spec.embedded}",
+        "sh.kaito.version": KAITO_VERSION,
+    }
+    if spec.hf_repo:
+        labels["org.opencontainers.image.source"] = f"https://huggingface.co/{spec.hf_repo}"
+        labels["org.opencontainers.image.revision"] = spec.hf_revision
+    return labels
 
 
 def build_preset(
@@ -126,58 +229,25 @@ def build_preset(
     progress: Progress = NULL,
     **push_kw,
 ) -> BuildResult:
-    """Build `<registry>/kaito-<preset>:<tag>` (and `...:<tag>-modelpack`) and write both."""
+    """Build `<registry>/kaito-<preset>:<tag>` (and the ModelPack `<registry>/kaito-<preset>-weights:<tag>`)."""
     spec = get_preset(preset_name)
     tag = tag or spec.image_tag
     registry = registry or DEFAULT_REGISTRY
-    ref = image_ref_for(registry, f"kaito-{spec.name}", tag)
+    ref = image_ref_for(registry, image_repository(spec.name), tag)
     wdir = preset_weights(spec.name, weights_dir)
     weights, other = _split_files(wdir)
-    sink = Layout(ref.path) if ref.is_layout else None
-    # Building into a layout writes each blob in the same pass that hashes it.
-    written = [0]
-
-    def digester(segments, prog):
-        written[0] += sum(len(x) if isinstance(x, bytes) else x.length for x in segments)
-        return sink.digester(segments, prog)
-
-    hook = {"digester": digester, "have": sink.has_blob} if sink else {}
-
-    def ann(rel: str) -> dict:
-        return {V.MODEL_FILEPATH: rel, V.ANN_TITLE: f"{rel}.tar"}
-
-    wl = [
-        Layer.from_file(
-            wdir / f,
-            f"{WEIGHTS_ROOT}/{f}",
-            annotations=ann(f),
-            progress=progress.task(f"hash:{f}", f"hash {f}", (wdir / f).stat().st_size),
-            **hook,
-        )
-        for f in weights
-    ]
-    cl = Layer.from_dir(wdir, WEIGHTS_ROOT, files=other, annotations=ann("config"), **hook)
+    hook, written = _sink_hook(ref)
+    layers = _file_layers(wdir, weights + other, WEIGHTS_ROOT, hook, progress)
     with Connection(auth_file, insecure) as conn:
         base_img = read_image(as_ref(base, "base"), conn) if base else empty_image()
-        labels = {
-            "org.opencontainers.image.title": f"kaito-{spec.name}",
-            "org.opencontainers.image.version": tag,
-            "org.opencontainers.image.vendor": "kaito",
-            "org.opencontainers.image.description": f"Kaito preset {spec.name} ({spec.hf_repo or 'embedded'})",
-            "sh.kaito.preset": spec.name,
-            "sh.kaito.preset.revision": spec.hf_revision or f"embedded-{spec.embedded}",
-            "sh.kaito.version": KAITO_VERSION,
-        }
-        if spec.hf_repo:
-            labels["org.opencontainers.image.source"] = f"https://huggingface.co/{spec.hf_repo}"
-            labels["org.opencontainers.image.revision"] = spec.hf_revision
+        labels = _labels(spec, tag)
         annotations = {**labels, V.ANN_MODEL_NAME: spec.name, V.ANN_CONTENT_ROOT: WEIGHTS_ROOT}
         if base:
             annotations["org.opencontainers.image.base.name"] = str(as_ref(base, "base"))
             annotations["org.opencontainers.image.base.digest"] = base_img.digest
         img = append(
             base_img,
-            [*wl, cl],
+            layers,
             env={"KAITO_MODEL_DIR": "/workspace/weights", "KAITO_PRESET": spec.name},
             labels=labels,
             annotations=annotations,
@@ -192,18 +262,18 @@ def build_preset(
         mp_ref = mp_digest = None
         uploaded = res.bytes_uploaded
         if modelpack:
-            mp = _modelpack(
-                spec,
-                tag,
-                wl,
-                cl,
-                {k: v for k, v in annotations.items() if not k.startswith("org.opencontainers.image.base")},
-            )
-            mres = write_image(mp, ref.with_tag(f"{tag}-modelpack"), conn, jobs=jobs, progress=progress, **push_kw)
-            mp_ref, mp_digest, uploaded = mres.ref, mres.digest, uploaded + mres.bytes_uploaded
-    layers = tuple({"file": x.annotations[V.MODEL_FILEPATH], "digest": x.digest, "size": x.size} for x in (*wl, cl))
+            mp_ref_ = image_ref_for(registry, modelpack_repository(spec.name), tag)
+            mp_hook, mp_written = _sink_hook(mp_ref_)
+            mp_layers = _file_layers(wdir, weights + other, "", mp_hook, progress)
+            keep = {k: v for k, v in annotations.items() if k != V.ANN_CONTENT_ROOT and ".base." not in k}
+            mres = write_image(_modelpack(spec, tag, mp_layers, keep), mp_ref_, conn, jobs=jobs, progress=progress,
+                               **push_kw)
+            mp_ref, mp_digest = mres.ref, mres.digest
+            uploaded += mres.bytes_uploaded + mp_written[0]
+    files = (*weights, *other)
+    out = tuple({"file": f, "digest": x.digest, "size": x.size} for f, x in zip(files, layers, strict=True))
     # for a layout, the weight blobs were written while hashing: count them as sent too
-    return BuildResult(res.ref, res.digest, mp_ref, mp_digest, img.size, layers, uploaded + written[0], base)
+    return BuildResult(res.ref, res.digest, mp_ref, mp_digest, img.size, out, uploaded + written[0], base)
 
 
 def build_adapter(
@@ -240,7 +310,9 @@ def build_adapter(
         )
         for f in ADAPTER_FILES
     ]
-    annotations = {V.ANN_CONTENT_ROOT: "data", "org.opencontainers.image.title": f"{d.name} adapter"}
+    # No directory names in annotations: tuning pushes from a fresh temporary directory each time,
+    # and the same adapter must give the same digest.
+    annotations = {V.ANN_CONTENT_ROOT: "data", "org.opencontainers.image.title": f"{model or 'kaito'} adapter"}
     if model:
         annotations[V.ANN_MODEL_NAME] = model
     img = append(

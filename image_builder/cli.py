@@ -64,7 +64,7 @@ def _emit(result: dict, as_json: bool, quiet: bool, line: str) -> None:
 def _rate(limit: Optional[str], field: str = "--limit-rate") -> Optional[float]:
     if not limit:
         return None
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     s = limit.strip().lower().rstrip("b").rstrip("i")
     try:
         return float(s[:-1]) * units[s[-1]] if s[-1] in units else float(s)
@@ -88,6 +88,9 @@ def build_preset_cmd(
         None, "--weights", help="weights directory (default: the preset's weight source)"
     ),
     base: Optional[str] = typer.Option(None, "--base", envvar="KAITO_BASE_IMAGE", help="base runtime image reference"),
+    weights_only: bool = typer.Option(
+        False, "--weights-only", help="no runtime base: an image of weight layers only (it cannot serve)"
+    ),
     no_modelpack: bool = typer.Option(False, "--no-modelpack", help="skip the ModelPack artifact"),
     limit_rate: Optional[str] = typer.Option(None, "--limit-rate", help="cap upload speed, e.g. 50M (bytes/s)"),
     chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="upload chunk (resume granularity), e.g. 256M"),
@@ -97,12 +100,23 @@ def build_preset_cmd(
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
-    """Build a preset image (base + one layer per weight file) and its ModelPack artifact.
+    """Build a preset image (base + one layer per model file) and its ModelPack artifact `kaito-<preset>-weights`.
+
+    The base is --base / KAITO_BASE_IMAGE, else <registry>/kaito-base:<version>, else
+    out/registry/kaito-base:<version> (what `make build-base` writes); none found is an error.
 
     Example: kaito image build-preset tiny-phi-3 --registry 127.0.0.1:5000 --tag 0.1.0
     """
-    from kaito.image_builder.build import build_preset
+    from kaito.image_builder.build import build_preset, resolve_base
+    from kaito.image_builder.transfer import Connection
+    from kaito.presets import get_preset
 
+    if weights_only and base:
+        raise InvalidInput("--weights-only and --base (or KAITO_BASE_IMAGE) exclude each other; pass one")
+    get_preset(preset)  # an unknown preset is the first thing to report, before looking for a base
+    if not weights_only:  # by default a preset image serves: weights on the runtime base
+        with Connection(auth_file, insecure) as conn:
+            base = resolve_base(base, registry, conn)
     with _progress(quiet, as_json) as prog:
         r = build_preset(
             preset,
@@ -118,7 +132,7 @@ def build_preset_cmd(
             rate_limit=_rate(limit_rate),
             **({"chunk_size": int(_rate(chunk_size, "--chunk-size"))} if chunk_size else {}),
         )
-    base_note = f"on {r.base}" if r.base else "weights only (no --base / KAITO_BASE_IMAGE given)"
+    base_note = f"on {r.base}" if r.base else "weights only (--weights-only): it cannot serve"
     _emit(
         r.to_json(),
         as_json,
@@ -162,6 +176,12 @@ def pull_cmd(
     dest: Path = typer.Argument(..., help="directory to create (or an empty mount point)"),
     rootfs: bool = typer.Option(False, "--rootfs", help="extract every layer as-is instead of the model content"),
     force: bool = typer.Option(False, "--force", help="replace DEST if it holds something else"),
+    max_bytes: Optional[str] = typer.Option(
+        None, "--max-bytes", help="most file bytes to write, e.g. 2T (default 1T; env KAITO_PULL_MAX_BYTES)"
+    ),
+    max_ratio: Optional[float] = typer.Option(
+        None, "--max-ratio", min=1, help="largest expansion of a compressed layer (default 100; KAITO_PULL_MAX_RATIO)"
+    ),
     auth_file: Optional[Path] = AUTH,
     insecure: Optional[bool] = INSECURE,
     jobs: int = JOBS,
@@ -170,13 +190,17 @@ def pull_cmd(
 ) -> None:
     """Pull an image into DIR: an adapter's files, or a preset's weights, directly in DIR (atomically).
 
-    Example: kaito image pull 127.0.0.1:5000/kaito-tiny-phi-3:0.1.0-modelpack /workspace/weights
+    Example: kaito image pull 127.0.0.1:5000/kaito-tiny-phi-3-weights:0.1.0 /workspace/weights
     """
+    from kaito.image_builder.oci.extract import ExtractLimits
     from kaito.image_builder.pull import pull
 
+    limit = int(_rate(max_bytes, "--max-bytes")) if max_bytes else None
+    limits = ExtractLimits.from_env(max_bytes=limit, max_ratio=max_ratio)
     with _progress(quiet, as_json) as prog:
         r = pull(
-            ref, dest, auth_file=auth_file, insecure=insecure, full=rootfs, jobs=jobs, progress=prog, overwrite=force
+            ref, dest, auth_file=auth_file, insecure=insecure, full=rootfs, jobs=jobs, progress=prog, overwrite=force,
+            limits=limits,
         )
     _emit(
         {

@@ -8,6 +8,12 @@ volume mount point, a move of its entries with the marker written last).
 A plain pull keeps only the model content: an adapter image's `/data` or a
 preset image's (or its ModelPack's) `/workspace/weights`, prefix stripped;
 `full=True` (`--rootfs`) extracts everything as-is.
+
+Hostile input is refused where it enters (digests in descriptors, links
+judged against the tree as extracted and again once all layers are applied,
+malformed tar/PAX/gzip/zstd, `ExtractLimits` on bytes and expansion) and a
+failed pull leaves nothing: only a network failure keeps verified layers, and
+only for a caller that will rerun (`resumable`).
 """
 
 from __future__ import annotations
@@ -23,11 +29,21 @@ from typing import Optional, Union
 
 from kaito.image_builder.oci import values as V
 from kaito.image_builder.oci.errors import OCIError, RegistryError
-from kaito.image_builder.oci.extract import decompressed, extract_tar, verified, write_raw
+from kaito.image_builder.oci.extract import (
+    OPAQUE,
+    WHITEOUT,
+    Budget,
+    ExtractLimits,
+    check_links,
+    decompressed,
+    extract_tar,
+    verified,
+    write_raw,
+)
 from kaito.image_builder.oci.image import Image
 from kaito.image_builder.oci.progress import NULL, Progress
 from kaito.image_builder.transfer import Connection, RefLike, as_ref, read_image
-from kaito.presets.errors import InvalidInput
+from kaito.presets.errors import InvalidInput, KaitoError
 
 MARKER = ".kaito-pull.json"
 TAR_TYPES = (
@@ -38,8 +54,8 @@ TAR_TYPES = (
     V.DOCKER_LAYER_GZIP,
     V.MODEL_WEIGHT_TAR,
     V.MODEL_WEIGHT_CONFIG_TAR,
-    "application/vnd.cncf.model.doc.v1.tar",
-    "application/vnd.cncf.model.code.v1.tar",
+    V.MODEL_DOC_TAR,
+    V.MODEL_CODE_TAR,
     "application/vnd.cncf.model.dataset.v1.tar",
 )
 
@@ -91,14 +107,17 @@ def _merge(layer_dir: Path, tree: Path, keep: bool = False) -> None:
         target_dir = tree / rel
         links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         dirnames[:] = [d for d in dirnames if d not in links]
-        for name in sorted(filenames + links):
+        # Whiteouts hide what lower layers put here, so they go first (opaque first of all), then
+        # this layer's own entries; names were checked at extraction (no '.', '..' or reserved names).
+        names = sorted(filenames + links, key=lambda n: (n != OPAQUE, not n.startswith(WHITEOUT), n))
+        for name in names:
             src, dst = Path(dirpath) / name, target_dir / name
-            if name == ".wh..wh..opq":
+            if name == OPAQUE:
                 for child in target_dir.iterdir() if target_dir.is_dir() else []:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
                 continue
-            if name.startswith(".wh."):
-                victim = target_dir / name[4:]
+            if name.startswith(WHITEOUT):
+                victim = target_dir / name[len(WHITEOUT) :]
                 if victim.is_dir() and not victim.is_symlink():
                     shutil.rmtree(victim)
                 elif os.path.lexists(victim):
@@ -139,6 +158,145 @@ def _files(root: Path) -> tuple[str, ...]:
     return tuple(sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MARKER))
 
 
+@dataclass
+class _Pull:
+    """One pull in progress: the image, where it stages, and what it has written."""
+
+    ref: object
+    img: Image
+    layers: tuple
+    strip: str
+    staging: Path
+    full: bool
+    progress: Progress
+    budget: Budget
+    limits: ExtractLimits
+    retries: int
+    downloaded: int = 0
+
+    def what(self, x) -> str:
+        return f"layer {x.digest} of {self.ref}"
+
+    def fetch_once(self, x, ldir: Path) -> None:
+        if ldir.exists():
+            shutil.rmtree(ldir)
+        ldir.mkdir()
+        name = x.annotations.get(V.MODEL_FILEPATH) or x.digest.split(":", 1)[1][:12]
+        adv = self.progress.task(x.digest, f"pull {name}", x.size)
+
+        def count(n: int) -> None:
+            self.downloaded += n
+            adv(n)
+
+        what = self.what(x)
+        stream = verified(x.open(), x.digest, x.size, what, count)
+        raw = _raw_name(x, self.img)
+        if raw:
+            write_raw(stream, ldir, raw, what, self.budget)
+            return
+        tar = decompressed(stream, x.media_type, what, self.limits)
+        extract_tar(tar, ldir, what, strip=self.strip, allow_absolute_links=self.full, budget=self.budget)
+
+    def fetch(self, x) -> None:
+        hex_ = x.digest.split(":", 1)[1]  # checked against the OCI grammar when the manifest was read
+        ldir, done = self.staging / "layers" / hex_, self.staging / "layers" / f"{hex_}.done"
+        if done.exists():
+            self.progress.finish(x.digest, "verified earlier")
+            return
+        for attempt in range(self.retries + 1):
+            try:
+                self.fetch_once(x, ldir)
+                break
+            except RegistryError as e:
+                # A dropped connection or 5xx mid-layer: fetch that layer again (others keep their work).
+                if attempt == self.retries or (e.status is not None and e.status < 500):
+                    raise
+                time.sleep(0.5 * 2**attempt)
+            except (ValueError, EOFError, LookupError) as e:  # a parser corner we did not foresee: still one line
+                if isinstance(e, KaitoError):
+                    raise
+                raise OCIError(f"extracting {self.what(x)}: {type(e).__name__}: {e}") from None
+        done.touch()
+        self.progress.finish(x.digest, "done")
+
+    def fetch_all(self, jobs: int) -> None:
+        # An image may list one layer twice (two empty layers, say): fetch it once, apply it at each place.
+        unique = list({x.digest: x for x in self.layers}.values())
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="kaito-pull") as ex:
+            futures = [ex.submit(self.fetch, x) for x in unique]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+
+    def merge(self) -> Path:
+        """Apply the layers in order into staging/tree; returns the content root (links re-checked there)."""
+        tree = self.staging / "tree"
+        if tree.exists():
+            shutil.rmtree(tree)
+        tree.mkdir()
+        for i, x in enumerate(self.layers):
+            again = any(y.digest == x.digest for y in self.layers[i + 1 :])
+            _merge(self.staging / "layers" / x.digest.split(":", 1)[1], tree, keep=again)
+        check_links(tree, f"image {self.ref} (all layers applied)", self.full)
+        if self.full or self.strip or V.ANN_CONTENT_ROOT in self.img.annotations:
+            return tree
+        return _guess_root(tree)
+
+
+def _install(root: Path, dest: Path, staging: Path, into_existing: bool) -> None:
+    """Move the finished tree to `dest` (marker last when filling an existing mount point)."""
+    if into_existing:
+        for p in sorted(root.iterdir(), key=lambda p: p.name == MARKER):  # marker last
+            os.replace(p, dest / p.name)
+    elif dest.exists():
+        old = dest.parent / f".{dest.name}.kaito-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(root, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(root, dest)
+    shutil.rmtree(staging)
+
+
+def _check_layers(ref, img: Image, layers) -> None:
+    for x in layers:
+        if x.media_type not in TAR_TYPES and not _raw_name(x, img):
+            raise OCIError(
+                f"pulling {ref}: layer {x.digest} has media type {x.media_type!r}: not a tar layer, and no "
+                f"file name annotation ({V.ANN_TITLE} or {V.MODEL_FILEPATH}) to store it under"
+            )
+
+
+def _up_to_date(ref, img: Image, dest: Path, full: bool) -> Optional[PullResult]:
+    marker = dest / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        done = json.loads(marker.read_text())
+    except ValueError:
+        return None
+    if isinstance(done, dict) and done.get("digest") == img.digest and done.get("full", False) == full:
+        return PullResult(str(ref), img.digest, dest, _files(dest), 0, len(img.layers), True)
+    return None
+
+
+def _staging(ref, digest: str, dest: Path, into_existing: bool) -> Path:
+    """The staging directory beside (or inside) `dest`, reused only when it holds this same image."""
+    staging = (dest / ".kaito-partial") if into_existing else dest.parent / f".{dest.name}.kaito-partial"
+    state = staging / "state.json"
+    if staging.exists():
+        try:
+            same = json.loads(state.read_text()).get("digest") == digest
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            shutil.rmtree(staging)
+    (staging / "layers").mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"ref": str(ref), "digest": digest}))
+    return staging
+
+
 def pull(
     ref: RefLike,
     dest: Union[str, Path],
@@ -151,124 +309,46 @@ def pull(
     overwrite: bool = False,
     conn: Optional[Connection] = None,
     retries: int = 3,
+    resumable: bool = True,
+    limits: Optional[ExtractLimits] = None,
 ) -> PullResult:
-    """Pull `ref` into `dest` (see the module docstring); rerunning a finished pull is a no-op."""
+    """Pull `ref` into `dest` (see the module docstring); rerunning a finished pull is a no-op.
+
+    A failed pull leaves nothing behind, except, when `resumable`, the verified layers of a pull
+    cut by the network (the rerun skips them). Callers that never rerun (the runtime's adapter
+    loads, into a fresh directory each time) pass `resumable=False`.
+    """
     ref = as_ref(ref)
     dest = Path(dest)
     own = conn is None
     conn = conn or Connection(auth_file, insecure)
     try:
         img = read_image(ref, conn)
-        digest = img.digest
-        marker = dest / MARKER
-        if marker.is_file():
-            try:
-                done = json.loads(marker.read_text())
-            except ValueError:
-                done = {}
-            if done.get("digest") == digest and done.get("full", False) == full:
-                return PullResult(str(ref), digest, dest, _files(dest), 0, len(img.layers), True)
+        done = _up_to_date(ref, img, dest, full)
+        if done:
+            return done
         layers, strip = _content_layers(img, full)
-        for x in layers:
-            if x.media_type not in TAR_TYPES and not _raw_name(x, img):
-                raise OCIError(
-                    f"pulling {ref}: layer {x.digest} has media type {x.media_type!r}: not a tar layer, and no "
-                    f"file name annotation ({V.ANN_TITLE} or {V.MODEL_FILEPATH}) to store it under"
-                )
+        _check_layers(ref, img, layers)
         into_existing = dest.is_dir() and all(p.name in (".kaito-partial", MARKER) for p in dest.iterdir())
         if dest.exists() and not into_existing and not overwrite:
             raise InvalidInput(f"pull destination {dest} exists and is not empty; remove it or pass --force")
-        staging = (dest / ".kaito-partial") if into_existing else dest.parent / f".{dest.name}.kaito-partial"
-        state = staging / "state.json"
-        if staging.exists():
-            try:
-                same = json.loads(state.read_text()).get("digest") == digest
-            except (OSError, ValueError):
-                same = False
-            if not same:
-                shutil.rmtree(staging)
-        (staging / "layers").mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({"ref": str(ref), "digest": digest}))
-        downloaded = [0]
-
-        def fetch_once(x, ldir: Path) -> None:
-            if ldir.exists():
-                shutil.rmtree(ldir)
-            ldir.mkdir()
-            name = x.annotations.get(V.MODEL_FILEPATH) or x.digest[7:19]
-            adv = progress.task(x.digest, f"pull {name}", x.size)
-
-            def count(n: int) -> None:
-                downloaded[0] += n
-                adv(n)
-
-            stream = verified(x.open(), x.digest, x.size, f"layer {x.digest} of {ref}", count)
-            raw = _raw_name(x, img)
-            if raw:
-                write_raw(stream, ldir, raw, f"layer {x.digest} of {ref}")
-                return
-            extract_tar(
-                decompressed(stream, x.media_type),
-                ldir,
-                f"layer {x.digest} of {ref}",
-                strip=strip,
-                allow_absolute_links=full,
-            )
-
-        def fetch(x) -> None:
-            hex_ = x.digest.split(":", 1)[1]
-            ldir, done = staging / "layers" / hex_, staging / "layers" / f"{hex_}.done"
-            if done.exists():
-                progress.finish(x.digest, "verified earlier")
-                return
-            for attempt in range(retries + 1):
-                try:
-                    fetch_once(x, ldir)
-                    break
-                except RegistryError as e:
-                    # A dropped connection or 5xx mid-layer: fetch that layer again (others keep their work).
-                    if attempt == retries or (e.status is not None and e.status < 500):
-                        raise
-                    time.sleep(0.5 * 2**attempt)
-            done.touch()
-            progress.finish(x.digest, "done")
-
-        # An image may list one layer twice (two empty layers, say): fetch it once, apply it at each place.
-        unique = list({x.digest: x for x in layers}.values())
-        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="kaito-pull") as ex:
-            futures = [ex.submit(fetch, x) for x in unique]
-            errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            # A bad layer (tampered, unsafe) poisons the whole pull: drop everything staged.
-            # (a network failure keeps verified layers for the rerun)
-            if not isinstance(errors[0], RegistryError):
+        staging = _staging(ref, img.digest, dest, into_existing)
+        limits = limits or ExtractLimits.from_env()
+        job = _Pull(ref, img, layers, strip, staging, full, progress, Budget(limits), limits, retries)
+        try:
+            job.fetch_all(jobs)
+            root = job.merge()
+            files = _files(root)
+            marker = {"ref": str(ref), "digest": img.digest, "full": full, "files": list(files)}
+            (root / MARKER).write_text(json.dumps(marker))
+            _install(root, dest, staging, into_existing)
+        except Exception as e:
+            # A bad layer (tampered, unsafe, malformed) poisons the whole pull: drop everything staged.
+            # A network failure keeps verified layers for the rerun, when there will be one.
+            if not (resumable and isinstance(e, RegistryError)):
                 shutil.rmtree(staging, ignore_errors=True)
-            raise errors[0]
-        tree = staging / "tree"
-        if tree.exists():
-            shutil.rmtree(tree)
-        tree.mkdir()
-        for i, x in enumerate(layers):
-            again = any(y.digest == x.digest for y in layers[i + 1:])
-            _merge(staging / "layers" / x.digest.split(":", 1)[1], tree, keep=again)
-        root = tree if (full or strip or V.ANN_CONTENT_ROOT in img.annotations) else _guess_root(tree)
-        files = _files(root)
-        (root / MARKER).write_text(json.dumps({"ref": str(ref), "digest": digest, "full": full, "files": list(files)}))
-        if into_existing:
-            for p in sorted(root.iterdir(), key=lambda p: p.name == MARKER):  # marker last
-                os.replace(p, dest / p.name)
-            shutil.rmtree(staging)
-        else:
-            if dest.exists():
-                old = dest.parent / f".{dest.name}.kaito-old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(dest, old)
-                os.replace(root, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(root, dest)
-            shutil.rmtree(staging)
-        return PullResult(str(ref), digest, dest, files, downloaded[0], len(layers))
+            raise
+        return PullResult(str(ref), img.digest, dest, files, job.downloaded, len(layers))
     finally:
         if own:
             conn.close()

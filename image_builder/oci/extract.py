@@ -1,11 +1,15 @@
 """Verified, safe, streaming layer extraction (the pull side's last step).
 
 `verified(chunks, digest, size)` hashes a blob stream as it passes and fails
-at its end on any mismatch; `decompressed` undoes gzip/zstd; `extract_tar`
-parses the tar itself (ustar, PAX, GNU long names) and writes members with
-large sequential writes. Refused, with the entry named: absolute paths,
-`..`, symlinks or hard links that lead outside the root, writes through a
-symlink, device files and FIFOs. Called by kaito.image_builder.pull.
+at its end on any mismatch; `decompressed` (kaito.image_builder.oci.tarstream)
+undoes gzip/zstd; `extract_tar` writes the members of a tar stream with large
+sequential writes. Refused, with the entry named: absolute paths, `..`,
+device files and FIFOs, writes through a symlink, malformed whiteouts, and
+links that lead outside the root. Links are judged against the tree as
+extracted (Python tarfile's `data_filter` rule): a link target is resolved
+through the links already on disk, and `check_links` re-resolves every
+symlink once the tree is complete, so the order of entries (or layers) cannot
+smuggle an escape. Called by kaito.image_builder.pull.
 """
 
 from __future__ import annotations
@@ -13,24 +17,31 @@ from __future__ import annotations
 import os
 import posixpath
 import tarfile
-import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
+from kaito.image_builder.oci import values as V
 from kaito.image_builder.oci.errors import OCIError, UnsafeLayer, VerificationError
 from kaito.image_builder.oci.layer import PipelinedSha256
+from kaito.image_builder.oci.tarstream import Budget, ExtractLimits, Reader, decompressed, members
+
+__all__ = ["Budget", "ExtractLimits", "check_links", "decompressed", "extract_tar", "verified", "write_raw"]
 
 FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+OPAQUE = ".wh..wh..opq"
+WHITEOUT = ".wh."
+MAX_HOPS = 40  # Linux's symlink limit (ELOOP)
 
 
 def verified(
     chunks: Iterable[bytes], digest: str, size: int, what: str, progress: Optional[Callable[[int], None]] = None
 ) -> Iterator[bytes]:
-    """Pass `chunks` through, checking size and sha256 at the end (raising VerificationError).
+    """Pass `chunks` through, checking size and digest at the end (raising VerificationError).
 
     Hashing runs on a helper thread, overlapping the download and the writes.
     """
-    h, n = PipelinedSha256(), 0
+    V.check_digest(digest, f"verifying {what}")
+    h, n = PipelinedSha256(V.new_hash(digest)), 0
     try:
         for c in chunks:
             h.update(c)
@@ -40,114 +51,69 @@ def verified(
             if progress:
                 progress(len(c))
             yield c
-        got = "sha256:" + h.hexdigest()
+        got = f"{h.h.name}:{h.hexdigest()}"
     finally:
         h.close()
     if n != size or got != digest:
         raise VerificationError(f"verifying {what}: got {n} bytes with digest {got}, expected {size} bytes {digest}")
 
 
-def decompressed(chunks: Iterable[bytes], media_type: str) -> Iterator[bytes]:
-    if media_type.endswith("gzip"):
-        d = zlib.decompressobj(wbits=47)
-        for c in chunks:
-            out = d.decompress(c)
-            if out:
-                yield out
-        tail = d.flush()
-        if tail:
-            yield tail
-    elif media_type.endswith("zstd"):
-        import zstandard
+def resolve(root: Path, rel: str) -> tuple[str, str]:
+    """Follow `rel` under `root` through the symlinks now on disk, as the kernel would.
 
-        d = zstandard.ZstdDecompressor().decompressobj()
-        for c in chunks:
-            out = d.decompress(c)
-            if out:
-                yield out
-    else:
-        yield from chunks
-
-
-class _Reader:
-    """Exact-size reads and copies over a chunk iterator, without joining big buffers."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self.it, self.buf = iter(chunks), b""
-
-    def read(self, n: int) -> bytes:
-        parts, have = [self.buf], len(self.buf)
-        while have < n:
-            c = next(self.it, None)
-            if c is None:
-                break
-            parts.append(c)
-            have += len(c)
-        data = b"".join(parts)
-        self.buf = data[n:]
-        return data[:n]
-
-    def copy(self, n: int, write: Optional[Callable[[bytes], object]]) -> None:
-        while n:
-            if not self.buf:
-                self.buf = next(self.it, b"")
-                if not self.buf:
-                    raise OCIError("reading a layer: the tar stream ended inside a file")
-            part, self.buf = (self.buf, b"") if len(self.buf) <= n else (self.buf[:n], self.buf[n:])
-            if write:
-                write(part)
-            n -= len(part)
-
-    def drain(self) -> None:
-        self.buf = b""
-        for _ in self.it:
-            pass
-
-
-def _pax(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        sp = data.index(b" ", pos)
-        length = int(data[pos:sp])
-        key, _, val = data[sp + 1 : pos + length - 1].partition(b"=")
-        out[key.decode()] = val.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
-def _members(r: _Reader) -> Iterator[tuple[str, tarfile.TarInfo]]:
-    ext: dict[str, str] = {}
-    glob: dict[str, str] = {}
-    while True:
-        hdr = r.read(512)
-        if len(hdr) < 512:
-            raise OCIError("reading a layer: truncated tar header")
-        if hdr == b"\0" * 512:
-            return
-        try:
-            ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as e:
-            raise OCIError(f"reading a layer: bad tar header ({e})") from None
-        padded = ti.size + (-ti.size % 512)
-        if ti.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
-            recs = _pax(r.read(padded)[: ti.size])
-            (glob if ti.type == tarfile.XGLTYPE else ext).update(recs)
+    Returns ("inside", resolved relative path), ("outside", why) for a climb above
+    the root or a loop, or ("absolute", target) on meeting an absolute symlink.
+    """
+    parts, stack, hops = rel.split("/"), [], 0
+    while parts:
+        p = parts.pop(0)
+        if p in ("", "."):
             continue
-        if ti.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
-            val = r.read(padded)[: ti.size].rstrip(b"\0").decode("utf-8", "surrogateescape")
-            ext["path" if ti.type == tarfile.GNUTYPE_LONGNAME else "linkpath"] = val
+        if p == "..":
+            if not stack:
+                return "outside", "climbs above the destination"
+            stack.pop()
             continue
-        fields = {**glob, **ext}
-        ext = {}
-        if "path" in fields:
-            ti.name = fields["path"]
-        if "linkpath" in fields:
-            ti.linkname = fields["linkpath"]
-        if "size" in fields:
-            ti.size = int(fields["size"])
-        yield ti.name, ti
-        # the caller consumed ti.size bytes; skip the padding
-        r.copy(-ti.size % 512, None)
+        cur = os.path.join(root, *stack, p)
+        if not os.path.islink(cur):
+            stack.append(p)
+            continue
+        hops += 1
+        if hops > MAX_HOPS:
+            return "outside", "loops through symlinks"
+        target = os.readlink(cur)
+        if target.startswith("/"):
+            return "absolute", target
+        parts = target.split("/") + parts
+    return "inside", "/".join(stack)
+
+
+def _check_symlink(root: Path, rel: str, target: str, allow_absolute: bool, what: str, name: str) -> None:
+    """Refuse a symlink at `rel` whose target, resolved through the tree, leaves `root`."""
+    if target.startswith("/") and not allow_absolute:
+        raise UnsafeLayer(f"extracting {what}: symlink {name!r} points to the absolute path {target!r}")
+    if "\0" in target:
+        raise UnsafeLayer(f"extracting {what}: symlink {name!r} has a NUL byte in its target")
+    if target.startswith("/"):
+        return  # rootfs mode: absolute links are kept, and nothing is ever written through them
+    kind, why = resolve(root, posixpath.join(posixpath.dirname(rel), target))
+    if kind == "outside" or (kind == "absolute" and not allow_absolute):
+        raise UnsafeLayer(f"extracting {what}: symlink {name!r} -> {target!r} escapes the destination ({why})")
+
+
+def check_links(root: Path, what: str, allow_absolute: bool = False) -> None:
+    """Re-resolve every symlink under `root` against the finished tree (a link may lean on one made later)."""
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p):
+                rel = os.path.relpath(p, root)
+                try:
+                    _check_symlink(root, rel, os.readlink(p), allow_absolute, what, rel)
+                except UnsafeLayer:
+                    os.unlink(p)  # a refused tree never keeps a door out, even before its caller cleans up
+                    raise
 
 
 def _clean(name: str, what: str) -> Optional[str]:
@@ -161,114 +127,145 @@ def _clean(name: str, what: str) -> Optional[str]:
     return "/".join(parts) or None
 
 
-def extract_tar(
-    chunks: Iterable[bytes], root: Path, what: str, *, strip: str = "", allow_absolute_links: bool = False
-) -> list[str]:
-    """Extract a tar stream under `root` (which must exist); returns the regular files written (relative paths).
+def _check_whiteout(rel: str, ti: tarfile.TarInfo, what: str) -> None:
+    """OCI whiteouts: `.wh.<name>` hides <name> of lower layers, `.wh..wh..opq` empties the directory.
 
-    With `strip`, only entries under that directory are written, with the prefix removed.
+    Both are empty regular files; other `.wh..wh.` names are reserved, and a whiteout must name a
+    real sibling (not '', '.' or '..', which would reach the parent directory).
     """
-    root = Path(root)
-    r = _Reader(chunks)
-    strip = strip.strip("/")
-    safe_dirs: set[str] = {""}
-    files: list[str] = []
+    base = posixpath.basename(rel)
+    if not base.startswith(WHITEOUT):
+        return
+    if ti.type not in FILE_TYPES:
+        raise UnsafeLayer(f"extracting {what}: whiteout {ti.name!r} is not a regular file")
+    if base == OPAQUE:
+        return
+    victim = base[len(WHITEOUT) :]
+    if victim in ("", ".", "..") or victim.startswith(WHITEOUT):
+        raise UnsafeLayer(f"extracting {what}: malformed whiteout {ti.name!r} (it names no sibling entry)")
 
-    def ensure_parent(rel: str) -> str:
+
+def _strip(rel: Optional[str], strip: str) -> Optional[str]:
+    if rel is None or not strip:
+        return rel
+    return rel[len(strip) + 1 :] if rel.startswith(strip + "/") else None
+
+
+class _Tree:
+    """Writes one layer's entries under `root`; parents are checked once and never followed through a symlink."""
+
+    def __init__(self, root: Path, r: Reader, what: str, strip: str, allow_absolute: bool, budget: Budget) -> None:
+        self.root, self.r, self.what, self.strip = root, r, what, strip
+        self.allow_absolute, self.budget = allow_absolute, budget
+        self.safe_dirs, self.files = {""}, []
+
+    def parent_of(self, rel: str) -> str:
         parent = posixpath.dirname(rel)
-        if parent in safe_dirs:
-            return str(root / rel)
+        if parent in self.safe_dirs:
+            return str(self.root / rel)
         cur = ""
         for part in parent.split("/"):
             cur = f"{cur}/{part}" if cur else part
-            if cur in safe_dirs:
+            if cur in self.safe_dirs:
                 continue
-            p = root / cur
+            p = self.root / cur
             if not os.path.lexists(p):
                 os.mkdir(p, 0o755)
             elif os.path.islink(p) or not os.path.isdir(p):
                 raise UnsafeLayer(
-                    f"extracting {what}: entry {rel!r} would be written through the non-directory {cur!r}"
+                    f"extracting {self.what}: entry {rel!r} would be written through the non-directory {cur!r}"
                 )
-            safe_dirs.add(cur)
-        return str(root / rel)
+            self.safe_dirs.add(cur)
+        return str(self.root / rel)
 
-    def remove_existing(path: str) -> None:
-        if os.path.lexists(path) and not os.path.isdir(path) or os.path.islink(path):
+    def replace(self, rel: str) -> str:
+        """The path for a new non-directory entry at `rel`, whatever non-directory was there removed."""
+        path = self.parent_of(rel)
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
             os.unlink(path)
+        return path
 
-    def one(name: str, ti: tarfile.TarInfo) -> None:
-        rel = _clean(name, what)
-        if rel is not None and strip:
-            rel = rel[len(strip) + 1 :] if rel.startswith(strip + "/") else None if rel != strip else None
+    def add(self, ti: tarfile.TarInfo) -> None:
+        what = self.what
+        rel = _strip(_clean(ti.name, what), self.strip)
         if ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE):
-            raise UnsafeLayer(f"extracting {what}: entry {name!r} is a device file or FIFO; layers may not carry those")
+            raise UnsafeLayer(f"extracting {what}: entry {ti.name!r} is a device file or FIFO; layers carry neither")
         if rel is None:
-            r.copy(ti.size, None)
-            return
-        if ti.type == tarfile.DIRTYPE:
-            path = ensure_parent(rel)
+            self.r.copy(ti.size, None)
+        elif ti.type == tarfile.DIRTYPE:
+            _check_whiteout(rel, ti, what)
+            path = self.parent_of(rel)
             if os.path.islink(path):
-                raise UnsafeLayer(f"extracting {what}: directory {name!r} replaces a symlink")
+                raise UnsafeLayer(f"extracting {what}: directory {ti.name!r} replaces a symlink")
             os.makedirs(path, 0o755, exist_ok=True)
-            safe_dirs.add(rel)
+            self.safe_dirs.add(rel)
         elif ti.type == tarfile.SYMTYPE:
-            target = ti.linkname
-            if target.startswith("/"):
-                if not allow_absolute_links:
-                    raise UnsafeLayer(f"extracting {what}: symlink {name!r} points to the absolute path {target!r}")
-            else:
-                resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
-                if resolved == ".." or resolved.startswith("../"):
-                    raise UnsafeLayer(f"extracting {what}: symlink {name!r} -> {target!r} escapes the destination")
-            path = ensure_parent(rel)
-            remove_existing(path)
-            os.symlink(target, path)
+            _check_whiteout(rel, ti, what)
+            _check_symlink(self.root, rel, ti.linkname, self.allow_absolute, what, ti.name)
+            os.symlink(ti.linkname, self.replace(rel))
         elif ti.type == tarfile.LNKTYPE:
-            tgt = _clean(ti.linkname, what)
-            if tgt and strip:
-                tgt = tgt[len(strip) + 1 :] if tgt.startswith(strip + "/") else None
-            real_root = os.path.realpath(root)
-            if (
-                not tgt
-                or os.path.islink(root / tgt)
-                or not os.path.realpath(root / tgt).startswith(real_root + os.sep)
-                or not os.path.isfile(root / tgt)
-            ):
-                raise UnsafeLayer(
-                    f"extracting {what}: hard link {name!r} -> {ti.linkname!r} points outside the extracted files"
-                )
-            path = ensure_parent(rel)
-            remove_existing(path)
-            os.link(root / tgt, path)
-            files.append(rel)
+            _check_whiteout(rel, ti, what)
+            self.hardlink(rel, ti)
         elif ti.type in FILE_TYPES:
-            path = ensure_parent(rel)
-            remove_existing(path)
-            fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o755 if ti.mode & 0o111 else 0o644
-            )
+            _check_whiteout(rel, ti, what)
+            self.budget.take(ti.size, what)
+            path = self.replace(rel)
+            mode = 0o755 if ti.mode & 0o111 else 0o644
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
             with os.fdopen(fd, "wb") as f:
-                r.copy(ti.size, f.write)
-            files.append(rel)
+                self.r.copy(ti.size, f.write)
+            self.files.append(rel)
         else:
-            raise UnsafeLayer(f"extracting {what}: entry {name!r} has unsupported tar type {ti.type!r}")
+            raise UnsafeLayer(f"extracting {what}: entry {ti.name!r} has unsupported tar type {ti.type!r}")
 
-    for name, ti in _members(r):
+    def hardlink(self, rel: str, ti: tarfile.TarInfo) -> None:
+        """A hard link binds an inode now: its target, resolved through the tree so far, must be a file inside."""
+        tgt = _strip(_clean(ti.linkname, self.what), self.strip)
+        kind, resolved = resolve(self.root, tgt) if tgt else ("outside", "")
+        src = self.root / resolved
+        if kind != "inside" or not os.path.isfile(src) or os.path.islink(src):
+            raise UnsafeLayer(
+                f"extracting {self.what}: hard link {ti.name!r} -> {ti.linkname!r} points outside the extracted files"
+            )
+        os.link(src, self.replace(rel), follow_symlinks=False)
+        self.files.append(rel)
+
+
+def extract_tar(
+    chunks: Iterable[bytes],
+    root: Path,
+    what: str,
+    *,
+    strip: str = "",
+    allow_absolute_links: bool = False,
+    budget: Optional[Budget] = None,
+) -> list[str]:
+    """Extract a tar stream under `root` (which must exist); returns the regular files written (relative paths).
+
+    With `strip`, only entries under that directory are written, with the prefix removed.
+    `budget` counts file bytes against the pull's limit (default: ExtractLimits()).
+    """
+    root, r = Path(root), Reader(chunks, what)
+    tree = _Tree(root, r, what, strip.strip("/"), allow_absolute_links, budget or Budget(ExtractLimits()))
+    for ti in members(r, what):
         try:
-            one(name, ti)
+            tree.add(ti)
         except OSError as e:
             # e.g. a file and a directory under one name: refuse the layer, say which entry
-            raise OCIError(f"extracting {what}: entry {name!r}: {e.strerror}") from None
+            raise OCIError(f"extracting {what}: entry {ti.name!r}: {e.strerror or e}") from None
     r.drain()  # the rest of the stream must still be hashed and verified
-    return files
+    check_links(root, what, allow_absolute_links)
+    return tree.files
 
 
-def write_raw(chunks: Iterable[bytes], root: Path, name: str, what: str) -> str:
+def write_raw(
+    chunks: Iterable[bytes], root: Path, name: str, what: str, budget: Optional[Budget] = None
+) -> str:
     """Store a blob that is itself a file (ModelPack `.raw` layers, oras-style artifacts) as `root/name`."""
     rel = _clean(name, what)
     if rel is None:
         raise UnsafeLayer(f"extracting {what}: file name {name!r} is empty")
+    budget = budget or Budget(ExtractLimits())
     path = Path(root) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     if os.path.realpath(path.parent) != os.path.join(os.path.realpath(root), posixpath.dirname(rel)).rstrip("/"):
@@ -276,5 +273,6 @@ def write_raw(chunks: Iterable[bytes], root: Path, name: str, what: str) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "wb") as f:
         for c in chunks:
+            budget.take(len(c), what)
             f.write(c)
     return rel

@@ -48,6 +48,7 @@ class Layout(BlobSource):
 
     # --- blobs ------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
+        V.check_digest(digest, f"reading layout {self.path}")  # never a path from an unchecked string
         algo, _, hex_ = digest.partition(":")
         return self.path / "blobs" / algo / hex_
 
@@ -141,7 +142,7 @@ class Layout(BlobSource):
         """Write `chunks` as a blob, hashing while writing; renamed into place only when verified."""
         self._init()
         tmp = self._tmp_blob()
-        h = hashlib.sha256()
+        h = V.new_hash(expect) if expect else hashlib.sha256()
         try:
             with open(tmp, "wb") as f, ThreadPoolExecutor(1) as writer:
                 pending = None
@@ -155,7 +156,7 @@ class Layout(BlobSource):
                         progress(len(chunk))
                 if pending is not None:
                     pending.result()
-            digest = "sha256:" + h.hexdigest()
+            digest = f"{h.name}:{h.hexdigest()}"
             if expect and digest != expect:
                 raise VerificationError(f"writing blob to {self.path}: content has digest {digest}, expected {expect}")
             return self._commit_blob(tmp, digest)
@@ -179,11 +180,16 @@ class Layout(BlobSource):
 
     def read_index(self) -> dict:
         try:
-            return json.loads((self.path / "index.json").read_text())
+            index = json.loads((self.path / "index.json").read_bytes())
         except FileNotFoundError:
             raise OCIError(
                 f"reading layout {self.path}: no index.json (not an OCI layout; build or copy an image there first)"
             ) from None
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise OCIError(f"reading layout {self.path}: index.json is not JSON ({e})") from None
+        if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+            raise OCIError(f"reading layout {self.path}: index.json is not an OCI index (no 'manifests' list)")
+        return index
 
     def _write_index(self, index: dict) -> None:
         tmp = self.path / f".index.json.{os.getpid()}"
@@ -199,7 +205,7 @@ class Layout(BlobSource):
 
     def resolve(self, target: Optional[str]) -> V.Descriptor:
         manifests = [V.Descriptor.from_json(m) for m in self.read_index().get("manifests", [])]
-        if target and target.startswith("sha256:"):
+        if target and V.is_digest(target):
             for m in manifests:
                 if m.digest == target:
                     return m

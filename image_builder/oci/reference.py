@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from kaito.image_builder.oci.errors import BadReference
+from kaito.presets.images import digest_problem, image_name
 
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 LOOPBACK = ("127.", "localhost", "[::1]")
@@ -74,8 +74,8 @@ def _split_target(s: str, field: str) -> tuple[str, Optional[str], Optional[str]
     digest = None
     if "@" in s:
         s, digest = s.rsplit("@", 1)
-        if not DIGEST_RE.match(digest):
-            raise BadReference(f"{field}: digest {digest!r} is not sha256:<64 hex>")
+        if digest_problem(digest):
+            raise BadReference(f"{field}: digest {digest_problem(digest)}")
     tag = None
     last = s.rsplit("/", 1)[-1]
     if ":" in last:
@@ -99,8 +99,8 @@ def parse_reference(ref: str, field: str = "reference") -> Reference:
         digest = tag = None
         if "@" in body:
             body, digest = body.rsplit("@", 1)
-            if not DIGEST_RE.match(digest):
-                raise BadReference(f"{field}: digest {digest!r} is not sha256:<64 hex>")
+            if digest_problem(digest):
+                raise BadReference(f"{field}: digest {digest_problem(digest)}")
         elif ":" in body.rsplit("/", 1)[-1]:
             body, tag = body.rsplit(":", 1)
         if not body:
@@ -137,4 +137,4 @@ def image_ref_for(registry: str, name: str, tag: str) -> Reference:
     if is_path_like(registry):
         d = Path(registry[4:] if registry.startswith("oci:") else registry).expanduser()
         return Reference(path=d / name, tag=tag)
-    return parse_reference(f"{registry.rstrip('/')}/{name}:{tag}", "registry")
+    return parse_reference(image_name(registry, name, tag), "registry")

@@ -381,7 +381,7 @@ class Registry:
             ok=(200,),
         )
         raw = r.content
-        if target.startswith("sha256:"):
+        if V.is_digest(target):
             V.verify_bytes(raw, target, f"manifest {self.host}/{repo}@{target}")
         return raw, r.headers.get("content-type", "").split(";")[0]
 
@@ -394,7 +394,9 @@ class Registry:
             doing=f"checking manifest {self.host}/{repo}:{target}",
             ok=(200, 404),
         )
-        return r.headers.get("docker-content-digest") if r.status_code == 200 else None
+        if r.status_code != 200:
+            return None
+        return V.check_digest(r.headers.get("docker-content-digest"), f"checking manifest {self.host}/{repo}:{target}")
 
     def put_manifest(self, repo: str, target: str, raw: bytes, media_type: str) -> str:
         r = self.request(

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from kaito.image_builder.oci.errors import OCIError, VerificationError
+from kaito.presets.images import DIGEST_RE, digest_problem, is_digest  # noqa: F401  (one home for the rule)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -33,6 +33,8 @@ MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
 MODEL_WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
 MODEL_WEIGHT_CONFIG_TAR = "application/vnd.cncf.model.weight.config.v1.tar"
 MODEL_WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
+MODEL_DOC_TAR = "application/vnd.cncf.model.doc.v1.tar"
+MODEL_CODE_TAR = "application/vnd.cncf.model.code.v1.tar"
 MODEL_FILEPATH = "org.cncf.model.filepath"
 
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
@@ -46,11 +48,21 @@ ANN_TITLE = "org.opencontainers.image.title"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 
 
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+def check_digest(digest: object, what: str) -> str:
+    """`digest` if it follows the OCI digest grammar (kaito.presets.images), else OCIError naming `what`.
+
+    Called where a digest enters from outside (descriptors, layouts) so no crafted
+    value such as `sha256:../../x` ever becomes a path or a URL.
+    """
+    problem = digest_problem(digest)
+    if problem:
+        raise OCIError(f"{what}: digest {problem}")
+    return digest  # type: ignore[return-value]
 
 
-def is_digest(s: str) -> bool:
-    return bool(DIGEST_RE.match(s))
+def new_hash(digest: str):
+    """A fresh hashlib object for `digest`'s (already checked) algorithm."""
+    return hashlib.new(digest.partition(":")[0])
 
 
 def sha256_digest(data: bytes) -> str:
@@ -85,17 +97,22 @@ class Descriptor:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Descriptor":
+        if not isinstance(d, Mapping):
+            raise OCIError(f"reading a descriptor: expected a JSON object, got {d!r:.200}")
         try:
+            size = d["size"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(f"size {size!r} is not a non-negative integer")
             return cls(
                 media_type=d["mediaType"],
-                digest=d["digest"],
-                size=int(d["size"]),
+                digest=check_digest(d["digest"], "reading a descriptor"),
+                size=size,
                 annotations=dict(d.get("annotations") or {}),
                 artifact_type=d.get("artifactType"),
                 platform=d.get("platform"),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise OCIError(f"reading a descriptor: missing or bad field {e} in {dict(d)!r}") from None
+            raise OCIError(f"reading a descriptor: missing or bad field {e} in {dict(d)!r:.300}") from None
 
 
 @dataclass(frozen=True)
@@ -126,6 +143,11 @@ def parse_manifest(raw: bytes, media_type: Optional[str] = None) -> "Manifest | 
         d = json.loads(raw)
     except ValueError as e:
         raise OCIError(f"reading a manifest: not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise OCIError(f"reading a manifest: expected a JSON object, got {type(d).__name__}")
+    for key in ("manifests", "layers"):
+        if not isinstance(d.get(key, []), list):
+            raise OCIError(f"reading a manifest: {key!r} is not a list")
     mt = d.get("mediaType") or media_type or (OCI_INDEX if "manifests" in d else OCI_MANIFEST)
     if mt in INDEX_TYPES or "manifests" in d:
         return Index(mt, tuple(Descriptor.from_json(m) for m in d.get("manifests", [])), raw)
@@ -166,7 +188,10 @@ def pick_platform(index: Index, os_: str = "linux", arch: Optional[str] = None) 
 
 
 def verify_bytes(data: bytes, digest: str, what: str) -> bytes:
-    got = sha256_digest(data)
+    check_digest(digest, f"verifying {what}")
+    h = new_hash(digest)
+    h.update(data)
+    got = f"{h.name}:{h.hexdigest()}"
     if got != digest:
         raise VerificationError(f"verifying {what}: content has digest {got}, expected {digest}")
     return data

@@ -50,17 +50,21 @@ def test_preset_build_reproducible_and_rebuild_uploads_nothing(registry, weights
     assert (c.digest, c.bytes_uploaded) == (a.digest, 0)
 
 
-def test_modelpack_shares_blobs_with_image(registry, weights_dir):
+def test_modelpack_follows_the_spec_and_the_image_has_one_layer_per_file(registry, weights_dir):
     res = build_preset("tiny-phi-3", registry.host, tag="mp", weights_dir=weights_dir)
     img = _manifest(registry, "kaito-tiny-phi-3", "mp").json()
-    mp = _manifest(registry, "kaito-tiny-phi-3", "mp-modelpack").json()
-    assert mp["artifactType"] == V.MODEL_ARTIFACT and mp["config"]["mediaType"] == V.MODEL_CONFIG
-    assert {x["mediaType"] for x in mp["layers"]} == {V.MODEL_WEIGHT_TAR, V.MODEL_WEIGHT_CONFIG_TAR}
-    assert [x["digest"] for x in mp["layers"]] == [x["digest"] for x in img["layers"]]
-    assert res.modelpack_ref.endswith(":mp-modelpack")
-    # one weight layer per safetensors file, uncompressed, under /workspace/weights
-    weights = [x for x in img["layers"] if x["annotations"][V.MODEL_FILEPATH].endswith(".safetensors")]
-    assert weights and all(x["mediaType"] == V.OCI_LAYER for x in weights)
+    mp = _manifest(registry, "kaito-tiny-phi-3-weights", "mp").json()
+    assert res.modelpack_ref == f"{registry.host}/kaito-tiny-phi-3-weights:mp"
+    assert mp["mediaType"] == V.OCI_MANIFEST and mp["artifactType"] == V.MODEL_ARTIFACT
+    assert mp["config"]["mediaType"] == V.MODEL_CONFIG
+    files = sorted(p.name for p in weights_dir.iterdir())
+    # one layer per file; the filepath annotation is the model-relative path (what the tar holds)
+    assert sorted(x["annotations"][V.MODEL_FILEPATH] for x in mp["layers"]) == files
+    kinds = {x["annotations"][V.MODEL_FILEPATH]: x["mediaType"] for x in mp["layers"]}
+    assert kinds["model.safetensors"] == V.MODEL_WEIGHT_TAR and kinds["config.json"] == V.MODEL_WEIGHT_CONFIG_TAR
+    # the image: one uncompressed layer per file under /workspace/weights, annotated with its tar path
+    assert sorted(x["annotations"][V.MODEL_FILEPATH] for x in img["layers"]) == [f"workspace/weights/{f}" for f in files]
+    assert all(x["mediaType"] == V.OCI_LAYER for x in img["layers"])
     assert img["annotations"]["sh.kaito.model.name"] == "tiny-phi-3"
 
 

@@ -116,3 +116,57 @@ def test_upload_cut_inside_a_chunk_restarts_that_blob(registry, tmp_path, isolat
         assert not list((isolated_cache / "uploads").glob("*.json"))  # state cleaned up
     finally:
         reg.close()
+
+
+def _upload_sizes(registry, repo: str) -> list[int]:
+    """Bytes the registry holds in each open upload session of `repo` (distribution's storage layout)."""
+    d = registry.root / "data" / "docker" / "registry" / "v2" / "repositories" / repo / "_uploads"
+    return [p.stat().st_size for p in d.glob("*/data")] if d.is_dir() else []
+
+
+def test_push_killed_mid_chunk_resends_only_that_blob(registry, tmp_path, isolated_cache):
+    """SIGKILL while a PATCH body is in flight (the registry is paused so the kill lands inside chunk 2).
+
+    Distribution keeps the cut PATCH's bytes but refuses the session on resume (the state token's
+    offset no longer matches what it stored; registry/handlers/blobupload.go), so the rerun
+    restarts that one blob from its first byte; finished blobs are never resent.
+    """
+    chunk = 8 << 20
+    done_f, cut_f = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    done_f.write_bytes(os.urandom(3 << 20))
+    cut_f.write_bytes(os.urandom(3 * chunk))
+    a = Layer.from_file(done_f, "workspace/weights/a.safetensors")
+    b = Layer.from_file(cut_f, "workspace/weights/b.safetensors")
+    img = append(empty_image(), [a, b], annotations={V.ANN_CONTENT_ROOT: "workspace/weights"})
+    push(img, f"oci:{tmp_path / 'layout'}:v1")
+    env = {**os.environ, "KAITO_CACHE_DIR": str(isolated_cache)}
+    src, dst = f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/resume/midchunk:v1"
+    # One blob at a time; at 8 MiB/s the client sleeps ~1 s after each accepted chunk.
+    proc = _kaito("image", "copy", src, dst, "--quiet", "-j", "1", "--chunk-size", "8M", "--limit-rate", "8M", env=env)
+    deadline = time.monotonic() + 60
+    while _state_offset(isolated_cache) < chunk:  # chunk 1 of b accepted; the client now sleeps
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "push made no progress"
+        time.sleep(0.005)
+    os.kill(registry.proc.pid, signal.SIGSTOP)  # the client's next PATCH stalls once socket buffers fill
+    try:
+        time.sleep(2.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        os.kill(registry.proc.pid, signal.SIGCONT)
+    time.sleep(0.5)  # the registry reads what the kernel buffered, then sees the body end early
+    held = max(_upload_sizes(registry, "resume/midchunk"))
+    assert chunk < held < 2 * chunk, held  # the kill landed inside chunk 2
+    assert httpx.get(f"{registry.url}/v2/resume/midchunk/manifests/v1").status_code == 404
+
+    rerun = _kaito("image", "copy", src, dst, "--json", env=env)
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err.decode()
+    res = json.loads(out)
+    assert a.digest in res["skipped"]  # a finished blob is never resent
+    assert b.digest not in res["resumed"]  # distribution refused the cut session: b went up afresh
+    config = 0 if img.config_blob.digest in res["skipped"] else len(img.config_bytes)
+    assert res["bytes_uploaded"] == b.size + config
+    got = pull(dst, tmp_path / "out")
+    assert got.digest == img.digest and (tmp_path / "out" / "b.safetensors").read_bytes() == cut_f.read_bytes()

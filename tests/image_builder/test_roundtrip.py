@@ -7,10 +7,9 @@ import itertools
 import os
 import tarfile
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from kaito.image_builder import Connection, Layer, OCIError, append, empty_image, pull, push, read_image
-from kaito.image_builder.oci import values as V
 from kaito.image_builder.oci.extract import extract_tar
 from kaito.image_builder.oci.image import validate
 
@@ -70,17 +69,32 @@ def test_a_layer_listed_twice_is_applied_at_each_place_and_files_become_director
     assert sorted(got.files) == ["data/d/e"] and (tmp_path / "out2/data/d").is_dir()
 
 
+def _inside(path: str, root: str) -> bool:
+    """Whether `path`, resolved through every symlink, stays in `root` (a sibling `root2` is outside)."""
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, real_root]) == real_root
+
+
+_CHAIN = [  # the escape from issue 12: each link "inside" on paper, the pair outside
+    ("d/e/f", tarfile.SYMTYPE, "../.."),
+    ("n", tarfile.SYMTYPE, "d/e/f/../x"),
+]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     entries=st.lists(
         st.tuples(
-            st.sampled_from(["a", "b/c", "../x", "/abs", "a/../../y", "d/e/f", "l", "l/z", "./n"]),
+            st.sampled_from(["a", "b/c", "../x", "/abs", "a/../../y", "d/e/f", "l", "l/z", "./n", "n", "h"]),
             st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]),
-            st.sampled_from(["", "a", "..", "../..", "/etc", "b", "l/../.."]),
+            st.sampled_from(["", "a", "..", "../..", "/etc", "b", "l/../..", "d/e/f/../x", "n", "l/z"]),
         ),
         max_size=6,
     )
 )
+@example(entries=_CHAIN)
+@example(entries=list(reversed(_CHAIN)))
+@example(entries=[("l", tarfile.SYMTYPE, "../root-sibling"), ("h", tarfile.LNKTYPE, "l/secret")])
 def test_random_tars_never_write_outside(tmp_path, entries):
     n = next(_counter)
     buf = io.BytesIO()
@@ -94,13 +108,17 @@ def test_random_tars_never_write_outside(tmp_path, entries):
     outer = tmp_path / f"case{n}"
     root = outer / "root"
     root.mkdir(parents=True)
+    sibling = outer / "root-sibling"  # same prefix as the root: a prefix test would call it inside
+    sibling.mkdir()
+    (sibling / "secret").write_text("s")
+    (outer / "x").write_text("outside")
     try:
         extract_tar([buf.getvalue()], root, "fuzz")
     except OCIError:
         pass  # refused (unsafe or conflicting entries); other exception types would be a bug
-    assert sorted(os.listdir(outer)) == ["root"]  # nothing beside the root
-    for dirpath, _, filenames in os.walk(root):
-        for f in filenames:
+    assert sorted(os.listdir(outer)) == ["root", "root-sibling", "x"]  # nothing new beside the root
+    assert os.listdir(sibling) == ["secret"] and os.stat(sibling / "secret").st_nlink == 1
+    for dirpath, dirnames, filenames in os.walk(root):
+        for f in dirnames + filenames:  # every entry, symlinks included, must resolve inside
             p = os.path.join(dirpath, f)
-            assert os.path.realpath(p).startswith(str(root)) or os.path.islink(p)
-    assert V.OCI_LAYER  # module import sanity
+            assert _inside(p, str(root)), f"{os.path.relpath(p, root)} -> {os.path.realpath(p)} is outside"
