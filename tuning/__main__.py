@@ -3,7 +3,7 @@
     # one GPU (or CPU):
     python -m kaito.tuning --config /mnt/config/training_config.yaml --preset phi-3-mini-128k-instruct \
         --method qlora --data /mnt/data --output /mnt/results \
-        --push REGISTRY/IMAGE:TAG --push-secret /root/.docker/config.json
+        --push REGISTRY/IMAGE:TAG --push-secret /var/run/secrets/kaito/docker/config.json
     # several GPUs on one node (DDP; accelerate picks NCCL, or gloo on CPU):
     torchrun --standalone --nproc_per_node 4 -m kaito.tuning --config ... --preset ... --method lora ...
     # two nodes:

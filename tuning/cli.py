@@ -6,13 +6,14 @@ renders these exact forms into the tuning Job:
 
     kaito tune fetch-data --dest /mnt/data URL...              # init container
     python -m kaito.tuning --config /mnt/config/training_config.yaml --preset NAME --method qlora \
-        --data /mnt/data --output /mnt/results [--push REF --push-secret /root/.docker/config.json]
+        --data /mnt/data --output /mnt/results [--push REF --push-secret /var/run/secrets/kaito/docker/config.json]
 
 Heavy libraries (torch, transformers, peft) are imported inside the commands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,9 +34,15 @@ tune_app = typer.Typer(
 
 
 def _logging() -> None:
+    """Logs go to stderr so that stdout carries only the JSON result (`kaito tune ... | jq`)."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
+    handler = RichHandler(console=Console(stderr=True), show_path=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    # httpx logs every request URL at INFO, upload-session tokens (`_state=`) included.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @tune_app.callback()
@@ -63,10 +70,13 @@ def tune(
     _logging()
     from kaito.tuning.trainer import run_tuning
 
-    summary = run_tuning(
-        preset=preset, method=method, data=data, output=output, config=config, model_dir=model_dir,
-        push=push, push_secret=push_secret,
-    )
+    # Libraries print progress to stdout (Trainer's log dicts, accelerate); only
+    # the JSON summary below belongs there.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run_tuning(
+            preset=preset, method=method, data=data, output=output, config=config, model_dir=model_dir,
+            push=push, push_secret=push_secret,
+        )
     if int(os.environ.get("RANK", "0")) == 0:  # one summary line per job, not per DDP rank
         typer.echo(json.dumps(summary, default=str))
 

@@ -9,7 +9,8 @@ kwargs for `from_pretrained` (ModelConfig), `BitsAndBytesConfig`
 Field names are checked against the HF classes themselves, so any field those
 classes accept is accepted here (and new ones appear when the libraries
 upgrade); an unknown field or section is an `InvalidInput` naming the valid
-ones. Kaito's own checks (lora must not quantize, qlora must quantize,
+ones. Fields Kaito's parser adds (trl's SFTConfig names in TrainingArguments,
+ModelConfig.chat_template, ...) are mapped first by `kaito.tuning.compat`. Kaito's own checks (lora must not quantize, qlora must quantize,
 output_dir under the results root) also live here. Parsing needs only yaml;
 the HF classes are imported when the sections are built.
 """
@@ -19,18 +20,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import logging
 import posixpath
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+from kaito.presets import contract
 from kaito.presets.errors import InvalidInput
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from kaito.tuning.compat import SFT_FIELDS, take_kaito_fields
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger("kaito.tuning")
 
 SECTIONS = ("ModelConfig", "QuantizationConfig", "LoraConfig", "TrainingArguments", "DataCollator", "DatasetConfig")
+# dataset_extension values (Kaito's: the `datasets` builder names) -> our reader.
+READERS = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet", "arrow": "arrow"}
 # Kaito's pods mount results here; configs written for Kaito name it, and a
 # local run (tests, `kaito tune` on a laptop) rebases it onto --output.
-KAITO_RESULTS_ROOT = "/mnt/results"
+KAITO_RESULTS_ROOT = contract.RESULTS_DIR
 
 # from_pretrained kwargs a tuning config may set (ModelConfig). Model-config
 # attribute overrides are deliberately excluded: they change the architecture.
@@ -39,32 +47,60 @@ MODEL_KWARGS = frozenset(
         "dtype", "torch_dtype", "local_files_only", "device_map", "revision", "trust_remote_code",
         "attn_implementation", "low_cpu_mem_usage", "max_memory", "offload_folder", "offload_state_dict",
         "offload_buffers", "use_safetensors", "subfolder", "cache_dir", "force_download", "variant",
-        "pretrained_model_name_or_path", "use_cache", "tp_plan", "key_mapping", "use_kernels",
+        "use_cache", "tp_plan", "key_mapping", "use_kernels",
     }
 )
 
 
 class DatasetConfig(BaseModel):
-    """Kaito's DatasetConfig plus packing; column names default to auto-detection."""
+    """Kaito's DatasetConfig plus packing, length and loss settings; column names default to auto-detection."""
 
     model_config = ConfigDict(extra="forbid")
 
     dataset_path: Optional[str] = Field(
-        None, description="File or folder under the data dir to train on; default: every data file in it."
+        None, description="File or folder under the data dir to train on (Kaito's form data/x, relative to /mnt, "
+        "works too); default: every data file in it."
+    )
+    dataset_extension: Optional[str] = Field(
+        None, description="Reader for the data files whatever their names: csv, json, jsonl, parquet or arrow."
     )
     shuffle_dataset: bool = Field(True, description="Shuffle rows before the split (Kaito default true).")
     shuffle_seed: int = Field(42, description="Seed of that shuffle, so reruns and resumes see the same order.")
     messages_column: Optional[str] = Field(None, description="Column of OpenAI-style messages; default 'messages'.")
     context_column: Optional[str] = Field(None, description="Prompt side of context/response or prompt/completion rows.")
-    response_column: Optional[str] = Field(None, description="Answer side (the only tokens that get a loss).")
-    text_column: Optional[str] = Field(None, description="Plain-text column (loss on every token).")
+    response_column: Optional[str] = Field(
+        None, description="Answer side (the only tokens that get a loss); alone, with no context column in the "
+        "data, the plain-text column (Kaito's meaning)."
+    )
+    text_column: Optional[str] = Field(None, description="Plain-text column (loss on every token), whatever else is there.")
+    dataset_text_field: Optional[str] = Field(
+        None, description="trl's name: the plain-text column of rows that hold no chat messages or prompt/completion "
+        "pair (default 'text')."
+    )
     train_test_split: float = Field(
         1.0, gt=0, le=1, description="Fraction of rows used for training; the rest is the eval set (1 = no eval)."
     )
     packing: bool = Field(
         False, description="Pack several examples per sequence (attention kept separate); off by default like Kaito."
     )
-    max_seq_length: int = Field(1024, gt=8, description="Longest training sequence in tokens; longer rows are cut.")
+    max_seq_length: Optional[int] = Field(
+        1024, gt=8, description="Longest training sequence in tokens (trl: max_length); longer rows are cut; "
+        "null: only the model's context length cuts."
+    )
+    eval_packing: Optional[bool] = Field(None, description="Pack the eval rows too; default: as packing.")
+    completion_only_loss: Optional[bool] = Field(
+        None, description="Prompt/completion rows: false puts the loss on the prompt too (default: answers only)."
+    )
+    assistant_only_loss: Optional[bool] = Field(
+        None, description="Chat rows: false puts the loss on every turn (default: assistant turns only)."
+    )
+
+    @field_validator("dataset_extension")
+    @classmethod
+    def _known_reader(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v.lower().lstrip(".") not in READERS:
+            raise ValueError(f"{v!r} cannot be read here; use one of {', '.join(READERS)}")
+        return v.lower().lstrip(".") if v else v
 
 
 class TuningConfig(BaseModel):
@@ -80,6 +116,10 @@ class TuningConfig(BaseModel):
     collator: dict[str, Any] = Field(default_factory=dict)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     output_dir: Path = Field(description="Resolved TrainingArguments.output_dir (under the results root).")
+    chat_template: Optional[str] = Field(None, description="Template replacing the tokenizer's (Kaito's chat_template).")
+    loading_info: bool = Field(False, description="Log missing/unexpected weights (ModelConfig.output_loading_info).")
+    pad_token: Optional[str] = Field(None, description="Padding token replacing the tokenizer's (trl's pad_token).")
+    ignored: list[str] = Field(default_factory=list, description="Kaito fields accepted without effect here.")
 
 
 def _unknown(section: str, key: str, valid: set[str], what: str) -> InvalidInput:
@@ -110,9 +150,9 @@ def _read(source: Union[str, Path, dict]) -> dict:
         raise InvalidInput(f"--config {path}: not valid YAML: {e}") from None
     # A whole ConfigMap manifest is accepted too: its data key holds the file.
     if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
-        text = (doc.get("data") or {}).get("training_config.yaml")
+        text = (doc.get("data") or {}).get(contract.TRAINING_CONFIG_FILE)
         if text is None:
-            raise InvalidInput(f"--config {path}: ConfigMap has no data key training_config.yaml")
+            raise InvalidInput(f"--config {path}: ConfigMap has no data key {contract.TRAINING_CONFIG_FILE}")
         doc = yaml.safe_load(text)
     return doc
 
@@ -164,9 +204,40 @@ def parse_config(source: Union[str, Path, dict], *, method: str, results_root: U
         if body[name] is not None and not isinstance(body[name], dict):
             raise InvalidInput(f"training_config.{name} must be a mapping of fields, got {type(body[name]).__name__}")
     sec = {k: dict(body.get(k) or {}) for k in SECTIONS}
+    kaito = take_kaito_fields(sec)
     _check_fields(sec)
+    if kaito.ignored:
+        log.warning("training_config: accepted as Kaito does, but without effect on this job: %s",
+                    ", ".join(kaito.ignored))
 
     quant = sec["QuantizationConfig"] if "QuantizationConfig" in body else None
+    _check_quantization(method, quant)
+    try:
+        dataset = DatasetConfig(**_merge_dataset(sec["DatasetConfig"], kaito.dataset))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        where = kaito.dataset[loc][0] if loc in kaito.dataset else f"DatasetConfig.{loc}"  # the name the user wrote
+        raise InvalidInput(f"training_config.{where}: {err['msg']}") from None
+    out = resolve_output_dir(sec["TrainingArguments"].get("output_dir"), Path(results_root))
+    return TuningConfig(
+        method=method,
+        model=sec["ModelConfig"],
+        quantization=quant if method == "qlora" else None,
+        lora=sec["LoraConfig"],
+        training=sec["TrainingArguments"],
+        collator=sec["DataCollator"],
+        dataset=dataset,
+        output_dir=out,
+        chat_template=kaito.chat_template,
+        loading_info=kaito.loading_info,
+        pad_token=kaito.pad_token,
+        ignored=kaito.ignored,
+    )
+
+
+def _check_quantization(method: str, quant: Optional[dict]) -> None:
+    """Kaito's rule: lora must not quantize, qlora must (4-bit or 8-bit, not both)."""
     four, eight = bool((quant or {}).get("load_in_4bit")), bool((quant or {}).get("load_in_8bit"))
     if method == "lora" and (four or eight):
         field = "load_in_4bit" if four else "load_in_8bit"
@@ -181,23 +252,18 @@ def parse_config(source: Union[str, Path, dict], *, method: str, results_root: U
     if four and eight:
         raise InvalidInput("training_config.QuantizationConfig: set only one of load_in_4bit and load_in_8bit")
 
-    try:
-        dataset = DatasetConfig(**sec["DatasetConfig"])
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise InvalidInput(f"training_config.DatasetConfig.{loc}: {err['msg']}") from None
-    out = resolve_output_dir(sec["TrainingArguments"].get("output_dir"), Path(results_root))
-    return TuningConfig(
-        method=method,
-        model=sec["ModelConfig"],
-        quantization=quant if method == "qlora" else None,
-        lora=sec["LoraConfig"],
-        training=sec["TrainingArguments"],
-        collator=sec["DataCollator"],
-        dataset=dataset,
-        output_dir=out,
-    )
+
+def _merge_dataset(given: dict, from_training: dict[str, tuple[str, Any]]) -> dict:
+    """DatasetConfig fields plus those set through trl's names in TrainingArguments; a disagreement is an error."""
+    merged = dict(given)
+    for key, (where, value) in from_training.items():
+        if key in given and given[key] != value and key != "shuffle_dataset":
+            raise InvalidInput(
+                f"training_config.{where} ({value!r}) and training_config.DatasetConfig.{key} ({given[key]!r}) "
+                "say different things; keep one of them"
+            )
+        merged[key] = value
+    return merged
 
 
 def _check_fields(sec: dict[str, dict]) -> None:
@@ -212,7 +278,7 @@ def _check_fields(sec: dict[str, dict]) -> None:
         "ModelConfig": (set(MODEL_KWARGS), "from_pretrained"),
         "QuantizationConfig": (_signature_fields(BitsAndBytesConfig), "transformers.BitsAndBytesConfig"),
         "LoraConfig": (_init_fields(LoraConfig), "peft.LoraConfig"),
-        "TrainingArguments": (_init_fields(TrainingArguments), "transformers.TrainingArguments"),
+        "TrainingArguments": (_init_fields(TrainingArguments) | SFT_FIELDS, "trl.SFTConfig"),
         "DataCollator": (_init_fields(DataCollatorForLanguageModeling) - {"tokenizer"}, "DataCollatorForLanguageModeling"),
     }
     for section, (valid, what) in checks.items():
@@ -235,7 +301,6 @@ def _dtype(section: str, key: str, value):
 def build_model_kwargs(cfg: TuningConfig, *, trust_remote_code: bool) -> dict[str, Any]:
     """from_pretrained kwargs; trust_remote_code comes from the preset, never from the config alone."""
     kw = dict(cfg.model)
-    kw.pop("pretrained_model_name_or_path", None)  # the model dir comes from the preset / --model-dir
     if "torch_dtype" in kw:  # transformers 5 renamed it
         kw["dtype"] = kw.pop("torch_dtype")
     if "dtype" in kw:

@@ -1,7 +1,8 @@
 """Training data: files in the data dir -> checked rows -> token ids with loss masks -> batches.
 
 Called by `kaito.tuning.trainer` (and the benchmark). Reads csv, json, jsonl,
-parquet and arrow files with pyarrow (no pickle), recognises Kaito's formats
+parquet and arrow files with pyarrow (no pickle; DatasetConfig.dataset_extension
+picks the reader for files named otherwise), recognises Kaito's formats
 (OpenAI `messages`, context/response or prompt/completion columns, plain
 `text`), and names file, row and column for every bad row. Labels are -100
 everywhere except the assistant/response tokens (and their end-of-turn
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kaito.presets.errors import InvalidInput
-from kaito.tuning.config import DatasetConfig
+from kaito.tuning.config import READERS, DatasetConfig
 
 log = logging.getLogger("kaito.tuning")
 
@@ -32,31 +33,55 @@ IGNORE = -100
 PAIRS = (("prompt", "completion"), ("context", "response"), ("Context", "Response"), ("instruction", "response"))
 
 
-def find_data_files(data_dir: Path, dataset_path: Optional[str] = None) -> list[Path]:
-    """Every data file under data_dir (or dataset_path within it), sorted; none is an error."""
+def _dataset_base(data_dir: Path, dataset_path: Optional[str]) -> Path:
+    """dataset_path under the data dir; Kaito's form (relative to /mnt: `data/x`, `/mnt/data/x`) maps there too."""
+    if not dataset_path:
+        return data_dir
+    base = data_dir / dataset_path.lstrip("/")
+    if base.exists():
+        return base
+    # Kaito joins dataset_path onto /mnt, and its data volume is /mnt/data.
+    kaito = dataset_path.strip("/").removeprefix("mnt/")
+    if kaito == "data" or kaito.startswith("data/"):
+        alt = data_dir / kaito.removeprefix("data").lstrip("/")
+        if alt.exists():
+            return alt
+    raise InvalidInput(f"training_config.DatasetConfig.dataset_path {dataset_path!r}: not found under {data_dir}")
+
+
+def find_data_files(data_dir: Path, dataset_path: Optional[str] = None, reader: Optional[str] = None) -> list[Path]:
+    """Every data file under data_dir (or dataset_path within it), sorted; none is an error.
+
+    With a reader (DatasetConfig.dataset_extension), a named file is read with
+    it whatever its suffix, and a folder's files of other suffixes count too.
+    """
     data_dir = Path(data_dir)
-    base = data_dir / dataset_path if dataset_path else data_dir
-    if dataset_path and not base.exists():
-        raise InvalidInput(f"training_config.DatasetConfig.dataset_path {dataset_path!r}: not found under {data_dir}")
+    base = _dataset_base(data_dir, dataset_path)
+    every: list[Path] = []
     if base.is_file():
         files = [base]
     elif base.is_dir():
-        files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        every = sorted(p for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = [p for p in every if p.suffix.lower() in DATA_SUFFIXES] or (every if reader else [])
     else:
         raise InvalidInput(f"--data {data_dir}: no such directory")
     if not files:
-        raise InvalidInput(f"--data {base}: no data files ({', '.join(DATA_SUFFIXES)}); the dataset is empty")
+        other = f"; to read {every[0].name} name its format in DatasetConfig.dataset_extension" if every else ""
+        raise InvalidInput(f"--data {base}: no data files ({', '.join(DATA_SUFFIXES)}); the dataset is empty{other}")
     for f in files:
-        if f.suffix.lower() not in DATA_SUFFIXES:
-            raise InvalidInput(f"{f}: unsupported file type; use one of {', '.join(DATA_SUFFIXES)}")
+        if f.suffix.lower() not in DATA_SUFFIXES and not reader:
+            raise InvalidInput(
+                f"{f}: unsupported file type; use one of {', '.join(DATA_SUFFIXES)} "
+                "or name the format in DatasetConfig.dataset_extension"
+            )
     return files
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """All rows of one data file as dicts."""
+def read_rows(path: Path, reader: Optional[str] = None) -> list[dict[str, Any]]:
+    """All rows of one data file as dicts; `reader` (csv, json, parquet, arrow) overrides the file's suffix."""
     import pyarrow as pa
 
-    suffix = path.suffix.lower()
+    suffix = "." + READERS[reader] if reader else path.suffix.lower()
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -99,13 +124,19 @@ class Example:
 
     messages: Optional[list[dict[str, str]]] = None
     text: Optional[str] = None
+    loss_on_all: bool = False  # trl's completion_only_loss / assistant_only_loss set to false
 
 
 def _detect(cfg: DatasetConfig, columns: set[str], path: Path) -> tuple[str, tuple[str, ...]]:
     if cfg.messages_column:
         return "messages", (cfg.messages_column,)
-    if cfg.context_column or cfg.response_column:
-        return "pair", (cfg.context_column or "context", cfg.response_column or "response")
+    if cfg.context_column:
+        return "pair", (cfg.context_column, cfg.response_column or "response")
+    if cfg.response_column:
+        # Kaito: "main text column for standalone entries or the response part in prompt-response setups".
+        if "context" in columns:
+            return "pair", ("context", cfg.response_column)
+        return "text", (cfg.response_column,)
     if cfg.text_column:
         return "text", (cfg.text_column,)
     if "messages" in columns:
@@ -113,12 +144,13 @@ def _detect(cfg: DatasetConfig, columns: set[str], path: Path) -> tuple[str, tup
     for a, b in PAIRS:
         if a in columns and b in columns:
             return "pair", (a, b)
-    if "text" in columns:
-        return "text", ("text",)
+    text = cfg.dataset_text_field or "text"
+    if text in columns:
+        return "text", (text,)
     raise InvalidInput(
         f"{path}: no known format in columns {sorted(columns)}: expected 'messages', prompt/completion, "
-        "context/response or 'text'; or name columns in DatasetConfig (messages_column, context_column, "
-        "response_column, text_column)"
+        f"context/response or {text!r}; or name columns in DatasetConfig (messages_column, context_column, "
+        "response_column, text_column) or TrainingArguments.dataset_text_field"
     )
 
 
@@ -149,12 +181,12 @@ def _messages(value: Any, path: Path, row: int, col: str) -> list[dict[str, str]
     return out
 
 
-def _normalise(row: dict, kind: str, cols: tuple[str, ...], path: Path, i: int) -> Example:
+def _normalise(row: dict, kind: str, cols: tuple[str, ...], path: Path, i: int, cfg: DatasetConfig) -> Example:
     for c in cols:
         if c not in row:
             raise _fail(path, i, c, f"missing (row has {sorted(row)})")
     if kind == "messages":
-        return Example(messages=_messages(row[cols[0]], path, i, cols[0]))
+        return Example(messages=_messages(row[cols[0]], path, i, cols[0]), loss_on_all=cfg.assistant_only_loss is False)
     if kind == "pair":
         ctx, resp = row[cols[0]], row[cols[1]]
         if ctx is not None and not isinstance(ctx, str):
@@ -162,7 +194,7 @@ def _normalise(row: dict, kind: str, cols: tuple[str, ...], path: Path, i: int) 
         if not isinstance(resp, str) or not resp.strip():
             raise _fail(path, i, cols[1], "must be non-empty text (the response to learn)")
         msgs = ([{"role": "user", "content": ctx}] if ctx else []) + [{"role": "assistant", "content": resp}]
-        return Example(messages=msgs)
+        return Example(messages=msgs, loss_on_all=cfg.completion_only_loss is False)
     text = row[cols[0]]
     if not isinstance(text, str) or not text.strip():
         raise _fail(path, i, cols[0], "must be non-empty text")
@@ -172,13 +204,13 @@ def _normalise(row: dict, kind: str, cols: tuple[str, ...], path: Path, i: int) 
 def load_examples(data_dir: Path, cfg: DatasetConfig) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples: every file read and checked, shuffled with the seed, split."""
     examples: list[Example] = []
-    for path in find_data_files(data_dir, cfg.dataset_path):
-        rows = read_rows(path)
+    for path in find_data_files(data_dir, cfg.dataset_path, cfg.dataset_extension):
+        rows = read_rows(path, cfg.dataset_extension)
         if not rows:
             continue
         columns = set().union(*(r.keys() for r in rows[:100]))
         kind, cols = _detect(cfg, columns, path)
-        examples.extend(_normalise(r, kind, cols, path, i) for i, r in enumerate(rows))
+        examples.extend(_normalise(r, kind, cols, path, i, cfg) for i, r in enumerate(rows))
     if not examples:
         raise InvalidInput(f"--data {data_dir}: the dataset is empty (no rows in any data file)")
     if cfg.shuffle_dataset:
@@ -217,11 +249,13 @@ def tokenize(tok, ex: Example, max_len: int) -> Optional[dict[str, list[int]]]:
     """input_ids and labels (-100 outside answers), cut to max_len; None if no answer token survives."""
     if ex.messages is not None and tok.chat_template:
         text, spans = _assistant_spans(tok, ex.messages)
+        if ex.loss_on_all:
+            spans = [(0, len(text))]
     elif ex.messages is not None:  # no chat template: "prompt\nresponse<eos>"
         prompt = "\n".join(m["content"] for m in ex.messages[:-1])
         prefix = prompt + "\n" if prompt else ""
         text = prefix + ex.messages[-1]["content"] + (tok.eos_token or "")
-        spans = [(len(prefix), len(text))]
+        spans = [(0 if ex.loss_on_all else len(prefix), len(text))]
     else:
         text = ex.text + (tok.eos_token or "")
         spans = [(0, len(text))]
@@ -248,6 +282,20 @@ def tokenize_all(tok, examples: list[Example], max_len: int) -> list[dict[str, l
             f"DatasetConfig.max_seq_length={max_len}; raise it"
         )
     return out
+
+
+def build_features(
+    tok, data_dir: Path, cfg: DatasetConfig, max_len: int
+) -> tuple[list[dict[str, list[int]]], Optional[list[dict[str, list[int]]]]]:
+    """(train, eval or None) rows ready for the Collator: read, split, tokenized, packed as configured."""
+    train_ex, eval_ex = load_examples(data_dir, cfg)
+    train = tokenize_all(tok, train_ex, max_len)
+    evals = tokenize_all(tok, eval_ex, max_len) if eval_ex else None
+    if cfg.packing:
+        train = pack(train, max_len)
+    if evals and (cfg.packing if cfg.eval_packing is None else cfg.eval_packing):
+        evals = pack(evals, max_len)
+    return train, evals
 
 
 def pack(features: list[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:

@@ -23,10 +23,11 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 from kaito.presets.errors import InvalidInput, KaitoError
+from kaito.presets.images import DIGEST_PATTERN
 
 DEFAULT_MAX_BYTES = 50 * 1024**3
 CHUNK = 1 << 16
-_IMAGE_REF = re.compile(r"^[a-z0-9]+([.-][a-z0-9]+)*(:\d+)?/[a-z0-9._/-]+(:[\w.-]+|@sha256:[0-9a-f]{64})$")
+_IMAGE_REF = re.compile(rf"^[a-z0-9]+([.-][a-z0-9]+)*(:\d+)?/[a-z0-9._/-]+(:[\w.-]+|@{DIGEST_PATTERN})$")
 
 
 def redact(url: str) -> str:
@@ -122,6 +123,7 @@ def fetch_urls(
     show_progress: bool = True,
 ) -> list[Path]:
     """Download every URL into dest in parallel; returns the files in URL order."""
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -139,7 +141,7 @@ def fetch_urls(
     targets = [dest / file_name(u, i, taken) for i, u in enumerate(urls)]
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with httpx.Client(follow_redirects=True, timeout=timeout) as client, Progress(
-        *columns, disable=not show_progress
+        *columns, disable=not show_progress, console=Console(stderr=True)  # stdout carries only results
     ) as progress:
         tasks = [progress.add_task(t.name, total=None) for t in targets]
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:

@@ -7,7 +7,7 @@ renamed into place after it is fully written; `fine_tuning_completed.txt`
 follows only then. The push packages exactly those two files with
 `kaito.image_builder.build_adapter` (Kaito's layout: both under /data,
 annotation sh.kaito.model.name) using the mounted dockerconfigjson, and the
-digest is printed and written to `adapter_image_digest.txt` beside them.
+digest is logged and written to `adapter_image_digest.txt` beside them.
 """
 
 from __future__ import annotations
@@ -106,5 +106,5 @@ def push_adapter(
     if ":" in repo.rsplit("/", 1)[-1]:  # drop the tag: the digest names the image exactly
         repo = repo.rsplit(":", 1)[0]
     _atomic_write(out_dir / DIGEST_FILE, f"{repo}@{digest}\n")
-    print(f"pushed {ref} digest {digest}", flush=True)
+    log.info("pushed %s digest %s", ref, digest)
     return digest

@@ -4,7 +4,7 @@ Called by `kaito.tuning.cli` (`python -m kaito.tuning`, `kaito tune`) and tests.
 
     # one GPU (or CPU), the tuning Job's command:
     python -m kaito.tuning --config /mnt/config/training_config.yaml --preset phi-3-mini-4k-instruct \
-        --method qlora --data /mnt/data --output /mnt/results --push REF --push-secret /root/.docker/config.json
+        --method qlora --data /mnt/data --output /mnt/results --push REF --push-secret /var/run/secrets/kaito/docker/config.json
     # several GPUs on one node (DDP through accelerate):
     torchrun --nproc_per_node 4 -m kaito.tuning --config ... --preset ... --method lora --data ... --output ...
     # two nodes:
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from kaito.presets import PresetSpec, get_preset
+from kaito.presets import PresetSpec, contract, get_preset
 from kaito.presets.errors import InvalidInput
 from kaito.tuning import SENTINEL, default_config_path
 from kaito.tuning.config import (
@@ -44,7 +44,7 @@ from kaito.tuning.output import adapter_complete, push_adapter, write_adapter
 
 log = logging.getLogger("kaito.tuning")
 
-DEFAULT_MODEL_DIR = Path("/workspace/weights")
+DEFAULT_MODEL_DIR = Path(contract.WEIGHTS_DIR)
 STAGING = ".staging"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -179,6 +179,26 @@ def _device_map(kwargs: dict) -> None:
         kwargs["device_map"] = {"": "cpu"}
 
 
+def load_tokenizer(cfg: TuningConfig, spec: PresetSpec, model_dir: Path):
+    """The model's tokenizer with the config's chat template and pad token (Kaito: ModelConfig.chat_template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=spec.trust_remote_code)
+    if cfg.chat_template is not None:
+        tok.chat_template = cfg.chat_template
+    if cfg.pad_token is not None:
+        tok.pad_token = cfg.pad_token
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def max_sequence_length(cfg: TuningConfig, spec: PresetSpec, tok) -> int:
+    """DatasetConfig.max_seq_length (trl: max_length), never past the preset's context; null: the context only."""
+    limits = [n for n in (cfg.dataset.max_seq_length, spec.max_model_len) if n]
+    return min(limits) if limits else int(min(tok.model_max_length, 2**31 - 1))
+
+
 def load_model(cfg: TuningConfig, preset: PresetSpec, model_dir: Path, gradient_checkpointing: bool):
     """Base model (4-bit for qlora) with LoRA layers attached."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -190,9 +210,12 @@ def load_model(cfg: TuningConfig, preset: PresetSpec, model_dir: Path, gradient_
         kwargs["quantization_config"] = quant
     _device_map(kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=cfg.loading_info, **kwargs)
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"loading the model from {model_dir} with training_config.ModelConfig: {e}") from None
+    if cfg.loading_info:
+        model, info = model
+        log.info("model loading info (ModelConfig.output_loading_info): %s", info)
     # A KV cache is useless in training and would stop transformers from
     # building the block-diagonal mask that packing relies on.
     model.config.use_cache = False
@@ -204,6 +227,16 @@ def load_model(cfg: TuningConfig, preset: PresetSpec, model_dir: Path, gradient_
     except ValueError as e:
         raise InvalidInput(f"training_config.LoraConfig.target_modules: {e}") from None
     return model
+
+
+def _check_push_ref(push: str) -> None:
+    """A bad output image fails here, before hours of training, not at the push after them."""
+    from kaito.image_builder.oci.reference import parse_reference
+
+    try:
+        parse_reference(push, "--push")
+    except InvalidInput as e:
+        raise InvalidInput(f"{e} (the adapter image to push, e.g. myregistry.azurecr.io/adapters/phi-3:0.0.1)") from None
 
 
 def run_tuning(
@@ -227,8 +260,15 @@ def run_tuning(
         )
     if push_secret and not push:
         raise InvalidInput("--push-secret needs --push REF (the output image)")
-    if push_secret and not Path(push_secret).is_file():
-        raise InvalidInput(f"--push-secret {push_secret}: no such file (the mounted dockerconfigjson)")
+    if push:
+        _check_push_ref(push)
+    if push_secret:
+        try:
+            readable = Path(push_secret).is_file() and os.access(push_secret, os.R_OK)
+        except OSError as e:  # a parent directory this user may not enter
+            raise InvalidInput(f"--push-secret {push_secret}: cannot be read ({e.strerror})") from None
+        if not readable:
+            raise InvalidInput(f"--push-secret {push_secret}: no such readable file (the mounted dockerconfigjson)")
     output = Path(output).absolute()
     cfg = parse_config(config if config is not None else default_config_path(method), method=method, results_root=output)
     out_dir = cfg.output_dir
@@ -248,9 +288,9 @@ def run_tuning(
 def _train(cfg, spec, data, output, out_dir, model_dir, fetch_kwargs) -> dict:
     import torch
     from accelerate import PartialState
-    from kaito.tuning.data import Collator, load_examples, pack, tokenize_all
+    from kaito.tuning.data import Collator, build_features
     from kaito.tuning.fetch import resolve_data
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
 
     cuda = torch.cuda.is_available()
     # Under torchrun this initialises the process group (NCCL on GPUs; gloo on
@@ -268,16 +308,8 @@ def _train(cfg, spec, data, output, out_dir, model_dir, fetch_kwargs) -> dict:
             forced["dataloader_pin_memory"] = False
     args = build_training_args(cfg, **forced)
     set_seed(args.seed)
-    tok = AutoTokenizer.from_pretrained(str(mdir), trust_remote_code=spec.trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    train_ex, eval_ex = load_examples(data_dir, cfg.dataset)
-    max_len = min(cfg.dataset.max_seq_length, spec.max_model_len or cfg.dataset.max_seq_length)
-    train = tokenize_all(tok, train_ex, max_len)
-    evals = tokenize_all(tok, eval_ex, max_len) if eval_ex else None
-    if cfg.dataset.packing:
-        train = pack(train, max_len)
-        evals = pack(evals, max_len) if evals else None
+    tok = load_tokenizer(cfg, spec, mdir)
+    train, evals = build_features(tok, data_dir, cfg.dataset, max_sequence_length(cfg, spec, tok))
     if cfg.collator.get("mlm"):
         # Kaito's default asks for MLM; a causal LM has no mask token, so Kaito's
         # collator fell back to next-token prediction. So do we.

@@ -29,7 +29,7 @@ def test_defaults_load_without_torch():
         "print(default_config_path('qlora'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().endswith("tuning/configs/qlora-params.yaml")
+    assert out.strip().endswith("presets/training_configs/qlora.yaml")  # the one home, shared with the operator
 
 
 def test_seed_qlora_defaults_map_onto_hf_classes(tmp_path):
@@ -96,7 +96,7 @@ INVALID = [
     ("lora", _cfg(LoraConfig={"lora_alph": 8}), "training_config.LoraConfig.lora_alph: not a field of peft.LoraConfig; did you mean lora_alpha"),
     ("lora", _cfg(LoraConfig={"rank": 8}), "training_config.LoraConfig.rank: not a field of peft.LoraConfig (valid: "),
     ("lora", _cfg(TrainingArguments={"learning_rat": 1}),
-     "training_config.TrainingArguments.learning_rat: not a field of transformers.TrainingArguments; did you mean learning_rate"),
+     "training_config.TrainingArguments.learning_rat: not a field of trl.SFTConfig; did you mean learning_rate"),
     ("qlora", _cfg(QuantizationConfig={"load_in_4bit": True, "bnb_4bit_quant": "nf4"}),
      "training_config.QuantizationConfig.bnb_4bit_quant: not a field of transformers.BitsAndBytesConfig"),
     ("lora", _cfg(ModelConfig={"hidden_size": 8}), "training_config.ModelConfig.hidden_size: not a field of from_pretrained"),
@@ -160,3 +160,27 @@ def test_missing_config_file(tmp_path):
     bad.write_text("training_config: [unclosed")
     with pytest.raises(InvalidInput, match="not valid YAML"):
         parse_config(bad, method="lora", results_root=tmp_path)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_operator_configmap_is_the_tuning_default(tmp_path, method):
+    """Seam: the ConfigMap the operator renders for a Workspace without tuning.config is the job's own default."""
+    from pathlib import Path
+
+    from kaito.operator import render
+    from kaito.operator.settings import OperatorSettings
+
+    ws = yaml.safe_load((Path(__file__).parents[2] / "deploy/examples/workspace-tuning-phi-3.yaml").read_text())
+    ws["tuning"]["method"] = method
+    ws["metadata"].update({"namespace": "default", "uid": "1234"})
+    objs = render.render(ws, OperatorSettings(), [])
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap"]
+    (job,) = [o for o in objs if o["kind"] == "Job"]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    mount = command[command.index("--config") + 1]
+    assert mount == "/mnt/config/" + next(iter(cm["data"]))  # the Job reads the key the ConfigMap holds
+    manifest = tmp_path / "cm.yaml"
+    manifest.write_text(yaml.safe_dump(cm))
+    rendered = parse_config(manifest, method=method, results_root=tmp_path)
+    assert rendered == parse_config(default_config_path(method), method=method, results_root=tmp_path)
+    assert cm["data"]["training_config.yaml"] == default_config_text(method)

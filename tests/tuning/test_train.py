@@ -140,6 +140,8 @@ JOB_ERRORS = [
     (dict(push_secret="/x/config.json"), "--push-secret needs --push REF"),
     (dict(push="127.0.0.1:1/a:1", push_secret="/nonexistent/config.json"), "--push-secret /nonexistent/config.json: no such file"),
     (dict(model_dir="/nonexistent/weights"), "--model-dir /nonexistent/weights: no model weights"),
+    (dict(push="not a ref"), "--push: repository 'library/not a ref' in 'not a ref' must be lowercase"),
+    (dict(push="UPPER/Case:tag!"), "--push: tag 'tag!' must match"),
     (dict(config={"training_config": {"QuantizationConfig": {"load_in_4bit": True},
                                       "LoraConfig": {"target_modules": ["nope_proj"]}}}),
      "training_config.LoraConfig.target_modules:"),
@@ -162,3 +164,18 @@ def test_cli_requires_the_job_flags(tmp_path, capsys):
     assert kaito_main(["tune", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--push-secret" in out and "fetch-data" in out
+
+
+def test_cli_checks_push_before_any_training(dolly_parquet, tmp_path):
+    """A bad --push fails at once with exit 2 (not after training): nothing is fetched, loaded or written."""
+    import subprocess
+
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "kaito"), "tune", "--preset", "tiny-phi-3", "--method", "lora",
+         "--data", str(dolly_parquet.parent), "--output", str(out), "--push", "not a ref"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert "--push: repository 'library/not a ref'" in r.stderr.replace("\n", " ")
+    assert not out.exists()
