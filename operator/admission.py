@@ -1,10 +1,14 @@
 """Admission rules for Workspaces (Kaito's spec section 1).
 
 Called by the validating webhook (`kaito.operator.handlers`, on create and
-update) and by the reconcile handlers before they render anything, so that a
+update), by the reconcile handlers before they render anything, so that a
 cluster without the webhook still reports the error (as a False condition and
-an Event). Every message names the field and says how to fix it. Pure: reads
-only the objects given and the preset catalog.
+an Event), and by `kaito operator render` (through `load_manifest`). Every
+message names the field and says how to fix it; no input, however malformed
+(a string for metadata, a binary file), gets past as anything but a
+`WorkspaceInvalid`. Pure: reads only the objects given and the preset catalog.
+Name and URL rules come from `kaito.presets.validate`, image references from
+the image builder's parser: one rule each for every package.
 """
 
 from __future__ import annotations
@@ -13,13 +17,22 @@ import re
 from typing import Any
 
 import yaml
-from kaito.operator import schema
-from kaito.presets import InvalidInput, UnknownPreset, fit, get_preset, get_sku
+from kaito.image_builder.oci.errors import BadReference
+from kaito.image_builder.oci.reference import parse_reference
+from kaito.operator import render_inference, schema
+from kaito.presets import InvalidInput, UnknownPreset, contract, default_registry, fit, get_preset, get_sku
 from kaito.presets.spec import AccessMode, PresetSpec
+from kaito.presets.validate import LABEL_MAX, dns_label_problem, dns_subdomain_problem, http_url_problem
 from pydantic import ValidationError
 
 MAX_ADAPTERS = 10
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+API_VERSIONS = tuple(f"{schema.GROUP}/{v}" for v in schema.VERSIONS)
+# Names the operator derives from a workspace's name that Kubernetes caps at 63 characters
+# (label values and DNS labels); the longest suffix decides the longest workspace name.
+# Every child carries the label kaito.sh/workspace=<name>, the Service is <name>, the
+# multi-node headless Service <name>-headless, and a StatefulSet's pods carry the label
+# controller-revision-hash=<name>-<hash of up to 10 characters>.
+STATEFULSET_REVISION_SUFFIX = 11
 
 
 class WorkspaceInvalid(InvalidInput):
@@ -37,18 +50,134 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def parse(body: dict[str, Any]) -> schema.Workspace:
-    """Parse a Workspace object; pydantic errors become field-named messages."""
-    data = {k: v for k, v in body.items() if k != "status"}
-    if "resource" not in data:
-        raise WorkspaceInvalid(["resource: is required (instanceType, count and labelSelector of the GPU nodes)"])
+def load_manifest(raw: bytes, source: str) -> dict[str, Any]:
+    """Read one Workspace manifest from bytes (a file given to `kaito operator render`)."""
     try:
-        return schema.Workspace.model_validate(data)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WorkspaceInvalid([f"{source}: not UTF-8 text (a binary file?); give a Workspace YAML file"]) from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise WorkspaceInvalid([f"{source}: not valid YAML{where}: {getattr(e, 'problem', None) or e}"]) from None
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        got = f"{len(docs)} documents" if len(docs) != 1 else type(docs[0]).__name__
+        raise WorkspaceInvalid([f"{source}: expected one Workspace mapping, got {got}"])
+    return docs[0]
+
+
+def _check_header(body: dict[str, Any], errors: list[str]) -> None:
+    """apiVersion, kind and the metadata fields the operator reads, before the schema parses them."""
+    api_version, kind = body.get("apiVersion"), body.get("kind")
+    if api_version not in API_VERSIONS:
+        got = "is required" if api_version is None else f"{api_version!r} is not served"
+        errors.append(f"apiVersion: {got}; use one of {', '.join(API_VERSIONS)}")
+    if kind != schema.KIND:
+        got = "is required" if kind is None else f"{kind!r} is not {schema.KIND}"
+        errors.append(f"kind: {got}; this operator admits kind: {schema.KIND}")
+    meta = body.get("metadata")
+    if not isinstance(meta, dict):
+        errors.append(f"metadata: must be a mapping with at least a name, got {type(meta).__name__}")
+        return
+    if "name" not in meta and meta.get("generateName"):
+        problem = dns_label_problem(meta["generateName"] + "a", letter_first=True)
+        if problem:
+            errors.append(f"metadata.generateName: {problem}")
+    elif not isinstance(meta.get("name"), str) or not meta["name"]:
+        errors.append("metadata.name: is required (a lowercase DNS-1123 name, e.g. workspace-phi-3-mini)")
+    for key in ("annotations", "labels"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            errors.append(f"metadata.{key}: must be a mapping of strings to strings (quote values like \"True\")")
+    namespace = meta.get("namespace")
+    if namespace is not None and dns_label_problem(namespace):
+        errors.append(f"metadata.namespace: {dns_label_problem(namespace)}")
+
+
+def _schema_message(err: Any) -> str:
+    where = _loc(err["loc"])
+    if err["loc"] == ("resource", "count") and err["type"] == "less_than_equal":
+        return (
+            f"resource.count: {err['input']!r} nodes is more than a Workspace can use (at most {schema.MAX_NODES}); "
+            "split a larger fleet into several Workspaces"
+        )
+    return f"{where}: {err['msg']}"
+
+
+def _parse(body: Any) -> tuple[schema.Workspace | None, list[str]]:
+    """(the parsed Workspace or None, field-named errors so far): header and schema checks."""
+    if not isinstance(body, dict):
+        return None, [f"(document): a Workspace is a mapping, got {type(body).__name__}"]
+    errors: list[str] = []
+    _check_header(body, errors)
+    if "resource" not in body:
+        errors.append("resource: is required (instanceType, count and labelSelector of the GPU nodes)")
+    if "resource" not in body or any(e.startswith("metadata") for e in errors):
+        return None, errors  # the rest reads metadata and resource: report these first
+    data = {k: v for k, v in body.items() if k != "status"}
+    try:
+        return schema.Workspace.model_validate(data), errors
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            msgs.append(f"{_loc(err['loc'])}: {err['msg']}")
-        raise WorkspaceInvalid(msgs) from None
+        return None, errors + [_schema_message(err) for err in e.errors()]
+
+
+def parse(body: Any) -> schema.Workspace:
+    """Parse a Workspace object; raise WorkspaceInvalid with field-named messages."""
+    ws, errors = _parse(body)
+    if ws is None or errors:
+        raise WorkspaceInvalid(errors)
+    return ws
+
+
+def _check_name(ws: schema.Workspace, preset: PresetSpec | None, errors: list[str]) -> None:
+    if not ws.name:  # generateName: the API server picks the name
+        return
+    limit, why = LABEL_MAX, "the Service and the kaito.sh/workspace label of every child carry it"
+    if ws.inference is not None and render_inference.is_distributed(ws, preset):
+        limit = LABEL_MAX - STATEFULSET_REVISION_SUFFIX
+        why = "the StatefulSet's pods carry the label controller-revision-hash=<name>-<hash>"
+    problem = dns_label_problem(ws.name, limit, letter_first=True)
+    if problem:
+        errors.append(f"metadata.name: {problem} ({why})")
+
+
+def check_image(field: str, ref: str | None, errors: list[str]) -> None:
+    """A registry image reference (host/repo[:tag][@digest]) in the OCI grammar, as a pod or the puller needs it.
+
+    Upper case in the name is let through: the seed's own placeholders
+    (`ACR_REPO_HERE.azurecr.io/ADAPTER_HERE:0.0.1`) must be admitted unchanged, as Kaito
+    admits them; every other part (spaces, tag, digest, separators) must be valid.
+    """
+    if not ref:
+        return
+    head, at, digest = ref.partition("@")
+    cut = head.rfind(":") if head.rfind(":") > head.rfind("/") else len(head)
+    try:
+        parsed = parse_reference(head[:cut].lower() + head[cut:] + at + digest, field)
+    except BadReference as e:
+        errors.append(f"{e}; give host/repository[:tag], e.g. myregistry.azurecr.io/adapter:0.0.1")
+        return
+    if parsed.registry is None:
+        errors.append(f"{field}: {ref!r} is not a registry reference; give host/repository[:tag]")
+
+
+def _check_object_name(field: str, name: str | None, errors: list[str]) -> None:
+    if name is not None:
+        problem = dns_subdomain_problem(name)
+        if problem:
+            errors.append(f"{field}: {problem}")
+
+
+def _check_source(field: str, src: schema.DataSource, errors: list[str]) -> None:
+    check_image(f"{field}.image", src.image, errors)
+    for i, url in enumerate(src.urls or []):
+        problem = http_url_problem(url)
+        if problem:
+            errors.append(f"{field}.urls[{i}]: {problem}")
 
 
 def _preset(field: str, name: str, errors: list[str]) -> PresetSpec | None:
@@ -67,6 +196,18 @@ def _check_preset_access(field: str, spec: schema.PresetSpec, preset: PresetSpec
         errors.append(
             f"{field}.accessMode: preset {preset.name} is private; set accessMode: private and presetOptions.image"
         )
+    options = spec.preset_options or schema.PresetOptions()
+    check_image(f"{field}.presetOptions.image", options.image, errors)
+    secret_field = f"{field}.presetOptions.modelAccessSecret"
+    downloads = preset.download_at_runtime and spec.access_mode != "private"
+    if downloads and not options.model_access_secret:
+        errors.append(
+            f"{secret_field}: preset {preset.name} downloads its weights from Hugging Face at start; give the name "
+            f"of a Secret holding your token under key {contract.ENV_HF_TOKEN} "
+            f"(kubectl create secret generic hf-token --from-literal={contract.ENV_HF_TOKEN}=hf_...)"
+        )
+    elif options.model_access_secret and not downloads:
+        errors.append(f"{secret_field}: preset {preset.name} ships its weights in its image; remove modelAccessSecret")
 
 
 def _check_resource(ws: schema.Workspace, preset: PresetSpec | None, errors: list[str]) -> None:
@@ -93,18 +234,17 @@ def _check_adapters(adapters: list[schema.AdapterSpec], errors: list[str]) -> No
     for i, adapter in enumerate(adapters):
         field = f"inference.adapters[{i}]"
         name = adapter.source.name
-        if not name:
-            errors.append(f"{field}.source.name: every adapter needs a name (DNS-1123 label)")
-        elif len(name) > 63 or not DNS1123_LABEL.match(name):
-            errors.append(
-                f"{field}.source.name: {name!r} must be a DNS-1123 label (lowercase letters, digits, '-', <= 63)"
-            )
+        # Each adapter's init container is named adapter-<name>, a DNS-1123 label itself.
+        problem = dns_label_problem(name, LABEL_MAX - len(render_inference.ADAPTER_INIT_PREFIX))
+        if problem:
+            errors.append(f"{field}.source.name: {problem}")
         elif name in seen:
             errors.append(f"{field}.source.name: duplicate adapter name {name!r}; names must be unique")
         else:
             seen.add(name)
         if not adapter.source.image:
             errors.append(f"{field}.source.image: give the image holding the adapter")
+        _check_source(f"{field}.source", adapter.source, errors)
         if adapter.strength is not None:
             try:
                 strength = float(adapter.strength)
@@ -145,7 +285,9 @@ def _check_tuning(ws: schema.Workspace, errors: list[str]) -> PresetSpec | None:
     given = [k for k in ("urls", "image", "volumeSource") if getattr(tuning.input, _py(k))]
     if len(given) != 1:
         errors.append(f"tuning.input: give exactly one of urls, image, volumeSource (got {', '.join(given) or 'none'})")
+    _check_source("tuning.input", tuning.input, errors)
     out = tuning.output
+    check_image("tuning.output.image", out.image, errors)
     if bool(out.image) == bool(out.volume_source):
         errors.append("tuning.output: give exactly one of image (with imagePushSecret) or volumeSource")
     if out.image and not out.image_push_secret:
@@ -153,6 +295,10 @@ def _check_tuning(ws: schema.Workspace, errors: list[str]) -> PresetSpec | None:
     if ws.resource.count != 1:
         errors.append(f"resource.count: tuning runs on exactly 1 node, got {ws.resource.count}")
     return preset
+
+
+def _canonical(name: str) -> str:
+    return default_registry().resolve(name)
 
 
 def _py(camel: str) -> str:
@@ -174,7 +320,8 @@ def _check_update(new: dict[str, Any], old: dict[str, Any], errors: list[str]) -
     for part in ("inference", "tuning"):
         o, n = old.get(part) or {}, new.get(part) or {}
         o_name, n_name = (o.get("preset") or {}).get("name"), (n.get("preset") or {}).get("name")
-        if o_name and n_name and o_name != n_name:
+        # A preset named by its alias or Hugging Face repo is the same preset.
+        if isinstance(o_name, str) and isinstance(n_name, str) and _canonical(o_name) != _canonical(n_name):
             errors.append(f"{part}.preset.name: is immutable after creation")
     if old.get("tuning") and new.get("tuning") and old["tuning"].get("method") != new["tuning"].get("method"):
         errors.append("tuning.method: is immutable after creation")
@@ -182,8 +329,9 @@ def _check_update(new: dict[str, Any], old: dict[str, Any], errors: list[str]) -
 
 def validate(body: dict[str, Any], old: dict[str, Any] | None = None) -> schema.Workspace:
     """Parse and check a Workspace (and, on update, its old version); raise WorkspaceInvalid."""
-    ws = parse(body)
-    errors: list[str] = []
+    ws, errors = _parse(body)
+    if ws is None:
+        raise WorkspaceInvalid(errors)
     preset: PresetSpec | None = None
     if (ws.inference is None) == (ws.tuning is None):
         errors.append("inference/tuning: give exactly one of inference and tuning")
@@ -201,6 +349,10 @@ def validate(body: dict[str, Any], old: dict[str, Any] | None = None) -> schema.
             _check_adapters(inf.adapters, errors)
     else:
         preset = _check_tuning(ws, errors)
+    part = ws.inference if ws.inference is not None else ws.tuning
+    if part is not None and part.config:
+        _check_object_name(f"{'inference' if ws.inference is not None else 'tuning'}.config", part.config, errors)
+    _check_name(ws, preset, errors)
     _check_resource(ws, preset, errors)
     if old is not None:
         _check_update(body, old, errors)

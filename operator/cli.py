@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from kaito.presets.errors import InvalidInput, KaitoError
 
 app = typer.Typer(help="The Kaito operator: reconcile Workspaces into GPU nodes, services and tuning jobs.",
@@ -83,12 +82,12 @@ def render_cmd(
     from kaito.operator.settings import OperatorSettings
 
     try:
-        body = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise InvalidInput(f"reading workspace {file}: {e}") from None
-    if not isinstance(body, dict):
-        raise InvalidInput(f"{file}: expected one Workspace mapping")
-    body.setdefault("metadata", {}).setdefault("namespace", namespace)
+        raw = file.read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"reading workspace {file}: {e.strerror or e}") from None
+    body = admission.load_manifest(raw, str(file))
+    if isinstance(body.get("metadata"), dict):  # a bad metadata is admission's to report
+        body["metadata"].setdefault("namespace", namespace)
     ws = admission.validate(body)
     settings = OperatorSettings.from_env()
     if registry:
@@ -104,7 +103,9 @@ def render_cmd(
         }
         for i in range(ready_nodes)
     ]
-    yaml.safe_dump_all(render(ws, settings, fake_nodes), sys.stdout, sort_keys=False)
+    from kaito.operator.crd import dump_yaml
+
+    sys.stdout.write(dump_yaml(render(ws, settings, fake_nodes)))  # no YAML anchors: plain manifests
 
 
 @app.command("run")
@@ -121,7 +122,25 @@ def run(
     from kaito.operator.handlers import OperatorState, run_operator
     from kaito.operator.settings import OperatorSettings
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_cluster_access()
+    # The root CLI sent logs to stderr already; only the level is the operator's choice.
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
     state = OperatorState(settings=OperatorSettings.from_env())
     asyncio.run(run_operator(state, namespaces=namespace or None))
+
+
+def _check_cluster_access() -> None:
+    """Fail with one line, before Kopf starts, when there is neither a service account nor a kubeconfig."""
+    import os
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return  # in a pod: Kopf logs in with the service account
+    paths = [os.path.expanduser(p) for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p.strip()]
+    if not paths:
+        paths = [os.path.expanduser("~/.kube/config")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise KaitoError(
+            f"no cluster to connect to: not running in a pod and no kubeconfig at {', '.join(missing)}; "
+            "set KUBECONFIG to your cluster's kubeconfig file"
+        )

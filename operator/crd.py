@@ -79,18 +79,23 @@ def openapi_schema(model: type[schema.Workspace]) -> dict[str, Any]:
     return out
 
 
-def printer_columns() -> list[dict[str, Any]]:
-    def cond(t: str) -> str:
-        return f'.status.conditions[?(@.type=="{t}")].status'
+def _cond_column(name: str, ctype: str) -> dict[str, Any]:
+    return {"name": name, "type": "string", "jsonPath": f'.status.conditions[?(@.type=="{ctype}")].status'}
 
-    return [
-        {"name": "Instance", "type": "string", "jsonPath": ".resource.instanceType", "description": "GPU SKU"},
-        {"name": "ResourceReady", "type": "string", "jsonPath": cond("ResourceReady")},
-        {"name": "InferenceReady", "type": "string", "jsonPath": cond("InferenceReady")},
-        {"name": "JobStarted", "type": "string", "jsonPath": cond("JobStarted")},
-        {"name": "WorkspaceSucceeded", "type": "string", "jsonPath": cond("WorkspaceSucceeded")},
-        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    ]
+
+def printer_columns(version: str) -> list[dict[str, Any]]:
+    """`kubectl get workspace` columns: the seed's for v1alpha1, both generations' for v1beta1.
+
+    The seed tells users to wait for WORKSPACEREADY (INSTANCE, RESOURCEREADY, INFERENCEREADY,
+    WORKSPACEREADY, AGE); newer Kaito shows JOBSTARTED and WORKSPACESUCCEEDED. kubectl asks for
+    the preferred version (v1beta1), so that one carries WorkspaceReady too.
+    """
+    instance = {"name": "Instance", "type": "string", "jsonPath": ".resource.instanceType", "description": "GPU SKU"}
+    age = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+    columns = [instance, _cond_column("ResourceReady", "ResourceReady"), _cond_column("InferenceReady", "InferenceReady")]
+    if version != "v1alpha1":
+        columns += [_cond_column("JobStarted", "JobStarted"), _cond_column("WorkspaceSucceeded", "WorkspaceSucceeded")]
+    return [*columns, _cond_column("WorkspaceReady", "WorkspaceReady"), age]
 
 
 def build_crd() -> dict[str, Any]:
@@ -103,7 +108,7 @@ def build_crd() -> dict[str, Any]:
                 "served": True,
                 "storage": version == schema.STORAGE_VERSION,
                 "subresources": {"status": {}},
-                "additionalPrinterColumns": printer_columns(),
+                "additionalPrinterColumns": printer_columns(version),
                 "schema": {"openAPIV3Schema": openapi_schema(schema.MODELS[version])},
             }
         )

@@ -17,13 +17,15 @@ and the benchmark through `run_operator`. Handlers:
   see `kaito.operator.readiness`), reported once by a condition and a Warning Event.
 - delete: deletes the workspace's NodeClaims (Kopf's finalizer holds the
   object until then).
-- validate: the admission webhook (`/validate-workspace`).
+- validate: the admission webhook (`/validate-workspace`), on when a port is set
+  and its TLS files exist (`webhook_enabled`); off, with one log line, otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +39,30 @@ from kaito.operator.settings import OperatorSettings
 FINALIZER = "workspace.finalizer.kaito.sh"
 WORKSPACES = {"group": schema.GROUP, "version": schema.STORAGE_VERSION, "plural": schema.PLURAL}
 CHILD_LABELS = {schema.LABEL_WORKSPACE: kopf.PRESENT}
+log = logging.getLogger("kaito.operator")
+
+
+def webhook_enabled(settings: OperatorSettings) -> bool:
+    """Whether to serve the admission webhook; says once, in the log, why not and how to turn it on.
+
+    Outside a cluster (`kaito operator run` with a kubeconfig) there are no cert-manager
+    certificates: the operator still runs, and its reconcile passes apply the same rules.
+    """
+    if not settings.webhook_port:
+        return False
+    cert_dir = settings.webhook_cert_dir
+    if cert_dir is None:
+        return True  # plain HTTP (tests)
+    missing = [f for f in ("tls.crt", "tls.key") if not os.path.isfile(os.path.join(cert_dir, f))]
+    if missing:
+        log.warning(
+            "admission webhook off: no %s in %s; to turn it on set KAITO_WEBHOOK_CERT_DIR to a directory with "
+            "tls.crt and tls.key (KAITO_WEBHOOK_PORT=0 turns it off without this line). Workspaces are still "
+            "validated by every reconcile pass.",
+            " or ".join(missing), cert_dir,
+        )
+        return False
+    return True
 
 
 @dataclass
@@ -79,6 +105,7 @@ async def _pass(
 def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     settings = state.settings
+    webhook = webhook_enabled(settings)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -90,7 +117,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         # Waits are logged as errors on every retry; posting those as Events would flood the
         # namespace. Our own Warning Event (kopf.warn on invalid specs) is posted regardless.
         settings.posting.level = logging.CRITICAL
-        if state.settings.webhook_port:
+        if webhook:
             cert_dir = state.settings.webhook_cert_dir
             settings.admission.server = kopf.WebhookServer(
                 addr="0.0.0.0",
@@ -172,7 +199,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             raise kopf.TemporaryError(f"deleting NodeClaims: {e}", delay=settings.retry_seconds) from None
         logger.info("deleted %d NodeClaim(s)", n)
 
-    if settings.webhook_port:
+    if webhook:
         kopf.on.validate(**WORKSPACES, registry=registry, id="validate-workspace")(validate_webhook)
 
     return registry
@@ -184,6 +211,10 @@ def validate_webhook(body: Any, old: Any, operation: str | None, **_: Any) -> No
         admission.validate(dict(body), dict(old) if operation == "UPDATE" and old else None)
     except admission.WorkspaceInvalid as e:
         raise kopf.AdmissionError(str(e), code=422) from None
+    except Exception as e:  # never a traceback to the user: a bug here still answers with a reason
+        log.exception("validating workspace")
+        raise kopf.AdmissionError(f"the operator could not validate this Workspace: {type(e).__name__}: {e}",
+                                  code=500) from None
 
 
 async def run_operator(

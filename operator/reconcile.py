@@ -78,9 +78,19 @@ def merge_conditions(
     return out, changed
 
 
+def with_workspace_ready(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add WorkspaceReady (what the seed's users wait on) mirroring WorkspaceSucceeded (newer Kaito's name)."""
+    out = [c for c in conditions if c["type"] != "WorkspaceReady"]
+    for c in conditions:
+        if c["type"] == "WorkspaceSucceeded":
+            out.append({**c, "type": "WorkspaceReady"})
+    return out
+
+
 async def write_status(
     api: KubeAPI, body: dict[str, Any], conditions: list[dict[str, Any]], worker_nodes: list[str] | None = None
 ) -> bool:
+    conditions = with_workspace_ready(conditions)
     meta = body["metadata"]
     status = body.get("status") or {}
     merged, changed = merge_conditions(status.get("conditions") or [], conditions, meta.get("generation"))

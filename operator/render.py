@@ -16,7 +16,7 @@ from typing import Any
 
 from kaito.operator import schema
 from kaito.operator.settings import OperatorSettings
-from kaito.presets import InvalidInput, get_preset, get_sku
+from kaito.presets import InvalidInput, contract, get_preset, get_sku
 from kaito.presets.spec import PresetSpec
 
 ANN_SPEC_HASH = "kaito.sh/spec-hash"
@@ -106,33 +106,76 @@ def shm_volume() -> tuple[dict[str, Any], dict[str, Any]]:
     )
 
 
+def downloads_weights(spec: schema.PresetSpec, preset: PresetSpec) -> bool:
+    """Whether the pod downloads the weights at start (gated presets; a private image brings its own)."""
+    return preset.download_at_runtime and spec.access_mode != "private"
+
+
+def model_dir(spec: schema.PresetSpec, preset: PresetSpec) -> str:
+    return contract.DOWNLOADED_WEIGHTS_DIR if downloads_weights(spec, preset) else contract.WEIGHTS_DIR
+
+
 def preset_image(spec: schema.PresetSpec, preset: PresetSpec, settings: OperatorSettings) -> str:
     if spec.access_mode == "private" and spec.preset_options and spec.preset_options.image:
         return spec.preset_options.image
-    if settings.weights_from_modelpack:
+    if settings.weights_from_modelpack or downloads_weights(spec, preset):
         return settings.base_image
     return preset.image_ref(settings.registry)
 
 
 def weights_ref(preset: PresetSpec, settings: OperatorSettings) -> str:
-    """The ModelPack weights artifact: `<registry>/kaito-<preset>-weights:<image_tag>`."""
-    return f"{settings.registry.rstrip('/')}/kaito-{preset.name}-weights:{preset.image_tag}"
+    """The ModelPack weights artifact: `<registry>/kaito-<preset>-weights:<image_tag>` (the builder's name)."""
+    from kaito.presets.images import modelpack_image
+
+    return modelpack_image(settings.registry, preset.name, preset.image_tag)
 
 
 def weights_init(
     spec: schema.PresetSpec, preset: PresetSpec, settings: OperatorSettings
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(init containers, volumes, main-container mounts) for ModelPack mode; empty otherwise."""
+    """(init containers, volumes, main-container mounts) for downloads and ModelPack mode; empty otherwise."""
+    if downloads_weights(spec, preset):
+        return _hub_download_init(spec, preset, settings)
     if not settings.weights_from_modelpack or spec.access_mode == "private":
         return [], [], []
-    mount = {"name": "weights", "mountPath": "/workspace/weights"}
+    mount = {"name": "weights", "mountPath": contract.WEIGHTS_DIR}
     init = {
         "name": "weights",
         "image": settings.puller,
-        "command": ["kaito", "image", "pull", weights_ref(preset, settings), "/workspace/weights"],
+        "command": ["kaito", "image", "pull", weights_ref(preset, settings), contract.WEIGHTS_DIR],
         "volumeMounts": [mount],
     }
     return [init], [{"name": "weights", "emptyDir": {}}], [mount]
+
+
+def _hub_download_init(
+    spec: schema.PresetSpec, preset: PresetSpec, settings: OperatorSettings
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """An init container downloading the preset at its pinned revision with the user's token.
+
+    The cache sits on the pod's weights volume, so an init container killed half way
+    resumes (Range requests) when the kubelet runs it again; `--force` relinks a
+    finished download instead of refusing the existing directory.
+    """
+    secret = spec.preset_options.model_access_secret if spec.preset_options else None
+    mount = {"name": "weights", "mountPath": contract.WEIGHTS_DIR}
+    env: list[dict[str, Any]] = [
+        {"name": contract.ENV_HUB_CACHE, "value": contract.HUB_CACHE_DIR},
+        {"name": "HF_HUB_OFFLINE", "value": "0"},  # the image may default to offline
+    ]
+    if secret:
+        key_ref = {"name": secret, "key": contract.ENV_HF_TOKEN}  # Kaito's Secret key is the variable's name
+        env.append({"name": contract.ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": key_ref}})
+    if settings.hub_endpoint:
+        env.append({"name": contract.ENV_HF_ENDPOINT, "value": settings.hub_endpoint})
+    init = {
+        "name": "model-downloader",
+        "image": settings.puller,
+        "command": ["kaito", "presets", "weights", preset.name, model_dir(spec, preset), "--force"],
+        "env": env,
+        "volumeMounts": [mount],
+    }
+    return [init], [{"name": "weights", "emptyDir": {}}], [dict(mount)]
 
 
 def render(

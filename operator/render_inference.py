@@ -16,12 +16,14 @@ from typing import Any
 from kaito.operator import render as r
 from kaito.operator import schema
 from kaito.operator.settings import OperatorSettings
+from kaito.presets import contract
 from kaito.presets.spec import PresetSpec
 
-PORT = 5000
-MASTER_PORT = 29500
-CONFIG_KEY = "inference_config.yaml"
+PORT = contract.RUNTIME_PORT
+MASTER_PORT = contract.TORCHRUN_PORT
+CONFIG_KEY = contract.INFERENCE_CONFIG_FILE
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+ADAPTER_INIT_PREFIX = "adapter-"  # init container adapter-<name>: a DNS-1123 label, so names stay <= 55
 
 
 def default_config_text() -> str:
@@ -37,14 +39,15 @@ def is_distributed(ws: schema.Workspace, preset: PresetSpec | None) -> bool:
     return preset is not None and ws.resource.count > 1 and preset.supports_distributed_inference
 
 
-def _runtime_args(preset: PresetSpec) -> list[str]:
+def runtime_args(spec: schema.PresetSpec, preset: PresetSpec) -> list[str]:
+    """Arguments of `python -m kaito.runtime` (after `python` or `torchrun ...`)."""
     return [
         "-m", "kaito.runtime",
         "--preset", preset.name,
-        "--model-dir", "/workspace/weights",
-        "--adapters-dir", "/mnt/adapter",
+        "--model-dir", r.model_dir(spec, preset),
+        "--adapters-dir", contract.ADAPTERS_DIR,
         "--port", str(PORT),
-        "--config", f"/mnt/config/{CONFIG_KEY}",
+        "--config", contract.config_path(CONFIG_KEY),
     ]
 
 
@@ -56,12 +59,12 @@ def _adapter_parts(
     inits, env, volumes = [], [], []
     for adapter in ws.inference.adapters or []:
         name = adapter.source.name or ""
-        mounts = [{"name": "adapter", "mountPath": "/mnt/adapter"}]
+        mounts = [{"name": "adapter", "mountPath": contract.ADAPTERS_DIR}]
         secrets = adapter.source.image_pull_secrets or []
         container: dict[str, Any] = {
-            "name": f"adapter-{name}"[:63],
+            "name": f"{ADAPTER_INIT_PREFIX}{name}",  # admission keeps names short enough
             "image": settings.puller,
-            "command": ["kaito", "image", "pull", adapter.source.image or "", f"/mnt/adapter/{name}"],
+            "command": ["kaito", "image", "pull", adapter.source.image or "", f"{contract.ADAPTERS_DIR}/{name}"],
             "volumeMounts": mounts,
         }
         if secrets:
@@ -76,8 +79,8 @@ def _adapter_parts(
                     },
                 }
             )
-            mounts.append({"name": vol, "mountPath": "/root/.docker", "readOnly": True})
-            container["env"] = [{"name": "DOCKER_CONFIG", "value": "/root/.docker"}]
+            mounts.append({"name": vol, "mountPath": contract.DOCKER_CONFIG_DIR, "readOnly": True})
+            container["env"] = [{"name": contract.ENV_DOCKER_CONFIG, "value": contract.DOCKER_CONFIG_DIR}]
         inits.append(container)
         env.append({"name": name, "value": adapter.strength if adapter.strength is not None else "1.0"})
     return inits, env, volumes
@@ -101,13 +104,13 @@ def _pod_template(
             "--node-rank", "$(POD_INDEX)",
             "--master-addr", f"{sts_name}-0.{headless}",
             "--master-port", str(MASTER_PORT),
-            *_runtime_args(preset),
+            *runtime_args(spec, preset),
         ]
         extra_env = [
             {"name": "POD_INDEX", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}}
         ]
     else:
-        command = ["python", *_runtime_args(preset)]
+        command = ["python", *runtime_args(spec, preset)]
         extra_env = []
     probe = {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": 10}
     container: dict[str, Any] = {
@@ -122,8 +125,8 @@ def _pod_template(
         "livenessProbe": {**probe, "initialDelaySeconds": 600, "failureThreshold": 3},
         "volumeMounts": [
             shm_mount,
-            {"name": "config", "mountPath": "/mnt/config", "readOnly": True},
-            {"name": "adapter", "mountPath": "/mnt/adapter"},
+            {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True},
+            {"name": "adapter", "mountPath": contract.ADAPTERS_DIR},
             *w_mounts,
         ],
     }
@@ -185,7 +188,12 @@ def _service(ws: schema.Workspace, distributed: bool) -> dict[str, Any]:
         "spec": {
             "type": "LoadBalancer" if lb else "ClusterIP",
             "selector": selector,
-            "ports": [{"name": "http", "port": 80, "targetPort": PORT, "protocol": "TCP"}],
+            # The seed's `kubectl get svc` shows 80/TCP,29500/TCP even for one node: Kaito always
+            # lists the torchrun rendezvous port, so tools matching on it keep working.
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": PORT, "protocol": "TCP"},
+                {"name": "torchrun", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"},
+            ],
         },
     }
 

@@ -4,35 +4,22 @@ Called by `kaito.operator.render.render`. The Job's init container fetches the
 data into /mnt/data (`kaito tune fetch-data` for URLs, `kaito image pull` for
 an image, or mounts the volume), the trainer runs `python -m kaito.tuning`
 and pushes the adapter with the imagePushSecret mounted as docker config.
-Kaito's default training configs are read as files from kaito.tuning's
-package directory (never imported: it pulls torch), falling back to the
-copies in kaito.operator's configs/.
+Kaito's default training configs come from `kaito.presets.training_configs`,
+the one copy the tuning job parses too.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from kaito.operator import render as r
 from kaito.operator import schema
 from kaito.operator.settings import OperatorSettings
+from kaito.presets import contract
 from kaito.presets.spec import PresetSpec
+from kaito.presets.training_configs import default_training_config
 
-CONFIG_KEY = "training_config.yaml"
-
-
-def default_training_config(method: str) -> str:
-    """Kaito's default training_config.yaml for lora or qlora."""
-    spec = importlib.util.find_spec("kaito.tuning")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        for name in (f"{method}-params.yaml", f"{method}.yaml"):
-            path = Path(loc) / "configs" / name
-            if path.is_file():
-                return path.read_text()
-    return resources.files("kaito.operator").joinpath(f"configs/{method}.yaml").read_text()
+CONFIG_KEY = contract.TRAINING_CONFIG_FILE
 
 
 def config_map_name(ws: schema.Workspace) -> str:
@@ -53,23 +40,23 @@ def _data_init(
     """(init containers, volumes) that put the training data at /mnt/data."""
     assert ws.tuning is not None
     src = ws.tuning.input
-    mount = {"name": "data", "mountPath": "/mnt/data"}
+    mount = {"name": "data", "mountPath": contract.DATA_DIR}
     if src.volume_source:
         return [], [{"name": "data", **src.volume_source}]
     volumes: list[dict[str, Any]] = [{"name": "data", "emptyDir": {}}]
     if src.urls:
-        command = ["kaito", "tune", "fetch-data", "--dest", "/mnt/data", *src.urls]
+        command = ["kaito", "tune", "fetch-data", "--dest", contract.DATA_DIR, *src.urls]
         return [{"name": "data-downloader", "image": settings.puller, "command": command, "volumeMounts": [mount]}], volumes
     init: dict[str, Any] = {
         "name": "data-puller",
         "image": settings.puller,
-        "command": ["kaito", "image", "pull", src.image or "", "/mnt/data"],
+        "command": ["kaito", "image", "pull", src.image or "", contract.DATA_DIR],
         "volumeMounts": [mount],
     }
     if src.image_pull_secrets:
         volumes.append(_docker_secret_volume("data-pull-secret", src.image_pull_secrets[0]))
-        init["volumeMounts"] = [mount, {"name": "data-pull-secret", "mountPath": "/root/.docker", "readOnly": True}]
-        init["env"] = [{"name": "DOCKER_CONFIG", "value": "/root/.docker"}]
+        init["volumeMounts"] = [mount, {"name": "data-pull-secret", "mountPath": contract.DOCKER_CONFIG_DIR, "readOnly": True}]
+        init["env"] = [{"name": contract.ENV_DOCKER_CONFIG, "value": contract.DOCKER_CONFIG_DIR}]
     return [init], volumes
 
 
@@ -77,14 +64,16 @@ def _trainer_command(ws: schema.Workspace, preset: PresetSpec) -> list[str]:
     assert ws.tuning is not None
     cmd = [
         "python", "-m", "kaito.tuning",
-        "--config", f"/mnt/config/{CONFIG_KEY}",
+        "--config", contract.config_path(CONFIG_KEY),
         "--preset", preset.name,
         "--method", ws.tuning.method,
-        "--data", "/mnt/data",
-        "--output", "/mnt/results",
+        "--data", contract.DATA_DIR,
+        "--output", contract.RESULTS_DIR,
     ]
+    if r.downloads_weights(ws.tuning.preset, preset):  # weights are not at the image's default place
+        cmd += ["--model-dir", r.model_dir(ws.tuning.preset, preset)]
     if ws.tuning.output.image:
-        cmd += ["--push", ws.tuning.output.image, "--push-secret", "/root/.docker/config.json"]
+        cmd += ["--push", ws.tuning.output.image, "--push-secret", f"{contract.DOCKER_CONFIG_DIR}/config.json"]
     return cmd
 
 
@@ -106,9 +95,9 @@ def render_tuning(ws: schema.Workspace, settings: OperatorSettings, preset: Pres
     shm_vol, shm_mount = r.shm_volume()
     mounts: list[dict[str, Any]] = [
         shm_mount,
-        {"name": "config", "mountPath": "/mnt/config", "readOnly": True},
-        {"name": "data", "mountPath": "/mnt/data"},
-        {"name": "results", "mountPath": "/mnt/results"},
+        {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True},
+        {"name": "data", "mountPath": contract.DATA_DIR},
+        {"name": "results", "mountPath": contract.RESULTS_DIR},
         *w_mounts,
     ]
     volumes: list[dict[str, Any]] = [
@@ -124,7 +113,7 @@ def render_tuning(ws: schema.Workspace, settings: OperatorSettings, preset: Pres
         volumes.append({"name": "results", "emptyDir": {}})
     if out.image and out.image_push_secret:
         volumes.append(_docker_secret_volume("push-secret", out.image_push_secret))
-        mounts.append({"name": "push-secret", "mountPath": "/root/.docker", "readOnly": True})
+        mounts.append({"name": "push-secret", "mountPath": contract.DOCKER_CONFIG_DIR, "readOnly": True})
     trainer = {
         "name": "trainer",
         "image": r.preset_image(tuning.preset, preset, settings),

@@ -37,8 +37,14 @@ CONDITION_TYPES = (
     "InferenceReady",
     "JobStarted",
     "WorkspaceSucceeded",
+    "WorkspaceReady",
     "WorkspaceDeleting",
 )
+
+# Nodes one Workspace may ask for: every node joins one Service (and, for multi-node
+# presets, one torchrun job); larger fleets are several Workspaces. The bound also keeps a
+# typo (count: 5000) from rendering thousands of NodeClaims.
+MAX_NODES = 64
 
 
 class _Model(BaseModel):
@@ -63,7 +69,7 @@ class LabelSelector(_Model):
 
 
 class ResourceSpec(_Model):
-    count: int = Field(1, ge=1, description="Number of GPU nodes (default 1).")
+    count: int = Field(1, ge=1, le=MAX_NODES, description=f"Number of GPU nodes (default 1, at most {MAX_NODES}).")
     instance_type: str = Field(
         "Standard_NC24ads_A100_v4", description="Cloud GPU SKU of the nodes, e.g. Standard_NC6s_v3."
     )
@@ -76,14 +82,25 @@ class ResourceSpec(_Model):
 class PresetOptions(_Model):
     image: str | None = Field(None, description="Image of a private preset (required for accessMode private).")
     image_pull_secrets: list[str] | None = Field(None, description="Secrets for pulling the private image.")
+    model_access_secret: str | None = Field(
+        None,
+        description="Secret with the Hugging Face token under key HF_TOKEN, for presets that download "
+        "their weights at start (gated models such as llama-3.1-8b-instruct).",
+    )
 
 
 class PresetSpec(_Model):
-    name: str = Field(..., description="Preset name from the catalog (`kaito presets list`).")
+    name: str = Field(
+        ...,
+        description="Preset name from the catalog (`kaito presets list`) or its Hugging Face repo "
+        "(e.g. microsoft/Phi-3-mini-4k-instruct).",
+    )
     access_mode: Literal["public", "private"] = Field(
         "public", description="public: the project's image; private: bring your own image in presetOptions."
     )
-    preset_options: PresetOptions | None = Field(None, description="Image options of private presets.")
+    preset_options: PresetOptions | None = Field(
+        None, description="Private image and pull secrets, or the token Secret of a gated preset."
+    )
 
 
 class DataSource(_Model):
@@ -165,7 +182,8 @@ class Workspace(_Model):
 
     @property
     def annotations(self) -> dict[str, str]:
-        return self.metadata.get("annotations") or {}
+        found = self.metadata.get("annotations")
+        return found if isinstance(found, dict) else {}  # admission reports a malformed one
 
 
 # One model per served version; both are the classic schema (see module docstring).

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from kaito.presets import __version__ as KAITO_VERSION
+from kaito.presets.images import base_image
+
 DEFAULT_REGISTRY = "mcr.microsoft.com/aks/kaito"
-KAITO_VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class OperatorSettings:
     weights_from_modelpack: bool = False
     """Run the base image and pull the weights (ModelPack artifact
     `<registry>/kaito-<preset>-weights:<tag>`) into /workspace/weights in an init container."""
+
+    hub_endpoint: str | None = None
+    """Hugging Face endpoint (HF_ENDPOINT) of the init containers that download gated presets
+    at start; None: huggingface.co. A mirror, or a loopback hub in tests."""
 
     node_class_group: str = "karpenter.azure.com"
     """Group of the Karpenter node class NodeClaims reference (karpenter.k8s.aws on AWS)."""
@@ -71,7 +77,7 @@ class OperatorSettings:
 
     @property
     def base_image(self) -> str:
-        return f"{self.registry.rstrip('/')}/kaito-base:{self.version}"
+        return base_image(self.registry, self.version)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:

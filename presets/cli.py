@@ -7,11 +7,16 @@ group under the entry point's name) or a callable `register(app)` that adds
 its own commands. Plugins are imported when the CLI starts, so their modules
 must import heavy libraries (torch, transformers, kopf) inside commands only.
 Exit codes: 0 ok, 2 bad input (`InvalidInput`, usage errors), 1 failure.
+Streams: a command's result goes to stdout, everything else (logs, progress,
+errors) to stderr, so `kaito ... | jq` reads only the result; logging is set
+up once here (`configure_logging`) for every command.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -27,8 +32,12 @@ from kaito.presets.registry import get_preset, list_presets
 from kaito.presets.skus import fit, get_sku, smallest_fit
 from kaito.presets.spec import PresetSpec
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # results: never hard-wrapped at 80 columns when piped
+# soft_wrap: an error is one line however narrow the terminal, so scripts can match it.
+err_console = Console(stderr=True, soft_wrap=True)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Libraries that log every HTTP request at INFO (with upload URLs carrying session tokens).
+QUIET_LOGGERS = ("httpx", "httpcore", "huggingface_hub", "urllib3", "filelock")
 
 app = typer.Typer(
     name="kaito",
@@ -184,11 +193,29 @@ def _load_plugins() -> None:
             obj(app)
 
 
+def configure_logging() -> None:
+    """Send all logging to stderr at KAITO_LOG_LEVEL (default INFO); request-per-line libraries at WARNING.
+
+    Idempotent; a command may still change the root level (`kaito operator run -v`).
+    """
+    root = logging.getLogger()
+    if not any(getattr(h, "_kaito", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler._kaito = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    level = os.environ.get("KAITO_LOG_LEVEL", "INFO").upper()
+    root.setLevel(level if level in logging._nameToLevel else logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def invoke(typer_app: typer.Typer, argv: Optional[list[str]] = None, prog_name: Optional[str] = None) -> int:
     """Run a typer app and map kaito's errors to exit codes (0 ok, 2 bad input, 1 failure).
 
     Shared by the `kaito` root and the packages' own `python -m` entry points.
     """
+    configure_logging()
     try:
         rv = typer_app(args=argv, prog_name=prog_name, standalone_mode=False)
         if isinstance(rv, int):  # click returns typer.Exit's code when not standalone

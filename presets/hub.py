@@ -21,6 +21,7 @@ from typing import Optional
 
 import httpx
 
+from kaito.presets.contract import ENV_HF_TOKEN, ENV_HUB_CACHE
 from kaito.presets.errors import InvalidInput, KaitoError
 
 COMPLETE = ".kaito-complete.json"
@@ -29,7 +30,7 @@ ATTEMPTS = 5
 
 
 def default_cache() -> Path:
-    base = os.environ.get("KAITO_HUB_CACHE") or os.path.join(
+    base = os.environ.get(ENV_HUB_CACHE) or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kaito", "hub"
     )
     return Path(base)
@@ -74,7 +75,9 @@ def _fetch(url: str, part: Path, size: int, headers: dict, bar, task) -> None:
                 if bar is not None:
                     bar.update(task, completed=have)
                 with open(part, "ab") as f:
-                    for chunk in r.iter_bytes(CHUNK):
+                    # Chunks as they arrive (not re-buffered to CHUNK): what was received is on disk
+                    # when the process is killed, so the next run's Range starts there.
+                    for chunk in r.iter_bytes():
                         f.write(chunk)
                         if bar is not None:
                             bar.advance(task, len(chunk))
@@ -108,16 +111,21 @@ def download(
 
     if local_files_only or constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1 means no network, as for hf itself
         raise InvalidInput(f"{repo}@{revision[:12]} is not in the cache at {root} and downloads are off (offline)")
-    token = token or os.environ.get("HF_TOKEN") or None
+    token = token or os.environ.get(ENV_HF_TOKEN) or None
     files = _listing(repo, revision, endpoint, token, patterns)
     if not files:
         raise KaitoError(f"{repo}@{revision[:12]} has no file matching {', '.join(patterns)}")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     bar = None
     if progress:
+        from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        # Progress is not a result: stderr, so a command's stdout stays parseable.
+        bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            console=Console(stderr=True),
+        )
         bar.start()
     try:
         for f in files:

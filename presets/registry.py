@@ -4,6 +4,11 @@ Each `presets/catalog/<family>.yaml` registers its presets here when the
 registry is first used; extra directories can be added with the
 `KAITO_PRESET_PATH` environment variable (os.pathsep separated). Called by
 every package through `kaito.presets.get_preset` / `list_presets`.
+
+A preset is found by its name, an alias, or its Hugging Face repository id
+(`microsoft/Phi-3-mini-4k-instruct`, as newer Kaito manifests write it); repo
+ids match case-insensitively, like the hub's own URLs, and resolve to the
+canonical preset name.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class PresetRegistry:
         self._presets: dict[str, PresetSpec] = {}
         self._sources: dict[str, str] = {}
         self._aliases: dict[str, str] = {}
+        self._repos: dict[str, str] = {}  # lowercased hf_repo -> preset name
 
     def register(self, spec: PresetSpec, source: str = "<code>") -> PresetSpec:
         for name in (spec.name, *spec.aliases):
@@ -57,10 +63,19 @@ class PresetRegistry:
                 raise InvalidInput(
                     f"duplicate preset name {name!r}: declared in {owner} and again in {source}; names must be unique"
                 )
+        repo = spec.hf_repo.lower() if spec.hf_repo else None
+        if repo and repo in self._repos:
+            other = self._repos[repo]
+            raise InvalidInput(
+                f"duplicate hf_repo {spec.hf_repo!r}: preset {other} ({self._sources[other]}) and {spec.name} "
+                f"({source}) both name it; a repository id must resolve to one preset"
+            )
         self._presets[spec.name] = spec
         self._sources[spec.name] = source
         for a in spec.aliases:
             self._aliases[a] = spec.name
+        if repo:
+            self._repos[repo] = spec.name
         return spec
 
     def register_data(self, entry: dict[str, Any], source: str) -> PresetSpec:
@@ -101,6 +116,9 @@ class PresetRegistry:
             self.load_file(path)
 
     def resolve(self, name: str) -> str:
+        """Canonical preset name for a name, alias or Hugging Face repo id (unknown names come back as given)."""
+        if "/" in name:
+            return self._repos.get(name.lower(), name)
         return self._aliases.get(name, name)
 
     def get(self, name: str) -> PresetSpec:
@@ -108,7 +126,7 @@ class PresetRegistry:
         try:
             return self._presets[canonical]
         except KeyError:
-            known = sorted([*self._presets, *self._aliases])
+            known = sorted([*self._presets, *self._aliases, *(p.hf_repo for p in self._presets.values() if p.hf_repo)])
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UnknownPreset(

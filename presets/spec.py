@@ -15,7 +15,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+from kaito.presets.validate import LABEL_MAX, dns_subdomain_problem
+
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 RunParam = Union[str, int, float, bool]
@@ -112,10 +113,10 @@ class PresetSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _dns1123(cls, v: str) -> str:
-        if len(v) > 63 or not DNS1123_LABEL.match(v):
-            raise ValueError(
-                f"preset name {v!r} must be lowercase DNS-1123: letters, digits, '-' and '.', at most 63 characters"
-            )
+        # Preset names become image repositories and label values: '.' allowed, 63 at most.
+        problem = dns_subdomain_problem(v, LABEL_MAX)
+        if problem:
+            raise ValueError(f"preset name {problem}")
         return v
 
     @field_validator("aliases")
@@ -152,5 +153,7 @@ class PresetSpec(BaseModel):
         return sorted(m.value for m in self.tuning_memory_gib)
 
     def image_ref(self, registry: str) -> str:
-        """`<registry>/kaito-<name>:<tag>`, Kaito's tag scheme."""
-        return f"{registry.rstrip('/')}/kaito-{self.name}:{self.image_tag}"
+        """`<registry>/kaito-<name>:<tag>`, Kaito's tag scheme (one home: kaito.presets.images)."""
+        from kaito.presets.images import preset_image
+
+        return preset_image(registry, self.name, self.image_tag)

@@ -67,6 +67,39 @@ CASES = [
     (TUNE, _set("tuning.output.volumeSource", {"emptyDir": {}}), "tuning.output", "exactly one"),
     (TUNE, _set("resource.count", 2), "resource.count", "exactly 1 node"),
     (TUNE, _set("tuning.preset.name", "llama-3.1-8b-instruct"), "tuning.method", "cannot be tuned"),
+    # Names: DNS-1123 (DNS-1035 for the Service named after it), within Kubernetes' limits, present.
+    (INF, _set("metadata.name", "My_Workspace!"), "metadata.name", "not a DNS-1035 label"),
+    (INF, _set("metadata.name", "w" * 80), "metadata.name", "at most 63"),
+    (INF, _set("metadata.name", "9lives"), "metadata.name", "start with a letter"),
+    (INF, _set("metadata.name", _DEL), "metadata.name", "required"),
+    (INF, _set("metadata", "x"), "metadata", "must be a mapping"),
+    (INF, _set("metadata.annotations", ["a"]), "metadata.annotations", "mapping of strings"),
+    (INF, _set("metadata.annotations", {"kaito.sh/enablelb": True}), "metadata.annotations", "strings"),
+    (INF, _set("kind", "Pod"), "kind", "Workspace"),
+    (INF, _set("kind", _DEL), "kind", "required"),
+    (INF, _set("apiVersion", "kaito.sh/v1"), "apiVersion", "kaito.sh/v1beta1"),
+    (INF, _set("apiVersion", "v1"), "apiVersion", "not served"),
+    # Image references in the OCI grammar, http(s) URLs only.
+    (ADAPTER, _set("inference.adapters.0.source.image", "not a ref"), "inference.adapters[0].source.image", "repository"),
+    (ADAPTER, _set("inference.adapters.0.source.image", "oci:/tmp/layout"), "inference.adapters[0].source.image",
+     "registry reference"),
+    (ADAPTER, _set("inference.adapters.0.source.name", "a" * 56), "inference.adapters[0].source.name", "at most 55"),
+    (TUNE, _set("tuning.output.image", "UPPER/Case:tag!"), "tuning.output.image", "tag 'tag!'"),
+    (TUNE, _set("tuning.output.image", "reg.io/a@sha256:beef"), "tuning.output.image", "digest"),
+    (TUNE, _set("tuning.input.urls", ["not a url"]), "tuning.input.urls[0]", "only http:// and https://"),
+    (TUNE, _set("tuning.input.urls", ["file:///etc/passwd"]), "tuning.input.urls[0]", "scheme 'file'"),
+    (TUNE, _set("tuning.input.urls", ["https://"]), "tuning.input.urls[0]", "host"),
+    (INF, _set("inference.preset.presetOptions", {"image": "Not A Ref"}), "inference.preset.presetOptions.image",
+     "repository"),
+    (INF, _set("inference.config", "My Config"), "inference.config", "DNS-1123"),
+    # count: bounded before anything is rendered.
+    (INF, _set("resource.count", 5000), "resource.count", "at most 64"),
+    (INF, _set("resource.count", 1_000_000), "resource.count", "at most 64"),
+    # Gated presets need the token Secret; the others must not name one.
+    (INF, _set("inference.preset", {"name": "meta-llama/Llama-3.1-8B-Instruct"}),
+     "inference.preset.presetOptions.modelAccessSecret", "HF_TOKEN"),
+    (INF, _set("inference.preset.presetOptions", {"modelAccessSecret": "hf"}),
+     "inference.preset.presetOptions.modelAccessSecret", "remove"),
 ]
 
 
@@ -160,3 +193,85 @@ def test_immutability_against_the_pinned_minimal_spec() -> None:
     new["resource"]["count"] = 1  # explicit default equals the pinned absent count
     errors = _errors(new, pinned)
     assert errors == ["tuning.method: is immutable after creation"], errors
+
+
+def test_name_limit_follows_the_objects_derived_from_it() -> None:
+    """63 for a Deployment's Service and labels; 52 when a StatefulSet's revision label adds -<hash>."""
+    body = load_example(INF)
+    body["metadata"]["name"] = "w" * 63
+    admission.validate(body)
+    multi = load_example(INF)
+    multi["inference"]["preset"]["name"] = "falcon-40b"
+    multi["resource"]["count"] = 2
+    multi["resource"]["instanceType"] = "Standard_NC24ads_A100_v4"
+    multi["metadata"]["name"] = "w" * 52
+    assert admission.validate(multi).resource.count == 2
+    multi["metadata"]["name"] = "w" * 53
+    errors = _errors(multi)
+    assert any(e.startswith("metadata.name") and "at most 52" in e and "controller-revision-hash" in e
+               for e in errors), errors
+
+
+def test_huge_counts_are_refused_fast() -> None:
+    import time
+
+    body = load_example(INF)
+    body["resource"]["count"] = 1_000_000
+    start = time.perf_counter()
+    assert any(e.startswith("resource.count") for e in _errors(body))
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize("repo,canonical", [
+    ("microsoft/Phi-3-mini-4k-instruct", "phi-3-mini-4k-instruct"),
+    ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct"),
+])
+def test_hugging_face_repo_names_are_admitted_and_rendered_as_the_preset(repo: str, canonical: str) -> None:
+    from kaito.operator.render import render
+    from kaito.operator.settings import OperatorSettings
+
+    body = load_example(INF)
+    body["resource"]["instanceType"] = "Standard_NC24ads_A100_v4"
+    body["inference"]["preset"] = {"name": repo, "presetOptions": {"modelAccessSecret": "hf-token"}}
+    if canonical.startswith("phi"):
+        del body["inference"]["preset"]["presetOptions"]
+    objs = render(admission.validate(body), OperatorSettings(), [])
+    dep = next(o for o in objs if o["kind"] == "Deployment")
+    cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--preset") + 1] == canonical
+
+
+def test_renaming_a_preset_to_its_repo_is_not_a_change() -> None:
+    old = load_example(INF)
+    new = copy.deepcopy(old)
+    new["inference"]["preset"]["name"] = "microsoft/Phi-3-mini-4k-instruct"
+    assert admission.validate(new, old).inference is not None
+
+
+def test_webhook_answers_with_the_fields_never_a_traceback() -> None:
+    import kopf
+    from kaito.operator.handlers import validate_webhook
+
+    body = load_example(INF)
+    body["metadata"] = "x"
+    with pytest.raises(kopf.AdmissionError) as info:
+        validate_webhook(body=body, old=None, operation="CREATE")
+    assert info.value.code == 422 and str(info.value).startswith("metadata:")
+
+
+@pytest.mark.parametrize("content", [
+    b"\x7fELF\x02\x01\x01\x00\x00\x00\xff\xfe\x00",
+    b"apiVersion: kaito.sh/v1beta1\nkind: Workspace\nmetadata: x\n",
+    b"apiVersion: kaito.sh/v1beta1\nkind: Workspace\nmetadata: {name: w, annotations: [a]}\nresource: {}\n",
+    b"- a\n- b\n",
+    b"a: [\n",
+    b"---\nkind: Workspace\n---\nkind: Workspace\n",
+], ids=["binary", "metadata-string", "annotations-list", "list", "bad-yaml", "two-docs"])
+def test_render_cli_reports_bad_files_in_one_line(tmp_path: Any, capsys: Any, content: bytes) -> None:
+    from kaito.presets.cli import main
+
+    path = tmp_path / "ws.yaml"
+    path.write_bytes(content)
+    assert main(["operator", "render", str(path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: ") and out.err.count("\n") == 1, out.err

@@ -24,8 +24,11 @@ async def test_operator_run_command_reconciles_via_kubeconfig(emulator: Any, tmp
         "users": [{"name": "dev", "user": {"token": "not-a-real-token"}}],
         "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "dev", "namespace": "default"}}],
     }))
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KAITO_WEBHOOK_PORT": "0",
+    # As a developer runs it outside a cluster: the webhook port is set (the default) but there
+    # are no cert-manager certificates, so the webhook stays off and the operator still runs.
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KAITO_WEBHOOK_CERT_DIR": str(tmp_path / "no-certs"),
            "KAITO_REGISTRY": "reg.example/kaito", "KAITO_RETRY_SECONDS": "0.5"}
+    env.pop("KAITO_WEBHOOK_PORT", None)
     env.pop("KUBERNETES_SERVICE_HOST", None)
     kaito = Path(sys.executable).parent / "kaito"
     log = (tmp_path / "operator.log").open("wb")  # a file, not a pipe: a full pipe would block the operator
@@ -64,3 +67,32 @@ async def test_operator_run_command_reconciles_via_kubeconfig(emulator: Any, tmp
     err = (tmp_path / "operator.log").read_text()
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    off = [line for line in err.splitlines() if "admission webhook off" in line]
+    assert len(off) == 1 and "KAITO_WEBHOOK_CERT_DIR" in off[0], err[-3000:]
+
+
+def test_operator_run_without_a_cluster_exits_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing-kubeconfig"), "HOME": str(tmp_path)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    kaito = Path(sys.executable).parent / "kaito"
+    done = subprocess.run([str(kaito), "operator", "run"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "KUBECONFIG" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_webhook_is_on_only_with_a_port_and_its_certificate(tmp_path: Path, caplog: Any) -> None:
+    from kaito.operator.handlers import webhook_enabled
+    from kaito.operator.settings import OperatorSettings
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    assert not webhook_enabled(OperatorSettings(webhook_port=0, webhook_cert_dir=str(certs)))
+    assert not caplog.records  # port 0 is a choice: nothing to say
+    assert not webhook_enabled(OperatorSettings(webhook_cert_dir=str(certs)))
+    assert "admission webhook off: no tls.crt or tls.key in" in caplog.text
+    (certs / "tls.crt").write_text("cert")
+    (certs / "tls.key").write_text("key")
+    assert webhook_enabled(OperatorSettings(webhook_cert_dir=str(certs)))
+    assert webhook_enabled(OperatorSettings(webhook_cert_dir=None))  # plain HTTP (tests)

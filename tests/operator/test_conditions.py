@@ -49,3 +49,15 @@ async def test_warning_event_is_a_valid_core_event() -> None:
     event = api.created[0]
     kubernetes_validate.validate(event, "1.30.0", strict=True)
     assert event["involvedObject"]["uid"] == "u-1" and event["type"] == "Warning"
+
+
+def test_workspace_ready_mirrors_workspace_succeeded() -> None:
+    """The seed's users wait on WorkspaceReady; newer Kaito's WorkspaceSucceeded says the same."""
+    from kaito.operator.reconcile import with_workspace_ready
+
+    conds = with_workspace_ready([_cond("ResourceReady", True, "NodesReady", "1 of 1"),
+                                  _cond("WorkspaceSucceeded", False, "Pending", "waiting")])
+    ready = next(c for c in conds if c["type"] == "WorkspaceReady")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "Pending", "waiting")
+    assert with_workspace_ready([_cond("WorkspaceDeleting", True, "Deleting", "d")]) == [
+        _cond("WorkspaceDeleting", True, "Deleting", "d")]

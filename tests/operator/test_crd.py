@@ -57,10 +57,16 @@ def test_crd_names_versions_and_columns() -> None:
         ("v1alpha1", True, False),
         ("v1beta1", True, True),
     ]
+    # The seed's `kubectl get workspace` columns (upper-cased by kubectl) for v1alpha1, and
+    # both generations' for v1beta1, the version kubectl prefers.
+    seed = ["INSTANCE", "RESOURCEREADY", "INFERENCEREADY", "WORKSPACEREADY", "AGE"]
+    cols = {v["name"]: [c["name"].upper() for c in v["additionalPrinterColumns"]] for v in spec["versions"]}
+    assert cols["v1alpha1"] == seed
+    assert cols["v1beta1"] == seed[:3] + ["JOBSTARTED", "WORKSPACESUCCEEDED"] + seed[3:]
     for v in spec["versions"]:
+        ready = next(c for c in v["additionalPrinterColumns"] if c["name"] == "WorkspaceReady")
+        assert ready["jsonPath"] == '.status.conditions[?(@.type=="WorkspaceReady")].status'
         assert v["subresources"] == {"status": {}}
-        cols = [c["name"] for c in v["additionalPrinterColumns"]]
-        assert cols == ["Instance", "ResourceReady", "InferenceReady", "JobStarted", "WorkspaceSucceeded", "Age"]
         props = v["schema"]["openAPIV3Schema"]["properties"]
         assert {"resource", "inference", "tuning", "status"} <= set(props)
         assert "spec" not in props

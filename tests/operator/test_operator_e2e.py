@@ -64,6 +64,7 @@ async def test_inference_example_end_to_end(operator_factory: Any) -> None:
     await h.patch(f"/apis/apps/v1/namespaces/{NS}/deployments/{name}/status", {"status": {"readyReplicas": 1}})
     await h.wait_for(lambda: _status(h, name, "WorkspaceSucceeded") == "True", what="WorkspaceSucceeded")
     assert _status(h, name, "InferenceReady") == "True"
+    assert _status(h, name, "WorkspaceReady") == "True"  # the seed's WORKSPACEREADY column
     cond = h.condition(NS, name, "InferenceReady")
     assert cond["observedGeneration"] == 1 and cond["reason"] and cond["message"]
 

@@ -82,3 +82,26 @@ def test_console_script_installed():
     out = subprocess.run([str(exe), "presets", "fit", "falcon-40b-instruct", "-i", "Standard_NC6s_v3"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "needs 2" in out.stderr
+
+
+LOGGING_PROBE = """
+import logging, sys, typer
+from kaito.presets.cli import invoke
+app = typer.Typer()
+@app.command()
+def probe() -> None:
+    logging.getLogger("kaito.probe").info("a log line")
+    logging.getLogger("httpx").info('HTTP Request: PUT http://r/v2/x/blobs/uploads/1?_state=SECRET "HTTP/1.1 201"')
+    typer.echo('{"result": 1}')
+sys.exit(invoke(app, [], prog_name="probe"))
+"""
+
+
+def test_logs_go_to_stderr_and_only_the_result_to_stdout(tmp_path):
+    env = {**os.environ, "KAITO_LOG_LEVEL": "INFO"}
+    done = subprocess.run([sys.executable, "-c", LOGGING_PROBE], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"result": 1}  # `kaito ... | jq` works
+    assert "a log line" in done.stderr
+    assert "_state=" not in done.stderr + done.stdout  # request lines carrying upload tokens are quiet

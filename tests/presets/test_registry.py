@@ -152,3 +152,32 @@ def test_unknown_top_level_key(tmp_path):
 def test_every_catalog_file_is_a_family():
     files = sorted(p.name for p in CATALOG_DIR.glob("*.yaml"))
     assert {"phi3.yaml", "falcon.yaml", "mistral.yaml", "llama.yaml", "qwen.yaml", "deepseek.yaml", "tiny.yaml"} <= set(files)
+
+
+@pytest.mark.parametrize("repo,name", [
+    ("microsoft/Phi-3-mini-4k-instruct", "phi-3-mini-4k-instruct"),  # as the hub spells it
+    ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct"),
+    ("META-LLAMA/llama-3.1-8b-instruct", "llama-3.1-8b-instruct"),  # hub repo ids ignore case
+    ("microsoft/phi-4", "phi-4"),
+])
+def test_hugging_face_repo_ids_resolve_to_the_preset(repo, name):
+    assert get_preset(repo).name == name
+    assert default_registry().resolve(repo) == name and repo in default_registry()
+
+
+def test_every_catalog_repo_resolves_to_its_own_preset():
+    for p in list_presets():
+        if p.hf_repo:
+            assert get_preset(p.hf_repo) is p
+
+
+def test_unknown_repo_suggests_close_repos():
+    with pytest.raises(UnknownPreset, match="microsoft/Phi-3-mini-4k-instruct"):
+        get_preset("microsoft/Phi-3-mini-4k-instruc")
+
+
+def test_two_presets_claiming_one_repo_are_refused(tmp_path):
+    body = GOOD.format(name="m1") + GOOD.format(name="m2").split("presets:\n", 1)[1].replace("org/model", "Org/Model")
+    f = _write(tmp_path, "dup.yaml", body)
+    with pytest.raises(InvalidInput, match="duplicate hf_repo 'Org/Model'.*m1.*m2"):
+        PresetRegistry().load_file(f)

@@ -1,15 +1,11 @@
 """Weight sources: local dirs, the hub at a pinned revision (local endpoint), tiny; pickle refused."""
 
-import hashlib
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from kaito.presets import InvalidInput, KaitoError, get_preset, make_tiny
 from kaito.presets.spec import GPURequirements, PresetSpec
 from kaito.presets.weights import materialize_weights
+from support.hub import HubState, serve_hub
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -54,97 +50,14 @@ def test_missing_weight_file_fails_atomically(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-class _Hub(BaseHTTPRequestHandler):
-    """A local stand-in for the hub's file API, serving one repo at one commit."""
-
-    files: dict = {}
-    hits: list = []
-    ranges: list = []
-    cut: set = set()  # file names whose first download is cut half way
-    lfs_bytes: dict = {}  # what the listing claims an LFS file holds (tamper tests)
-
-    def log_message(self, *a):
-        pass
-
-    def _file(self):
-        prefix = f"/org/hubby/resolve/{REV}/"
-        if not self.path.startswith(prefix):
-            return None
-        return self.files.get(self.path[len(prefix):].split("?")[0])
-
-    def _headers(self, body):
-        self.send_header("X-Repo-Commit", REV)
-        self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Type", "application/octet-stream")
-
-    def do_HEAD(self):
-        body = self._file()
-        if body is None:
-            self.send_response(404)
-            self.end_headers()
-            return
-        self.send_response(200)
-        self._headers(body)
-        self.end_headers()
-
-    def do_GET(self):
-        self.hits.append(self.path)
-        if self.path.startswith("/api/models/org/hubby"):
-            if "/tree/" in self.path:  # the recursive tree listing snapshot_download asks for
-                info = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest(),
-                         **({"lfs": {"oid": hashlib.sha256(self.lfs_bytes.get(n, b)).hexdigest(), "size": len(b),
-                                     "pointerSize": 134}} if n.endswith(".safetensors") else {})}
-                        for n, b in self.files.items()]
-            else:
-                info = {"id": "org/hubby", "sha": REV, "siblings": [{"rfilename": n} for n in self.files]}
-            body = json.dumps(info).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        body = self._file()
-        if body is None:
-            self.send_response(404)
-            self.end_headers()
-            return
-        name = self.path.rsplit("/", 1)[-1].split("?")[0]
-        rng = self.headers.get("Range")
-        if rng:
-            self.ranges.append((name, rng))
-            start = int(rng.split("=")[1].split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            self._headers(body[start:])
-            self.end_headers()
-            self.wfile.write(body[start:])
-            return
-        self.send_response(200)
-        self._headers(body)
-        self.end_headers()
-        if name in self.cut:
-            self.cut.discard(name)
-            self.wfile.write(body[: len(body) // 2])  # the connection drops mid-file
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(2)
-            return
-        self.wfile.write(body)
-
-
 @pytest.fixture
 def hub(tmp_path):
     src = make_tiny(tmp_path / "hubsrc")
     files = {p.name: p.read_bytes() for p in src.iterdir()}
     files["pytorch_model.bin"] = b"\x80\x04pickle"
-    handler = type("H", (_Hub,), {"files": files, "hits": [], "ranges": [], "cut": set(), "lfs_bytes": {}})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_port}", handler, files
-    server.shutdown()
+    state = HubState("org/hubby", REV, files)
+    with serve_hub(state) as endpoint:
+        yield endpoint, state, files
 
 
 def test_hub_download_at_pinned_revision(tmp_path, hub, monkeypatch):
@@ -181,7 +94,7 @@ def online(monkeypatch):
 
 def test_tampered_download_is_discarded(tmp_path, hub, online):
     endpoint, handler, files = hub
-    handler.lfs_bytes["model.safetensors"] = b"what the listing promised"
+    handler.lfs_claims["model.safetensors"] = b"what the listing promised"
     with pytest.raises(KaitoError, match="model.safetensors of org/hubby@0123456789ab: sha256 mismatch"):
         materialize_weights(_preset(), tmp_path / "w", endpoint=endpoint, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "w").exists()
@@ -209,3 +122,13 @@ def test_hub_download_resumes_after_a_kill(tmp_path, hub, monkeypatch):
     d = materialize_weights(_preset(), tmp_path / "w", endpoint=endpoint, cache_dir=tmp_path / "cache")
     assert (d / "model.safetensors").read_bytes() == body
     assert ("model.safetensors", f"bytes={half}-") in handler.ranges, handler.ranges
+
+
+def test_a_dropped_connection_is_resumed_in_the_same_run(tmp_path, hub, online):
+    """Bytes received before the drop are on disk (written as they arrive), so the retry asks for the rest."""
+    endpoint, handler, files = hub
+    handler.cut.add("model.safetensors")
+    d = materialize_weights(_preset(), tmp_path / "w", endpoint=endpoint, cache_dir=tmp_path / "cache")
+    assert (d / "model.safetensors").read_bytes() == files["model.safetensors"]
+    (name, rng), = [r for r in handler.ranges if r[0] == "model.safetensors"]
+    assert int(rng.split("=")[1].rstrip("-")) > 0
