@@ -18,7 +18,7 @@ REGISTRY ?= out/registry
 TAG ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-gpu bench build-preset crd lint e2e-container clean
+.PHONY: install demo test test-fast test-gpu bench build-base build-preset crd lint e2e-container e2e-cluster clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -I -m venv $(VENV)
@@ -50,6 +50,14 @@ bench: install
 	$(PY) bench/tuning.py
 	$(PY) bench/operator.py
 
+# The runtime base (Dockerfiles/base), built once, offline, with a private dockerd (root):
+# stored as $(REGISTRY)/kaito-base:<version> (a layout dir or a registry), where build-preset
+# finds it by default.
+build-base: install
+	$(PY) tests/e2e/container.py --base-only --registry $(REGISTRY)
+
+# Weights on the runtime base: --base / KAITO_BASE_IMAGE, else $(REGISTRY)/kaito-base:<version>,
+# else out/registry/kaito-base:<version>; none of them is an error saying how to get one.
 build-preset: install
 	$(VENV)/bin/kaito image build-preset $(MODEL) --registry $(REGISTRY) $(if $(TAG),--tag $(TAG))
 
@@ -62,6 +70,10 @@ lint: install
 
 e2e-container: install
 	$(PY) tests/e2e/container.py
+
+# The seed's Workspaces through the real operator, their pods run with docker (tests/cluster).
+e2e-cluster: install
+	$(VENV)/bin/pytest tests/cluster -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf out build dist *.egg-info

@@ -4,18 +4,25 @@ Run by `make e2e-container` and by tests/e2e/test_container.py (markers docker, 
 Needs root, dockerd, mmdebstrap and Debian's docker-registry; touches no host network
 setting and no default docker socket. Steps:
 
-  dockerd      our own daemon (--bridge=none, no iptables/forwarding/masquerade) on a private socket
-  rootfs       a Debian minbase root filesystem from the host's own apt mirror (mmdebstrap; cached)
-  import       `docker import` of that tarball: the base image, since no hub is reachable
-  wheelhouse   kaito[runtime] dependencies for cp311 + the local torch CPU wheel (cached)
-  build-base   `docker build --network none` of Dockerfiles/base on the imported image, pip offline
-  registry     Debian's docker-registry with its own config on a free 127.0.0.1 port
-  push-base    `docker push` of the runtime image (dockerd allows plain http on 127.0.0.0/8)
-  build-preset `kaito image build-preset tiny-phi-3 --base <pushed base>`: base layers reused, weights appended
-  pull         `docker pull` of the preset image back into the daemon
-  serve        `docker run --network none`; the client runs inside the container through `docker exec`
-               (no bridge exists and we create none: publishing a port would need a bridge or the
-               host's network namespace), waits for /health and POSTs /chat.
+  dockerd        our own daemon (--bridge=none, no iptables/forwarding/masquerade) on a private socket
+  rootfs         a Debian minbase root filesystem from the host's own apt mirror (mmdebstrap; cached)
+  wheelhouse     kaito[runtime,tuning] dependencies for cp311 + the local torch CPU wheel (cached)
+  build-base     `docker import` of the rootfs (no hub is reachable), then `docker build --network none`
+                 of Dockerfiles/base on it, pip offline; skipped when the layout already holds the base
+                 built from this exact source tree, Dockerfile, wheelhouse and rootfs (or, to
+                 iterate on tests only, whenever it holds one: KAITO_E2E_REUSE_BASE=1)
+  registry       Debian's docker-registry with its own config on a free 127.0.0.1 port
+  store-base     `docker push` of the base there, then `kaito image copy` into the layout
+                 <layout>/kaito-base:<version> (default out/registry), digests unchanged: where
+                 `make build-preset` finds it by default.    (`make build-base` stops here.)
+  build-preset   `make build-preset MODEL=tiny-phi-3` as a user runs it (no --base, no
+                 KAITO_BASE_IMAGE): the base's layers by digest, the weights appended
+  push-preset    `kaito image copy` of exactly that image to the loopback registry
+  pull           `docker pull` of it into the daemon
+  serve          `docker run --network none` with the image's default command; the client runs inside
+                 the container through `docker exec` (no bridge exists and we create none), waits for
+                 /health and POSTs /chat.
+  tuning-imports the tuning Job's entry point (`python -m kaito.tuning`, pyarrow, datasets) in the image
 
 Prints a table of step times and image sizes. Exits non-zero with a clear message at the first
 failure; the daemon, registry and containers are always cleaned up. Expensive artifacts are cached
@@ -25,6 +32,7 @@ under $KAITO_E2E_CACHE (default out/e2e-cache).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -37,16 +45,18 @@ import time
 from pathlib import Path
 
 from container_parts import (
+    DEFAULT_LAYOUT,
     IMAGE_PATH,
     IMPORTED,
     LOCAL_BASE,
     PRESET,
     PROMPT,
     REPO,
-    TAG,
     Run,
     StepFailed,
     dir_size,
+    copy_sources,
+    digest_of,
     docker,
     from_args,
     image_size,
@@ -54,7 +64,6 @@ from container_parts import (
     make_context,
     make_rootfs,
     make_wheelhouse,
-    manifest,
     pushed_size,
     sh,
     start_dockerd,
@@ -62,6 +71,10 @@ from container_parts import (
 )
 
 sys.path.insert(0, str(REPO / "tests"))
+from kaito.image_builder.oci.reference import image_ref_for
+from kaito.presets.images import BASE_REPOSITORY, preset_image
+from kaito.presets import __version__ as KAITO_VERSION
+from kaito.presets.errors import KaitoError
 from support.registry import start_registry
 
 
@@ -88,32 +101,36 @@ def build_base(run: Run, wheelhouse: Path) -> None:
     if uid == "0":
         raise StepFailed(f"{LOCAL_BASE} runs as root; Dockerfiles/base must switch to a non-root user")
     run.facts["base_uid"] = uid
-    # The classic builder has no RUN --mount, so the offline wheelhouse stays in the image as the
-    # `COPY ... /wheels/` layer (an online build copies only pyproject.toml there).
+    # The offline wheelhouse must stay in Dockerfiles/base's build stage: no layer of the image copies it.
     history = docker(run, "history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", LOCAL_BASE, show=False).stdout
-    run.facts["wheelhouse_layer_in_base"] = [ln.split("\t")[0] for ln in history.splitlines() if "/wheels/" in ln]
+    wheels = [ln.split("\t")[0] for ln in history.splitlines() if "/wheels/" in ln]
+    if wheels:
+        raise StepFailed(f"{LOCAL_BASE} carries the wheelhouse as a layer ({', '.join(wheels)}); install it in a "
+                         "build stage and copy only the installed result")
 
 
-def build_preset(run: Run, base_ref: str) -> str:
+def build_preset(run: Run) -> str:
+    """`make build-preset MODEL=tiny-phi-3` exactly as a user runs it: no --base, default registry."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KAITO_BASE_IMAGE", "REGISTRY", "TAG", "MODEL")}
+    proc = subprocess.run(["make", "--no-print-directory", "build-preset", f"MODEL={PRESET}", f"REGISTRY={run.layout}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    (run.work / "build-preset.log").write_text(proc.stdout + proc.stderr)
+    log(f"    $ make build-preset MODEL={PRESET}" + ("" if run.layout == DEFAULT_LAYOUT else f" REGISTRY={run.layout}"))
+    if proc.returncode != 0:
+        raise StepFailed(f"`make build-preset` exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-2500:]}")
+    built = re.search(r"built (\S+)@(sha256:[0-9a-f]{64}) \(on (\S+)\)", proc.stdout)
+    if not built:
+        raise StepFailed(f"`make build-preset` did not build on a base:\n{proc.stdout[-1500:]}")
+    run.facts["build_preset"] = f"{built.group(1)}@{built.group(2)} on {built.group(3)}"
+    if built.group(3) != run.facts["stored_base"]:
+        raise StepFailed(f"make build-preset used {built.group(3)}, not the base make build-base stored "
+                         f"({run.facts['stored_base']})")
+    return built.group(1)
+
+
+def kaito_cli() -> str:
     kaito = REPO / ".venv" / "bin" / "kaito"
-    kaito = str(kaito) if kaito.exists() else "kaito"
-    probe = sh(run, [kaito, "image", "--help"], check=False, show=False)
-    if probe.returncode != 0 or "build-preset" not in probe.stdout or "unavailable" in probe.stdout.split("build-preset", 1)[1][:80]:
-        raise StepFailed("`kaito image build-preset` is not available yet (image builder issue, section 3):\n"
-                         + probe.stdout.strip()[-800:])
-    host = run.registry.host
-    # Loopback registries are plain http by default in the image builder, as in dockerd.
-    cmd = [kaito, "image", "build-preset", PRESET, "--registry", host, "--tag", TAG, "--base", base_ref, "--json"]
-    out = sh(run, cmd, logname="build-preset", timeout=1200).stdout
-    try:
-        result = json.loads(out[out.index("{"):])
-    except ValueError:
-        raise StepFailed(f"`kaito image build-preset --json` printed no JSON result:\n{out[-1500:]}") from None
-    run.facts["build_preset_bytes_uploaded"] = result.get("bytes_uploaded")
-    image = f"{host}/kaito-{PRESET}:{TAG}"
-    if result.get("ref") != image:
-        raise StepFailed(f"build-preset reported {result.get('ref')!r}, expected {image!r}")
-    return image
+    return str(kaito) if kaito.exists() else "kaito"
 
 
 CLIENT = r"""
@@ -195,48 +212,61 @@ class Step:
             log(f"    done in {seconds:.1f} s" + (f"  ({self.note})" if self.note else ""))
 
 
-def pipeline(run: Run) -> None:
+def base_steps(run: Run) -> None:
+    """`make build-base`: Dockerfiles/base built offline, stored as <layout>/kaito-base:<version>."""
     with Step(run, "dockerd"):
         run.facts["dockerd"] = start_dockerd(run)
     with Step(run, "rootfs") as st:
         tarball, cached = make_rootfs(run)
         st.note = "cached" if cached else "mmdebstrap"
     run.sizes.append(("rootfs tarball", tarball.stat().st_size, tarball.name))
-    with Step(run, "import"):
-        docker(run, "import", "--change", 'CMD ["/bin/bash"]', "--change", f"ENV PATH={IMAGE_PATH}", str(tarball), IMPORTED)
-        docker(run, "run", "--rm", "--network", "none", IMPORTED, "pip", "--version")
-    run.sizes.append((IMPORTED, image_size(run, IMPORTED), "docker image"))
     with Step(run, "wheelhouse") as st:
         house, cached = make_wheelhouse(run)
         st.note = "cached" if cached else "pip download"
     run.sizes.append(("wheelhouse", dir_size(house), f"{len(list(house.glob('*.whl')))} wheels"))
+    stored = str(image_ref_for(run.layout, BASE_REPOSITORY, KAITO_VERSION))  # build-preset's own default
+    key = base_key(run, tarball, house)
+    record = run.cache / f"base-{key}.json"
     with Step(run, "build-base") as st:
-        build_base(run, house)
-        st.note = f"runs as uid {run.facts['base_uid']}"
-    run.sizes.append((LOCAL_BASE, image_size(run, LOCAL_BASE), "docker image"))
-
+        if record.exists() and stored_digest(stored) == json.loads(record.read_text())["digest"]:
+            st.note = f"cached: {stored} holds this source tree's base"
+        elif os.environ.get("KAITO_E2E_REUSE_BASE") == "1" and stored_digest(stored):
+            # For iterating on the harness only: the base may hold older sources than the tree.
+            st.note = f"reused as is (KAITO_E2E_REUSE_BASE=1): {stored}"
+        else:
+            docker(run, "import", "--change", 'CMD ["/bin/bash"]', "--change", f"ENV PATH={IMAGE_PATH}",
+                   str(tarball), IMPORTED)
+            build_base(run, house)
+            st.note = f"runs as uid {run.facts['base_uid']}"
+            run.sizes.append((LOCAL_BASE, image_size(run, LOCAL_BASE), "docker image"))
     with Step(run, "registry"):
         run.registry = start_registry(run.work / "registry")
-    base_ref = f"{run.registry.host}/kaito-base:{TAG}"
-    with Step(run, "push-base"):
-        docker(run, "tag", LOCAL_BASE, base_ref)
-        docker(run, "push", base_ref, logname="push-base", timeout=1800)
-        base_manifest = manifest(base_ref)
-    run.sizes.append((base_ref, pushed_size(base_manifest), "in registry (gzip layers)"))
+    with Step(run, "store-base") as st:
+        if "base_uid" in run.facts:  # built now: docker push, then copy into the layout, digests unchanged
+            pushed = f"{run.registry.host}/{BASE_REPOSITORY}:{KAITO_VERSION}"
+            docker(run, "tag", LOCAL_BASE, pushed)
+            docker(run, "push", pushed, logname="push-base", timeout=1800)
+            sh(run, [kaito_cli(), "image", "copy", pushed, stored, "--quiet"], logname="store-base", timeout=1200)
+            record.write_text(json.dumps({"digest": stored_digest(stored), "ref": stored}))
+        st.note = stored
+    run.facts["stored_base"] = stored
+    run.sizes.append((stored, pushed_size(inspect_image(stored)), "what build-preset finds by default"))
 
+
+def preset_steps(run: Run) -> None:
+    """`make build-preset` on that base, then the image itself in docker: /chat, and tuning imports."""
+    base_manifest = inspect_image(run.facts["stored_base"])
     with Step(run, "build-preset") as st:
-        image = build_preset(run, base_ref)
-        preset_manifest = manifest(image)
-        added = check_appended(image, base_manifest, preset_manifest)
-        # Base layers are mounted from kaito-base, never uploaded again: only weights and configs travel.
-        uploaded = run.facts["build_preset_bytes_uploaded"]
-        if not isinstance(uploaded, int) or uploaded > sum(layer["size"] for layer in added) + 1_000_000:
-            raise StepFailed(f"build-preset uploaded {uploaded} bytes; the appended layers are "
-                             f"{sum(layer['size'] for layer in added)} bytes, so base layers were re-sent")
+        built = build_preset(run)
+        preset_manifest = inspect_image(built)
+        added = check_appended(built, base_manifest, preset_manifest)
         st.note = f"{len(base_manifest['layers'])} base layers reused, {len(added)} appended"
     run.facts["appended_layers"] = [(layer["mediaType"], layer["size"]) for layer in added]
+    image = preset_image(run.registry.host, PRESET, built.rsplit(":", 1)[1])
+    with Step(run, "push-preset"):
+        sh(run, [kaito_cli(), "image", "copy", built, image, "--quiet"], logname="push-preset", timeout=1200)
     run.sizes.append((image, pushed_size(preset_manifest),
-                      f"in registry; appended {sum(layer['size'] for layer in added) / 1e6:.1f} MB"))
+                      f"appended {sum(layer['size'] for layer in added) / 1e6:.1f} MB"))
     with Step(run, "pull"):
         docker(run, "pull", image, logname="pull", timeout=1200)
     run.sizes.append((image + " (pulled)", image_size(run, image), "docker image"))
@@ -244,6 +274,59 @@ def pipeline(run: Run) -> None:
         result = serve_and_chat(run, image)
         st.note = f"/chat answered in {result['chat_seconds']} s"
     run.facts["chat"] = result["chat"]
+    with Step(run, "tuning-imports") as st:
+        st.note = check_tuning_imports(run, image)
+
+
+# The tuning Job runs `python -m kaito.tuning` on the preset image (operator/render_tuning.py):
+# its entry point, data readers (pyarrow, datasets) and trainer stack must import there.
+TUNING_PROBE = ("import json, pyarrow, datasets, peft\n"
+                "import kaito.tuning.cli, kaito.tuning.data\n"
+                "print(json.dumps({'pyarrow': pyarrow.__version__, 'datasets': datasets.__version__}))")
+
+
+def check_tuning_imports(run: Run, image: str) -> str:
+    probe = docker(run, "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", TUNING_PROBE)
+    # sh() appends stderr (library warnings) after stdout: the probe's one JSON line is among them.
+    line = next((x for x in probe.stdout.splitlines() if x.startswith('{"pyarrow"')), None)
+    if line is None:
+        raise StepFailed(f"the tuning import probe printed no versions in {image}:\n{probe.stdout[-1500:]}")
+    versions = json.loads(line)
+    usage = docker(run, "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-m", "kaito.tuning",
+                   "--help")
+    if "--config" not in usage.stdout or "--push" not in usage.stdout:
+        raise StepFailed(f"`python -m kaito.tuning --help` in {image} shows no tuning flags:\n{usage.stdout[-1000:]}")
+    run.facts["tuning_in_image"] = versions
+    return f"python -m kaito.tuning runs; pyarrow {versions['pyarrow']}"
+
+
+def pipeline(run: Run) -> None:
+    base_steps(run)
+    if not run.base_only:
+        preset_steps(run)
+
+
+def stored_digest(ref: str) -> str | None:
+    try:
+        return inspect_image(ref)["digest"]
+    except KaitoError:
+        return None
+
+
+def base_key(run: Run, rootfs: Path, wheelhouse: Path) -> str:
+    """What the base is built from: Dockerfile, build args, copied sources, wheels and rootfs."""
+    text = run.dockerfile.read_text()
+    files = sorted(p for pattern in copy_sources(text) for src in REPO.glob(pattern)
+                   for p in ([src] if src.is_file() else src.rglob("*"))
+                   if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+    sources = [(str(p.relative_to(REPO)), hashlib.sha256(p.read_bytes()).hexdigest()) for p in files]
+    return digest_of(text, run.build_args, sources, wheelhouse.name, rootfs.name)
+
+
+def inspect_image(ref: str) -> dict:
+    from kaito.image_builder import inspect
+
+    return inspect(ref)
 
 
 def check_appended(image: str, base: dict, preset: dict) -> list[dict]:
@@ -302,21 +385,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-arg", action="append", default=[], metavar="K=V",
                         help="extra build args for it (the imported Debian image fills the FROM args)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, docker data) for debugging")
+    parser.add_argument("--base-only", action="store_true",
+                        help="`make build-base`: build Dockerfiles/base and store it in the layout, nothing more")
+    parser.add_argument("--registry", dest="layout", default=DEFAULT_LAYOUT,
+                        help=f"where the base is stored as kaito-base:<version>, as make's REGISTRY: a layout "
+                             f"directory (default {DEFAULT_LAYOUT}, relative to the repo) or, with --base-only, "
+                             "a registry such as myregistry.azurecr.io")
     args = parser.parse_args(argv)
+    os.chdir(REPO)  # relative layout paths mean what they mean to make
     if os.geteuid() != 0:
         print("e2e-container: must run as root (it starts its own dockerd)", file=sys.stderr)
         return 2
     args.cache.mkdir(parents=True, exist_ok=True)
     # Short path: containerd's sockets live under the exec root and unix socket paths are limited.
     run = Run(cache=args.cache.resolve(), work=Path(tempfile.mkdtemp(prefix="kaito-e2e-")), keep=args.keep,
-              dockerfile=args.dockerfile.resolve(), build_args=dict(a.split("=", 1) for a in args.build_arg))
+              dockerfile=args.dockerfile.resolve(), build_args=dict(a.split("=", 1) for a in args.build_arg),
+              layout=args.layout, base_only=args.base_only)
     signal.signal(signal.SIGTERM, interrupted)
     log(f"e2e-container: work dir {run.work}, cache {run.cache}")
     t0 = time.monotonic()
     rc = 0
     try:
         pipeline(run)
-        log(f"\nOK: {PRESET} served from the container: {json.dumps(run.facts['chat'])[:300]}")
+        if run.base_only:
+            log(f"\nOK: base stored as {run.facts['stored_base']} (make build-preset finds it there)")
+        else:
+            log(f"\nOK: {PRESET} served from the container: {json.dumps(run.facts['chat'])[:300]}")
     except StepFailed as exc:
         log(f"\nFAILED at step {run.current!r}: {exc}")
         rc = 1

@@ -22,11 +22,15 @@ from pathlib import Path
 
 import httpx
 import tomllib
+from kaito.image_builder.build import LOCAL_LAYOUT
 
 REPO = Path(__file__).resolve().parents[2]
 
 PRESET = "tiny-phi-3"
 TAG = "e2e"
+# Where `make build-base` stores the base and `make build-preset` writes (the Makefile's REGISTRY),
+# relative to the repo (container.py runs there, as make does).
+DEFAULT_LAYOUT = LOCAL_LAYOUT
 IMPORTED = "kaito-e2e/debian:bookworm"
 LOCAL_BASE = "kaito-e2e/base:e2e"
 PROMPT = "What is Kubernetes?"
@@ -61,6 +65,8 @@ class Run:
     current: str = "setup"
     dockerfile: Path = REPO / "Dockerfiles" / "base"
     build_args: dict = field(default_factory=dict)
+    layout: str = DEFAULT_LAYOUT  # make's REGISTRY: where the base is stored (a layout dir, relative to the repo)
+    base_only: bool = False  # `make build-base`: stop once the base is stored
 
 
 def log(msg: str) -> None:
@@ -211,9 +217,15 @@ def make_rootfs(run: Run) -> tuple[Path, bool]:
     return tarball, False
 
 
-def runtime_requirements() -> list[str]:
+# The base image serves and tunes: the operator runs the tuning Job on the preset image, so
+# Dockerfiles/base installs kaito[runtime,tuning] and the wheelhouse must hold both extras.
+IMAGE_EXTRAS = ("runtime", "tuning")
+
+
+def image_requirements() -> list[str]:
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [*meta["dependencies"], *meta["optional-dependencies"]["runtime"]]
+    extras = [req for name in IMAGE_EXTRAS for req in meta["optional-dependencies"][name]]
+    return list(dict.fromkeys([*meta["dependencies"], *extras]))
 
 
 def torch_wheel() -> Path:
@@ -232,15 +244,15 @@ PLATFORM_ARGS = ["--only-binary=:all:", "--implementation", "cp", "--python-vers
 
 
 def make_wheelhouse(run: Run) -> tuple[Path, bool]:
-    """Dependencies for the image's Python 3.11 (cached), whatever Python runs this script."""
+    """kaito[runtime,tuning] dependencies for the image's Python 3.11 (cached), whatever Python runs this script."""
     torch = torch_wheel()
-    key = digest_of(runtime_requirements(), torch.name, PLATFORM_ARGS)
+    key = digest_of(image_requirements(), torch.name, PLATFORM_ARGS)
     house = run.cache / f"wheelhouse-{key}"
     if (house / ".complete").exists():
         return house, True
     house.mkdir(parents=True, exist_ok=True)  # pip skips wheels already there: a rerun resumes
     shutil.copy2(torch, house / torch.name)
-    reqs = [r for r in runtime_requirements() if not r.startswith("torch")]
+    reqs = [r for r in image_requirements() if not r.startswith("torch")]
     sh(run, [sys.executable, "-m", "pip", "download", "-q", "-d", str(house), *PLATFORM_ARGS,
              "--find-links", str(house), str(house / torch.name), *reqs], logname="pip-download", timeout=1800)
     (house / ".complete").write_text(json.dumps(sorted(p.name for p in house.glob("*.whl"))))

@@ -4,8 +4,9 @@ Run by `make demo` (and by tests/e2e/test_demo.py, which asserts each step's
 output). It chains the product the way Kaito's users do, through the same
 commands they type:
 
-1. build the tiny preset image (`kaito image build-preset tiny-phi-3`) into the
-   embedded default registry (an OCI layout in out/registry) or `--registry`;
+1. build the tiny preset image (`kaito image build-preset tiny-phi-3 --weights-only`: the
+   demo serves from this venv, so no runtime base is needed) into the embedded default
+   registry (an OCI layout in out/registry) or `--registry`;
 2. pull its weights back out with digest checks, start the runtime, ask
    Kaito's `POST /chat` and the streamed `/v1/chat/completions`;
 3. tune a QLoRA adapter on a generated dataset in the seed's format (OpenAI
@@ -233,7 +234,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         console.print(run([*KAITO, "presets", "fit", "phi-3-mini-4k-instruct", "--instance-type", "Standard_NC6s_v3"],
                           "checking a GPU fit").strip())
         summary["catalog"] = len(catalog)
-        out = run([*KAITO, "image", "build-preset", PRESET, "--registry", registry, "--json"], "building the preset")
+        # The demo serves from this venv, not a container, and needs no docker: only the
+        # weights travel, so it asks for a weights-only image (a default build needs the base).
+        out = run([*KAITO, "image", "build-preset", PRESET, "--registry", registry, "--weights-only", "--json"],
+                  "building the preset")
         built = json.loads(out)
         summary["image"] = built
         console.print(f"image {built.get('ref')} digest {built.get('digest')}")
