@@ -268,7 +268,7 @@ def run_tuning(
         except OSError as e:  # a parent directory this user may not enter
             raise InvalidInput(f"--push-secret {push_secret}: cannot be read ({e.strerror})") from None
         if not readable:
-            raise InvalidInput(f"--push-secret {push_secret}: no such readable file (the mounted dockerconfigjson)")
+            raise InvalidInput(f"--push-secret {push_secret}: no such file, or not readable (the mounted dockerconfigjson)")
     output = Path(output).absolute()
     cfg = parse_config(config if config is not None else default_config_path(method), method=method, results_root=output)
     out_dir = cfg.output_dir
