@@ -7,10 +7,16 @@ worker ranks run `worker_loop`, executing the same forwards so a tensor-parallel
 model (CUDA, transformers tp_plan) computes collectively, or a replica stays in
 step. Plans travel as JSON bytes (no pickle). Workers with LOCAL_RANK also
 answer GET /health on 5000 + LOCAL_RANK so each pod's probe passes (and GET
-/worker with their rank, replayed step count and adapters, for checks). A
-worker never outlives a failed rank 0 nor hides its own failure: a replay that
-raises, or a stop plan carrying rank 0's error, ends the worker process
-non-zero, and torchrun then ends the whole group.
+/worker with their rank, replayed step count and adapters, for checks).
+
+Rank 0 broadcasts one plan per forward, and a failed forward is contained on
+every rank alike (`kaito.runtime.faults`): a worker's `Replayer` swallows a
+forward that raised when rank 0's next plan says rank 0's failed too
+(`after_fault`; it then replays rank 0's row-by-row retries), and drops what
+its own copy did when only rank 0's failed. A worker never outlives a failed
+rank 0 nor hides its own failure: a device or group fault, a failed probe, a
+forward that failed only here, or a stop plan carrying rank 0's error ends
+the worker process non-zero, and torchrun then ends the whole group.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from kaito.runtime.faults import env_fault, is_device_fault
 from kaito.runtime.settings import RuntimeSettings, listen_port
 
 log = logging.getLogger("kaito.runtime.distributed")
@@ -125,6 +132,54 @@ def _health_server(settings: RuntimeSettings, ready: threading.Event, stats: dic
                 log_level="warning")
 
 
+class Replayer:
+    """A worker rank's replay of rank 0's plans on its own executor: adapter changes, evict (`keep`, which also
+    drops rows that only this rank's copy of a failed prefill added), prefills, a probe, a decode."""
+
+    def __init__(self, ex, fault=None):
+        self.ex, self.fault = ex, fault  # fault: `kaito.runtime.faults.env_fault`'s check (tests)
+        self.rank = dist.get_rank() if dist.is_initialized() else 1
+        self.prompts: list = []  # per cache row, for `fault`
+        self.failed: BaseException | None = None  # this rank's last forward raised (not a device fault)
+        self.decoded = 0  # rows the last plan decoded here
+
+    def replay(self, plan: dict) -> None:
+        if self.failed is not None and not plan.get("after_fault"):
+            raise SystemExit(f"rank {self.rank}: a forward failed here ({self.failed!r}) but not on rank 0; "
+                             "the ranks left lock-step")
+        if plan.get("after_fault") and self.decoded:  # rank 0's decode failed, this one did not
+            self.ex.undo_decode(self.decoded)
+        self.failed, self.decoded = None, 0
+        for op in plan.get("ops", []):
+            if op[0] == "load":
+                from kaito.runtime.lora import read_adapter
+
+                self.ex.lora.add(read_adapter(op[2], op[1], self.ex.model))
+            else:
+                self.ex.lora.remove(op[1])
+        self.ex.evict(plan["keep"])
+        self.prompts = [self.prompts[i] for i in plan["keep"]]
+        if plan.get("probe"):  # rank 0's check that the device still works: a failure here ends this rank too
+            self.ex.prefill_forward(plan["probe"], [()])
+        try:
+            if plan["prefill"]:
+                prompts = [p for p, _ in plan["prefill"]]
+                if self.fault is not None:
+                    self.fault("prefill", prompts)
+                self.ex.prefill(prompts, [tuple(tuple(x) for x in r) for _, r in plan["prefill"]])
+                self.prompts += prompts
+            if plan["decode"]:
+                if self.fault is not None:
+                    self.fault("decode", self.prompts[:len(plan["decode"])])
+                self.ex.decode(plan["decode"])
+                self.decoded = len(plan["decode"])
+        except Exception as e:
+            if is_device_fault(e):
+                raise
+            log.warning("rank %d: a forward failed (%r); waiting for rank 0's retries", self.rank, e)
+            self.failed = e
+
+
 def worker_loop(settings: RuntimeSettings) -> None:
     """Non-zero ranks: load the same model, then replay plans until rank 0 says stop."""
     from kaito.runtime.executor import BatchExecutor
@@ -135,7 +190,7 @@ def worker_loop(settings: RuntimeSettings) -> None:
     if os.environ.get("KAITO_WORKER_HEALTH", "1") == "1":
         threading.Thread(target=_health_server, args=(settings, ready, stats), daemon=True).start()
     loaded = load(settings, tp_plan=tp_plan_for(settings))
-    ex = BatchExecutor(loaded.model)
+    replayer = Replayer(BatchExecutor(loaded.model), env_fault(loaded.tokenizer))
     ready.set()
     log.info("rank %d ready, replaying rank 0's steps", dist.get_rank())
     while True:
@@ -146,6 +201,6 @@ def worker_loop(settings: RuntimeSettings) -> None:
             break
         if plan.get("noop"):
             continue
-        ex.apply(plan)
+        replayer.replay(plan)
         stats["steps"] += 1
-        stats["adapters"] = list(ex.lora.adapters)
+        stats["adapters"] = list(replayer.ex.lora.adapters)

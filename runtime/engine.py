@@ -11,7 +11,7 @@ prompt per forward while the batch decodes, chunks of at most
 `prefill_chunk_tokens` into an idle batch), sends their first tokens at once,
 and hands the rows over to be merged between two decode steps. Without the
 prefill thread (under torchrun, where every rank replays one serial plan
-broadcast before each phase, or for rotary embeddings that rescale by length)
+broadcast before each forward, or for rotary embeddings that rescale by length)
 a step decodes first and then admits arrivals, prefilling at most
 `prefill_step_ratio` times the decode's time. The hot path stays lean:
 all-greedy batches take one argmax, and detokenization calls the Rust
@@ -19,7 +19,8 @@ tokenizer directly.
 
 No request can stop the engine (`kaito.runtime.faults`): a forward over
 several rows that fails is retried row by row, so only the rows that fail
-alone end with "error"; sampling is isolated the same way. Only a fault of the
+alone end with "error"; sampling is isolated the same way, and under torchrun
+every rank runs the same retries (rank 0 broadcasts them). Only a fault of the
 device or of the torchrun group stops the engine, and then `on_fatal` lets the
 server process exit non-zero.
 """
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 from kaito.runtime.executor import BatchExecutor
-from kaito.runtime.faults import ContainedForwards, FaultHook, is_device_fault, sample_rows
+from kaito.runtime.faults import ContainedForwards, FaultHook, env_fault_hook, is_device_fault, sample_rows
 from kaito.runtime.lora import LoraAdapter
 from kaito.runtime.sampling import SamplingParams
 from kaito.runtime.sequence import (
@@ -114,7 +115,7 @@ class Engine(ContainedForwards):
         self._ready: list[tuple] = []
         self._model_lock = threading.Lock()  # adapter (un)loading vs a prefill forward on the other thread
         self._merging = 0  # rows taken from `_ready` and not yet in `running` (counted as busy meanwhile)
-        self.fault_hook: FaultHook | None = None  # tests: make chosen rows' forwards fail
+        self.fault_hook: FaultHook | None = env_fault_hook(tokenizer)  # tests: make chosen rows' forwards fail
         self.on_fatal: Callable[[BaseException], None] | None = None  # the server: exit the process
 
     @property
@@ -237,15 +238,14 @@ class Engine(ContainedForwards):
                     if self._stop:
                         break
                 if idle:
-                    self.broadcast({"noop": True})
+                    self._send({"noop": True})
                     continue
                 with self._cv:
                     ops = list(self._ops)
                     self._ops.clear()
                 if ops:
                     wire = self._apply_ops([o for o, _ in ops])
-                    if self.broadcast is not None:
-                        self.broadcast({"keep": list(range(len(self.running))), "decode": [], "prefill": [], "ops": wire})
+                    self._send({"keep": list(range(len(self.running))), "decode": [], "prefill": [], "ops": wire})
                     for _, done in ops:
                         done.set()
                 try:
@@ -325,10 +325,9 @@ class Engine(ContainedForwards):
         self.steps += 1
         decode_s = 0.0
         if decoding or keep != list(range(len(keep))) or self.ex.batch_size != len(keep):
-            # The same order as BatchExecutor.apply (which worker ranks replay): evict, then decode.
+            # The same order as worker ranks replay it (`distributed.Replayer`): evict, then decode.
             plan = {"keep": keep, "decode": [s.pending for s in decoding], "prefill": []}
-            if self.broadcast is not None:
-                self.broadcast(plan)
+            self._send(plan)
             self.ex.evict(keep)
             if decoding:
                 t0 = time.perf_counter()
@@ -353,16 +352,13 @@ class Engine(ContainedForwards):
 
     def _prefill(self, admitted: list[Sequence]) -> None:
         chunks = _chunks([len(s.prompt_ids) for s in admitted], self.prefill_chunk_tokens)
-        plan = {"keep": list(range(len(self.running))), "decode": [],
-                "prefill": [(s.prompt_ids, [list(x) for x in s.lora]) for s in admitted], "chunks": chunks}
         self._admitting = admitted
-        if self.broadcast is not None:
-            self.broadcast(plan)
         done = 0
         for size in chunks:
             # Each chunk's first tokens go out as soon as it is prefilled: a burst of arrivals is served
-            # in order instead of everyone waiting for the whole burst.
+            # in order instead of everyone waiting for the whole burst. Under torchrun, one plan per forward.
             group = admitted[done:done + size]
+            self._send(self._prefill_plan(group))
             t0 = time.perf_counter()
             try:
                 pre = self._guarded("prefill", group, lambda g=group: self.ex.prefill([s.prompt_ids for s in g], [s.lora for s in g]))

@@ -1,8 +1,8 @@
 """The model side of continuous batching: a padded batched KV cache and the forwards over it.
 
 Called by the engine (`kaito.runtime.engine`) on rank 0 and by worker ranks
-(`kaito.runtime.distributed`) replaying the same plan, so every rank holds the
-same cache. Per layer the cache is one reusable buffer [rows, heads, columns,
+(`kaito.runtime.distributed.Replayer`) replaying the same plans, so every rank
+holds the same cache. Per layer the cache is one reusable buffer [rows, heads, columns,
 dim]; rows 0..B-1 are the running batch and columns off..off+width its
 left-padded window: row i's real tokens are the last ones, `mask[i]` marks them.
 Each sequence keeps its own positions (`pos`), so padding never shifts RoPE and a
@@ -275,25 +275,9 @@ class BatchExecutor:
         self.pos[:n] += 1
         return logits
 
-    def apply(self, plan: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One phase of a scheduler step, identical on every rank: evict, prefill admissions, decode.
-
-        The engine sends a step as two plans, its decode (keep + decode) and then its admissions
-        (prefill, with every row kept), so worker ranks replay the forwards in rank 0's order.
-        Returns (decode logits [n_decode, V] or None, prefill logits [n_prefill, V] or None).
-        """
-        for op in plan.get("ops", []):  # adapter changes, replayed on worker ranks
-            if op[0] == "load":
-                from kaito.runtime.lora import read_adapter
-
-                self.lora.add(read_adapter(op[2], op[1], self.model))
-            else:
-                self.lora.remove(op[1])
-        self.evict(plan["keep"])
-        pre, done = [], 0
-        for size in plan.get("chunks") or ([len(plan["prefill"])] if plan["prefill"] else []):
-            part = plan["prefill"][done:done + size]
-            pre.append(self.prefill([p for p, _ in part], [tuple(tuple(x) for x in r) for _, r in part]))
-            done += size
-        dec = self.decode(plan["decode"]) if plan["decode"] else None
-        return dec, torch.cat(pre) if pre else None
+    @torch.inference_mode()
+    def undo_decode(self, n: int) -> None:
+        """Take back the last `decode` of the first n rows (a worker rank whose copy of a forward succeeded
+        where rank 0's failed): its column leaves the window, and the next decode writes it again."""
+        self.width -= 1
+        self.pos[:n] -= 1

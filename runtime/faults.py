@@ -6,18 +6,26 @@ ours isolates first): when a forward over several rows raises, the engine
 retries each row alone (`run_alone`), so only rows that fail alone fail; after
 a row failed alone, `probe` runs a one-token forward that cannot be the
 request's fault, and when that fails too the fault is the device's. A fault
-that is the device's or the process group's (`is_device_fault`), or any fault
-under torchrun (where the ranks would leave lock-step), raises `EngineDead`:
-the engine stops and the server process exits non-zero so Kubernetes restarts
-it. `sample_rows` gives sampling the same per-row isolation.
+that is the device's or the process group's (`is_device_fault`) raises
+`EngineDead`: the engine stops and the server process exits non-zero so
+Kubernetes restarts it. `sample_rows` gives sampling the same per-row isolation.
+
+Under torchrun the same policy holds on every rank: rank 0 broadcasts a plan
+before each forward (`_send`), the retries and the probe included, and the plan
+that follows a failed forward says so (`after_fault`), so worker ranks
+(`kaito.runtime.distributed.Replayer`) run the same forwards in the same order,
+drop what their own copy of the failed forward did, and go on.
 
 `FaultHook` is the test-only injection point at this boundary: the engine
-calls it with the rows of each forward just before running it.
+calls it with the rows of each forward just before running it. `env_fault`
+builds one from KAITO_TEST_FAULT that every rank reads alike (torchrun tests).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -46,6 +54,28 @@ def is_device_fault(e: BaseException) -> bool:
         return True
     text = str(e)
     return any(m in text for m in _DEVICE_MARKERS)
+
+
+def env_fault(tokenizer) -> Callable[[str, list[list[int]]], None] | None:
+    """Tests only: KAITO_TEST_FAULT='{"prefill": TEXT, "decode": TEXT, "device": TEXT}' makes every forward of
+    that kind over a row whose prompt is exactly TEXT raise, on every rank alike ("device": its prefill raises
+    a CUDA error). Returns check(kind, prompt ids of the forward's rows)."""
+    spec = os.environ.get("KAITO_TEST_FAULT")
+    if not spec:
+        return None
+    bad = {kind: list(tokenizer(text)["input_ids"]) for kind, text in json.loads(spec).items()}
+
+    def check(kind: str, prompts: list[list[int]]) -> None:
+        for k in (kind, "device") if kind == "prefill" else (kind,):
+            if k in bad and any(list(p) == bad[k] for p in prompts):
+                raise RuntimeError(("CUDA error: " if k == "device" else "") + f"injected fault (KAITO_TEST_FAULT) in a {k} forward")
+    return check
+
+
+def env_fault_hook(tokenizer) -> FaultHook | None:
+    """`env_fault` as the engine's FaultHook (rows are sequences)."""
+    check = env_fault(tokenizer)
+    return None if check is None else (lambda kind, rows: check(kind, [s.prompt_ids for s in rows]))
 
 
 def probe(forward: Callable[[], Any]) -> None:
@@ -77,16 +107,33 @@ class ContainedForwards:
     policy it applies). Uses the engine's executor `ex`, `running`, `broadcast`, `eos_ids`, `fault_hook`,
     `step_failures`, `metrics`, `_cv`, `_ready`, `_inflight`, `_model_lock`, `_advance` and `_finish`."""
 
+    _faulted = False  # rank 0's last forward failed: the next plan tells the workers (`after_fault`)
+
+    def _send(self, plan: dict) -> None:
+        """Under torchrun: broadcast the plan of the next forward(s) (or a no-op) to the worker ranks."""
+        if self.broadcast is None:
+            return
+        if self._faulted:
+            plan, self._faulted = {**plan, "after_fault": True}, False
+        self.broadcast(plan)
+
+    def _prefill_plan(self, rows: list[Sequence]) -> dict:
+        return {"keep": list(range(len(self.running))), "decode": [],
+                "prefill": [(s.prompt_ids, [list(x) for x in s.lora]) for s in rows]}
+
     def _guarded(self, kind: str, rows: list[Sequence], forward: Callable[[], Any]) -> Any:
-        if self.fault_hook is not None:
-            self.fault_hook(kind, rows)
-        return forward()
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(kind, rows)
+            return forward()
+        except Exception:
+            self._faulted = True
+            raise
 
     def _contain(self, e: BaseException, rows: list[Sequence], outbox: list | None = None) -> None:
         """A forward over only these rows failed: their requests fail, the engine goes on. EngineDead instead
-        when the fault is the device's, under torchrun (ranks would leave lock-step), or when a one-token
-        probe forward fails too."""
-        if self.broadcast is not None or is_device_fault(e):
+        when the fault is the device's or the group's, or when a one-token probe forward (on every rank) fails too."""
+        if is_device_fault(e):
             raise EngineDead(f"unrecoverable forward failure: {e!r}") from e
         log.error("a forward failed for %d request row(s) alone; failing only them: %r", len(rows), e)
         self.step_failures += 1
@@ -95,28 +142,33 @@ class ContainedForwards:
                 self._finish(s, "error", outbox)
 
         def one_token():
+            tokens = [[self.eos_ids[0] if self.eos_ids else 0]]
+            self._send({"keep": list(range(self.ex.batch_size)), "decode": [], "prefill": [], "probe": tokens})
             with self._model_lock:
-                self.ex.prefill_forward([[self.eos_ids[0] if self.eos_ids else 0]], [()])
+                self.ex.prefill_forward(tokens, [()])
         probe(one_token)
 
     def _prefill_alone(self, group: list[Sequence], e: BaseException) -> None:
         """The inline path's prefill of `group` failed: each row alone joins the batch or fails by itself."""
-        if len(group) == 1 or self.broadcast is not None:
+        if len(group) == 1:
             return self._contain(e, group)
         log.warning("prefill of %d prompts failed (%r); prefilling each alone", len(group), e)
+
+        def forward(s: Sequence):
+            self._send(self._prefill_plan([s]))
+            return self._guarded("prefill", [s], lambda: self.ex.prefill([s.prompt_ids], [s.lora]))
 
         def accept(s: Sequence, logits) -> None:
             self.running.append(s)
             self._advance([s], logits)
-        run_alone(group, lambda s: self._guarded("prefill", [s], lambda: self.ex.prefill([s.prompt_ids], [s.lora])),
-                  accept, self._contain)
+        run_alone(group, forward, accept, self._contain)
 
     def _decode_step(self, rows: list[Sequence], tokens: list[int]) -> None:
         """Decode the running rows by one token; when the batch's forward fails, each row alone."""
         try:
             logits = self._guarded("decode", rows, lambda: self.ex.decode(tokens))
         except Exception as e:
-            if len(rows) == 1 or self.broadcast is not None:
+            if len(rows) == 1:
                 return self._contain(e, rows)
             log.warning("decode of %d rows failed (%r); decoding each alone", len(rows), e)
             run_alone(rows, self._decode_one, lambda s, logits: self._advance([s], logits), self._contain)
@@ -128,6 +180,7 @@ class ContainedForwards:
         and the executor decodes that prefix of one; the other rows get a padding column."""
         i = self.running.index(s)
         order = [i] + [j for j in range(len(self.running)) if j != i]
+        self._send({"keep": order, "decode": [s.pending], "prefill": []})
         self.ex.evict(order)
         self.running = [self.running[j] for j in order]
         return self._guarded("decode", [s], lambda: self.ex.decode([s.pending]))
