@@ -27,13 +27,13 @@ from kaito.image_builder.oci.reference import Reference, image_ref_for
 from kaito.image_builder.transfer import Connection, PushResult, as_ref, read_image, write_image
 from kaito.presets import __version__ as KAITO_VERSION
 from kaito.presets import get_preset
+from kaito.presets.contract import ADAPTER_CONFIG_FILE, ADAPTER_FILES
 from kaito.presets.errors import InvalidInput, KaitoError
 from kaito.presets.images import BASE_REPOSITORY, image_repository, modelpack_repository
+from kaito.presets.weights import PICKLE_SUFFIXES
 
 DEFAULT_REGISTRY = os.environ.get("KAITO_REGISTRY", "./out/registry")
 WEIGHTS_ROOT = "workspace/weights"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _split_files(d: Path) -> tuple[list[str], list[str]]:
         if not p.is_file() or p.name.startswith("."):
             continue
         rel = str(p.relative_to(d))
-        if p.suffix in PICKLE_SUFFIXES:
+        if p.name.endswith(PICKLE_SUFFIXES):
             raise InvalidInput(f"weights dir {d}: {rel} is a pickle checkpoint; only safetensors weights are packaged")
         (weights if p.suffix == ".safetensors" else other).append(rel)
     if not weights:
@@ -295,7 +295,7 @@ def build_adapter(
             "(save it with PeftModel.save_pretrained(..., safe_serialization=True))"
         )
     try:
-        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg = json.loads((d / ADAPTER_CONFIG_FILE).read_text())
     except ValueError as e:
         raise InvalidInput(f"adapter dir {d}: adapter_config.json is not JSON ({e})") from None
     if preset_name:

@@ -131,7 +131,8 @@ def _merge(layer_dir: Path, tree: Path, keep: bool = False) -> None:
                 if os.path.lexists(dst):
                     dst.unlink()
                 os.symlink(os.readlink(src), dst)
-            else:
+            elif not (os.path.lexists(dst) and not dst.is_symlink() and os.path.samefile(src, dst)):
+                # (rename() between two links to one file does nothing and would leave tmp behind)
                 tmp = dst.with_name(f".{dst.name}.kaito-link")
                 if os.path.lexists(tmp):
                     tmp.unlink()

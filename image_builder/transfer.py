@@ -6,7 +6,6 @@ pull, the CLI and other packages (through kaito.image_builder's public face).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -53,7 +52,13 @@ class Connection:
 
 
 def read_image(ref: RefLike, conn: Connection) -> Image:
-    """The image at `ref` (an index resolves to linux/amd64); its layers stream from the source on demand."""
+    """The image at `ref`: a registry, an OCI layout, or a docker daemon (`docker-daemon:`, a source only).
+
+    A registry index resolves to linux on this machine's architecture (`values.pick_platform`).
+    The manifest and config are read now; layer bytes stream from the source when the image is
+    written. Called by `copy`, `inspect`, `kaito.image_builder.build` (the base image) and
+    `kaito.image_builder.pull`.
+    """
     ref = as_ref(ref)
     if ref.daemon:
         from kaito.image_builder.oci.daemon import read_daemon_image
@@ -172,7 +177,3 @@ def inspect(ref: RefLike, conn: Optional[Connection] = None) -> dict:
     finally:
         if own:
             conn.close()
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -21,6 +21,7 @@ from kaito.image_builder.oci.errors import BadReference
 from kaito.image_builder.oci.reference import parse_reference
 from kaito.operator import render_inference, schema
 from kaito.presets import InvalidInput, UnknownPreset, contract, default_registry, fit, get_preset, get_sku
+from kaito.presets.errors import validation_problem
 from kaito.presets.spec import AccessMode, PresetSpec
 from kaito.presets.validate import LABEL_MAX, dns_label_problem, dns_subdomain_problem, http_url_problem
 from pydantic import ValidationError
@@ -41,13 +42,6 @@ class WorkspaceInvalid(InvalidInput):
     def __init__(self, errors: list[str]):
         self.errors = errors
         super().__init__("; ".join(errors))
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def load_manifest(raw: bytes, source: str) -> dict[str, Any]:
@@ -99,13 +93,12 @@ def _check_header(body: dict[str, Any], errors: list[str]) -> None:
 
 
 def _schema_message(err: Any) -> str:
-    where = _loc(err["loc"])
     if err["loc"] == ("resource", "count") and err["type"] == "less_than_equal":
         return (
             f"resource.count: {err['input']!r} nodes is more than a Workspace can use (at most {schema.MAX_NODES}); "
             "split a larger fleet into several Workspaces"
         )
-    return f"{where}: {err['msg']}"
+    return validation_problem(err)
 
 
 def _parse(body: Any) -> tuple[schema.Workspace | None, list[str]]:

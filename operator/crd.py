@@ -14,8 +14,6 @@ from typing import Any
 import yaml
 from kaito.operator import schema
 
-CRD_FILE = "crd/kaito.sh_workspaces.yaml"
-
 _KEEP = ("description", "type", "enum", "minimum", "maximum", "items", "properties", "required", "format")
 
 

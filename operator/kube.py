@@ -21,6 +21,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from kaito.presets.version import KAITO_VERSION
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -45,7 +47,7 @@ KINDS: dict[str, Kind] = {
 }
 
 
-USER_AGENT = "kaito-operator/0.1.0"
+USER_AGENT = f"kaito-operator/{KAITO_VERSION}"
 
 
 class APIError(Exception):

@@ -41,8 +41,9 @@ def selector_matches(sel: schema.LabelSelector, labels: dict[str, str]) -> bool:
     return True
 
 
-def node_ready(node: dict[str, Any]) -> bool:
-    for cond in (node.get("status") or {}).get("conditions") or []:
+def is_ready(obj: dict[str, Any]) -> bool:
+    """True when the object's `Ready` condition is "True": a Node or a Karpenter NodeClaim."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Ready":
             return cond.get("status") == "True"
     return False
@@ -55,7 +56,7 @@ def matching_nodes(ws: schema.Workspace, nodes: list[dict[str, Any]]) -> list[di
     for node in nodes:
         labels = _labels(node)
         name = node["metadata"]["name"]
-        if not node_ready(node) or not selector_matches(ws.resource.label_selector, labels):
+        if not is_ready(node) or not selector_matches(ws.resource.label_selector, labels):
             continue
         owned = labels.get(schema.LABEL_WORKSPACE) == ws.name
         if name in preferred or owned or labels.get(INSTANCE_TYPE_LABEL, "").lower() == ws.resource.instance_type.lower():
@@ -114,10 +115,3 @@ def render_nodeclaims(
             }
         )
     return claims
-
-
-def nodeclaim_ready(claim: dict[str, Any]) -> bool:
-    for cond in (claim.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Ready":
-            return cond.get("status") == "True"
-    return False

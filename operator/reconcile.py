@@ -237,7 +237,7 @@ async def reconcile(
     claims_late = ""
     if not settings.bring_your_own_nodes:
         live_claims = await api.list("NodeClaim", None, render.child_labels(ws))
-        pending = [c for c in live_claims if not nodes.nodeclaim_ready(c)]
+        pending = [c for c in live_claims if not nodes.is_ready(c)]
         not_ready = sorted(c["metadata"]["name"] for c in pending)
         late = sorted(
             c["metadata"]["name"]

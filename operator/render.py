@@ -182,13 +182,11 @@ def render(
     workspace: dict[str, Any] | schema.Workspace,
     settings: OperatorSettings,
     nodes: list[dict[str, Any]],
-    config_texts: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """All desired children of a Workspace, each stamped with its spec hash.
 
     `nodes` are the observed Ready nodes matching the selector; they decide
-    how many NodeClaims are still needed. `config_texts` maps a user-named
-    ConfigMap to its text when the renderer needs it (not used today).
+    how many NodeClaims are still needed.
     """
     from kaito.operator import nodes as node_mod
     from kaito.operator import render_inference, render_tuning

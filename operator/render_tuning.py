@@ -1,11 +1,15 @@
-"""Renders a tuning Workspace: the training-config ConfigMap and the batch Job.
+"""Renders a tuning Workspace: the default training-config ConfigMap and the batch Job.
 
-Called by `kaito.operator.render.render`. The Job's init container fetches the
-data into /mnt/data (`kaito tune fetch-data` for URLs, `kaito image pull` for
-an image, or mounts the volume), the trainer runs `python -m kaito.tuning`
-and pushes the adapter with the imagePushSecret mounted as docker config.
-Kaito's default training configs come from `kaito.presets.training_configs`,
-the one copy the tuning job parses too.
+`render_tuning` is called by `kaito.operator.render.render`; `job_state` and
+`CONFIG_KEY` by `kaito.operator.reconcile` (the Job's outcome, and the key
+read from a user's ConfigMap). The ConfigMap is rendered only when the
+Workspace names none; its text is Kaito's default for the method, from
+`kaito.presets.training_configs`, the one copy the tuning job parses too.
+Init containers download the weights for download-at-start presets
+(`render.weights_init`) and fetch the data into /mnt/data (`kaito tune
+fetch-data` for URLs, `kaito image pull` for an image; a volume is mounted
+instead); the trainer runs `python -m kaito.tuning` and pushes the adapter
+with the imagePushSecret mounted as docker config.
 """
 
 from __future__ import annotations

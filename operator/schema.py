@@ -27,19 +27,8 @@ STORAGE_VERSION = "v1beta1"
 # Annotations and labels users and children carry (Kaito's names).
 ANN_BYPASS = "kaito.sh/bypass-resource-checks"
 ANN_ENABLE_LB = "kaito.sh/enablelb"
-ANN_RUNTIME = "kaito.sh/runtime"
 LABEL_WORKSPACE = "kaito.sh/workspace"
 LABEL_WORKSPACE_NS = "kaito.sh/workspacenamespace"
-
-CONDITION_TYPES = (
-    "NodeClaimReady",
-    "ResourceReady",
-    "InferenceReady",
-    "JobStarted",
-    "WorkspaceSucceeded",
-    "WorkspaceReady",
-    "WorkspaceDeleting",
-)
 
 # Nodes one Workspace may ask for: every node joins one Service (and, for multi-node
 # presets, one torchrun job); larger fleets are several Workspaces. The bound also keeps a

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from kaito.presets import __version__ as KAITO_VERSION
+from kaito.presets.version import KAITO_VERSION
 from kaito.presets.images import base_image
 
 DEFAULT_REGISTRY = "mcr.microsoft.com/aks/kaito"

@@ -11,6 +11,7 @@ from kaito.presets.registry import PresetRegistry, default_registry, get_preset,
 from kaito.presets.skus import FitResult, GPUSku, fit, fitting_skus, get_sku, sku_table, smallest_fit
 from kaito.presets.spec import GPURequirements, PresetSpec, TuningMethod, kaito_disk_gib
 from kaito.presets.tiny import make_tiny
+from kaito.presets.version import KAITO_VERSION
 
 __all__ = [
     "FitResult",
@@ -34,4 +35,4 @@ __all__ = [
     "smallest_fit",
 ]
 
-__version__ = "0.1.0"
+__version__ = KAITO_VERSION  # from package metadata (pyproject.toml); see presets/version.py

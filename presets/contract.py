@@ -25,6 +25,11 @@ HUB_CACHE_DIR = f"{WEIGHTS_DIR}/.hub-cache"
 ADAPTERS_DIR = "/mnt/adapter"
 """One sub-directory per LoRA adapter, named like the adapter."""
 
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+"""A PEFT adapter directory: what tuning writes, an adapter image carries and the runtime loads."""
+
 CONFIG_DIR = "/mnt/config"
 """Where the workspace's ConfigMap is mounted."""
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 import yaml
 from pydantic import ValidationError
 
-from kaito.presets.errors import InvalidInput, UnknownPreset
+from kaito.presets.errors import InvalidInput, UnknownPreset, field_path, validation_problem
 from kaito.presets.spec import PresetSpec
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
@@ -33,8 +33,8 @@ FILE_KEYS = ("family", "defaults", "presets")
 def _format_validation(err: ValidationError, where: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(preset)"
         if e["type"] == "extra_forbidden":
+            loc = field_path(e["loc"])
             if len(e["loc"]) > 1:  # nested model: name the nested model's keys
                 parent = e["loc"][0]
                 nested = PresetSpec.model_fields[str(parent)].annotation
@@ -43,7 +43,7 @@ def _format_validation(err: ValidationError, where: str) -> str:
                 valid = VALID_KEYS
             lines.append(f"unknown key {loc!r}; valid keys are: {', '.join(valid)}")
         else:
-            lines.append(f"{loc}: {e['msg']}")
+            lines.append(validation_problem(e, root="(preset)"))
     return f"{where}: " + "; ".join(lines)
 
 

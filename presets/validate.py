@@ -1,9 +1,12 @@
-"""Shared value rules: Kubernetes (DNS) names and the URLs a job may fetch.
+"""Shared value rules: Kubernetes (DNS) names, the URLs a job may fetch, and how URLs are shown.
 
 The one home of these rules (house style: one home per rule). Called by the
 preset schema (`kaito.presets.spec`, preset names and aliases) and by the
 operator's admission (`kaito.operator.admission`: workspace, adapter and
 secret names, tuning input URLs); other packages import them from here.
+`redact` (URLs in logs and errors) and `is_loopback` (registries served over
+plain http by default) are used by kaito.image_builder.oci.remote and
+kaito.tuning.fetch.
 Each check returns None when the value is fine, else a sentence saying what
 is wrong and how to fix it, so callers prefix it with the field name.
 """
@@ -21,6 +24,8 @@ DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 LABEL_MAX = 63
 SUBDOMAIN_MAX = 253
 URL_SCHEMES = ("http", "https")
+LOOPBACK = ("127.", "localhost", "[::1]")
+"""Host prefixes of loopback registries: `is_loopback`."""
 
 
 def _short(value: object) -> str:
@@ -73,3 +78,20 @@ def http_url_problem(value: object) -> Optional[str]:
     if not parts.hostname or any(c.isspace() for c in value):
         return f"{_short(value)} is not a valid URL: give http(s)://host/path"
     return None
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback `host[:port]` (127.x, localhost, [::1])."""
+    return host.startswith(LOOPBACK)
+
+
+def redact(url: object) -> str:
+    """Scheme, host, port and path only, for logs and errors: no userinfo, no query
+    (signed-URL signatures, upload state tokens)."""
+    p = urlsplit(str(url))
+    host = p.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if p.port:
+        host += f":{p.port}"
+    return f"{p.scheme}://{host}{p.path}" + ("?..." if p.query else "")

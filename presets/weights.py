@@ -1,15 +1,18 @@
 """Weight sources: turn a preset into a directory of safetensors weights.
 
 Called by the image builder (`kaito image build-preset`), `kaito presets
-weights`, the tuning job and tests. Three sources:
+weights` (which the operator's download-at-start init container runs) and
+tests. Three sources:
 
 - a local directory (a mounted volume or a previous download),
-- the Hugging Face hub at the preset's pinned revision (huggingface_hub;
-  resumable through its cache, progress bars from hf's tqdm),
+- the Hugging Face hub at the preset's pinned revision (our own resumable
+  downloader, kaito.presets.hub: Range-resumed `.part` files in a cache,
+  sha256-checked; huggingface_hub only lists the repository),
 - the tiny factory for embedded presets.
 
-Only safetensors weights are accepted: pickle-based formats (.bin, .pt, .pth,
-.pkl, .ckpt) can run arbitrary code when loaded, so they are never copied and a
+Only safetensors weights are accepted: pickle-based formats (`PICKLE_SUFFIXES`:
+.bin, .pt, .pth, .pkl, .pickle, .ckpt) can run arbitrary code when loaded, so
+they are never copied (here, nor packaged by kaito.image_builder.build) and a
 source holding nothing else is refused. The destination appears only complete
 (staged beside it, then renamed), so a failure leaves no partial weights dir.
 """
@@ -29,6 +32,7 @@ from kaito.presets.spec import PresetSpec
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+"""Pickle-based checkpoint formats, refused wherever weights enter (the one list)."""
 # Files a model directory needs besides weights; *.py only for trust_remote_code presets.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
 

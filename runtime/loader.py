@@ -1,7 +1,8 @@
 """Loads what the server runs: model, tokenizer, chat template, EOS ids and context length.
 
-Called by `kaito.runtime.api.build_app` (in a background thread, so /health can
-answer 503 while loading) and by worker ranks in `kaito.runtime.distributed`.
+Called by `kaito.runtime.serving.Runtime.load` (which `kaito.runtime.api.build_app`
+starts in a background thread, so /health can answer 503 while loading) and by
+the non-zero torchrun ranks in `kaito.runtime.distributed.worker_loop`.
 The preset, when named, decides dtype, trust_remote_code, chat template and
 context length; a flag may only narrow what the preset allows.
 """

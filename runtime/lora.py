@@ -1,8 +1,11 @@
 """Multi-LoRA with per-row strengths: the LoRA math applied by forward hooks.
 
-Called by the executor (`kaito.runtime.executor`): `LoraManager.set_rows()`
-before each forward says which adapters, at which strengths, each batch row
-uses; hooks on the targeted Linear modules then add
+Adapters are found and read by `kaito.runtime.serving` (`discover_adapters`
+and `read_adapter` at start and for /v1/load_lora_adapter) and by the
+non-zero torchrun ranks in `kaito.runtime.distributed`; the engine queues
+them to the executor (`kaito.runtime.executor`), which owns the
+`LoraManager`. Its `set_rows()` before each forward says which adapters, at
+which strengths, each batch row uses; hooks on the targeted Linear modules then add
 `strength * scaling * (x @ A^T) @ B^T` to those rows only. So one batch mixes
 adapters, strengths and the bare base. Adapters are peft's on-disk format
 (adapter_config.json + adapter_model.safetensors); we read the A/B matrices
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from kaito.presets.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from kaito.presets.errors import InvalidInput
 from safetensors.torch import load_file
 
@@ -52,7 +56,7 @@ def read_adapter(path: Path, name: str, model: torch.nn.Module) -> LoraAdapter:
     path = Path(path)
     if not ADAPTER_NAME.match(name):
         raise InvalidInput(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)")
-    cfg_file = path / "adapter_config.json"
+    cfg_file = path / ADAPTER_CONFIG_FILE
     if not cfg_file.is_file():
         raise InvalidInput(f"adapter {name}: {cfg_file} not found; an adapter directory needs peft's adapter_config.json")
     try:
@@ -65,7 +69,7 @@ def read_adapter(path: Path, name: str, model: torch.nn.Module) -> LoraAdapter:
         raise InvalidInput(f"adapter {name}: DoRA adapters (use_dora: true) are not supported; train a plain LoRA")
     if cfg.get("fan_in_fan_out"):
         raise InvalidInput(f"adapter {name}: fan_in_fan_out adapters (Conv1D models) are not supported")
-    wfile = path / "adapter_model.safetensors"
+    wfile = path / ADAPTER_WEIGHTS_FILE
     if not wfile.is_file():
         raise InvalidInput(f"adapter {name}: {wfile} not found; adapters must be saved as safetensors (no pickle files)")
     try:
@@ -188,4 +192,4 @@ def discover_adapters(adapters_dir: Path) -> list[tuple[str, Path]]:
     d = Path(adapters_dir)
     if not d.is_dir():
         return []
-    return sorted((p.name, p) for p in d.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file())
+    return sorted((p.name, p) for p in d.iterdir() if p.is_dir() and (p / ADAPTER_CONFIG_FILE).is_file())

@@ -41,7 +41,7 @@ TOKEN_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))
 
 
 class Metrics:
-    def __init__(self, model_name: str = ""):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -91,7 +91,7 @@ class Metrics:
         self.adapters_loaded = Gauge("kaito:lora_adapters_loaded", "Adapters currently loaded.", registry=r)
         self.rejected = Counter("kaito:request_rejected", "Requests refused before running, by reason.", ["reason"], registry=r)
         self._labels: tuple[str, str] | None = None
-        self.bind(model_name)
+        self.bind("")  # the served name is known once the model loads: `bind` again then
 
     def bind(self, model_name: str) -> None:
         """Label every series with this served model name (set once the model is loaded); drops the old label set."""

@@ -59,19 +59,6 @@ Text = Annotated[str, AfterValidator(utf8_text)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, description="Nucleus mass in (0, 1]."), AfterValidator(float32_positive)]
 
 
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int | str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's envelope, used for every /v1 failure."""
-
-    error: ErrorInfo
-
-
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"] = "text"

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kaito.presets.contract import ADAPTER_CONFIG_FILE
 from kaito.presets.errors import KaitoError
 from kaito.runtime.engine import Engine, Finished, QueueFull, Sequence, Token
 from kaito.runtime.sequence import EngineDead, NeverFits
@@ -198,9 +199,9 @@ class Runtime:
         except Exception as e:  # bad reference, unreachable or refusing registry: the caller's input
             shutil.rmtree(dest, ignore_errors=True)
             raise ApiError(400, f"pulling adapter image {image!r} failed: {e}", param="image") from None
-        if not (dest / "adapter_config.json").is_file():
+        if not (dest / ADAPTER_CONFIG_FILE).is_file():
             shutil.rmtree(dest, ignore_errors=True)
-            raise ApiError(400, f"image {image!r} holds no adapter_config.json at its root; is it an adapter image?", param="image")
+            raise ApiError(400, f"image {image!r} holds no {ADAPTER_CONFIG_FILE} at its root; is it an adapter image?", param="image")
         return dest
 
     async def unload_adapter(self, name: str) -> str:

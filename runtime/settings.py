@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 from kaito.presets import get_preset
-from kaito.presets.errors import InvalidInput, KaitoError
+from kaito.presets.errors import InvalidInput, KaitoError, validation_problem
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -160,10 +160,7 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
 
 
 def _format(err: ValidationError, where: str) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "settings"
-        parts.append(f"{loc}: {str(e['msg']).removeprefix('Value error, ')}")  # pydantic's prefix for our checks
+    parts = [validation_problem(e, root="settings") for e in err.errors()]
     return f"invalid runtime settings ({where}): " + "; ".join(parts)
 
 

@@ -46,15 +46,21 @@ def test_wheel_contents_import_without_the_checkout(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path / "w")
     site = sysconfig.get_paths()["purelib"]
     code = (
-        "import kaito.presets as p, sys; "
+        "import json, kaito.presets as p, sys; "
         f"assert p.__file__.startswith({str(tmp_path / 'w')!r}), p.__file__; "
-        "print(len(p.list_presets()))"
+        "print(json.dumps(sorted(s.name for s in p.list_presets())))"
     )
     # -S: skip .pth files, so the editable finder cannot serve the checkout instead.
     r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": f"{tmp_path / 'w'}{os.pathsep}{site}"}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert int(r.stdout) == 20
+    # Every preset of every catalog file in the checkout is served by the wheel, and no other.
+    import json
+
+    import yaml
+    catalog = sorted(e["name"] for f in (ROOT / "presets" / "catalog").glob("*.yaml")
+                     for e in yaml.safe_load(f.read_text())["presets"])
+    assert catalog and json.loads(r.stdout) == catalog
 
 
 def test_import_linter_contracts():
@@ -83,3 +89,29 @@ def test_cli_startup_loads_no_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def _pyproject_version() -> str:
+    import re
+    m = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    assert m, "pyproject.toml has no version"
+    return m.group(1)
+
+
+def test_one_version_everywhere():
+    """pyproject.toml is the one place the version is written; the chart, the package and the
+    operator's User-Agent/settings all carry the same string."""
+    import yaml
+
+    from kaito.operator import kube, settings
+    from kaito.presets import __version__
+    from kaito.presets.version import _from_source_tree
+
+    version = _pyproject_version()
+    chart = yaml.safe_load((ROOT / "charts/kaito/Chart.yaml").read_text())
+    values = yaml.safe_load((ROOT / "charts/kaito/values.yaml").read_text())
+    assert str(chart["version"]) == version and str(chart["appVersion"]) == version
+    assert str(values["image"]["tag"]) == version
+    assert __version__ == version == settings.OperatorSettings().version
+    assert kube.USER_AGENT == f"kaito-operator/{version}"
+    assert _from_source_tree() == version  # the fallback for a checkout without metadata

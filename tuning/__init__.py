@@ -10,10 +10,12 @@ are that module's functions:
     from kaito.tuning import default_config_text
     default_config_text("qlora")   # Kaito's qlora-params, `training_config:` format
 
-Layout: `config` (Kaito's training_config.yaml onto HF classes), `fetch`
-(URL/image/volume inputs), `data` (formats, label masks, packing), `trainer`
-(Trainer with atomic checkpoints and resume), `output` (adapter, sentinel,
-push), `cli` (the commands).
+Layout: `config` (Kaito's training_config.yaml onto HF classes), `compat`
+(fields Kaito's parser accepts beyond the HF classes, mapped or dropped),
+`fetch` (URL/image/volume inputs), `data` (formats, label masks, packing),
+`trainer` (Trainer with atomic checkpoints and resume), `output` (adapter,
+sentinel, push), `cli` (the commands, `kaito tune`), `__main__` (the Job's
+`python -m kaito.tuning`).
 """
 
 from __future__ import annotations

@@ -24,19 +24,11 @@ from urllib.parse import unquote, urlsplit
 import httpx
 from kaito.presets.errors import InvalidInput, KaitoError
 from kaito.presets.images import DIGEST_PATTERN
+from kaito.presets.validate import redact
 
 DEFAULT_MAX_BYTES = 50 * 1024**3
 CHUNK = 1 << 16
 _IMAGE_REF = re.compile(rf"^[a-z0-9]+([.-][a-z0-9]+)*(:\d+)?/[a-z0-9._/-]+(:[\w.-]+|@{DIGEST_PATTERN})$")
-
-
-def redact(url: str) -> str:
-    """The URL without query and credentials, for logs and errors."""
-    p = urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host += f":{p.port}"
-    return f"{p.scheme}://{host}{p.path}" + ("?..." if p.query else "")
 
 
 def file_name(url: str, index: int, taken: set[str]) -> str:

@@ -21,12 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Union
 
+from kaito.presets.contract import ADAPTER_FILES
 from kaito.presets.errors import InvalidInput, KaitoError
 from kaito.tuning import DIGEST_FILE, SENTINEL
 
 log = logging.getLogger("kaito.tuning")
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def adapter_complete(d: Path) -> bool:

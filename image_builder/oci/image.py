@@ -77,9 +77,6 @@ class Image:
         changes.setdefault("raw_manifest", None)
         return replace(self, **changes)
 
-    def with_annotations(self, annotations: Mapping[str, str]) -> "Image":
-        return self.derive(annotations={**self.annotations, **annotations})
-
 
 def empty_image(os: str = "linux", architecture: str = "amd64") -> Image:
     """The scratch image: no layers, an empty rootfs."""

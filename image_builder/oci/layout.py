@@ -31,7 +31,6 @@ from kaito.image_builder.oci.layer import (
     hash_file_range,
     stream_segments,
 )
-from kaito.image_builder.oci.reference import Reference
 
 _seq = itertools.count()
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
@@ -283,9 +282,3 @@ def image_from_manifest(m: V.Manifest, config: bytes, source: BlobSource) -> Ima
         raw_manifest=m.raw,
         source=source,
     )
-
-
-def layout_for(ref: Reference) -> Layout:
-    if not ref.is_layout:
-        raise OCIError(f"{ref} is not a layout reference")
-    return Layout(ref.path)

@@ -18,7 +18,6 @@ from kaito.presets.images import digest_problem, image_name
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-LOOPBACK = ("127.", "localhost", "[::1]")
 
 
 @dataclass(frozen=True)
@@ -43,13 +42,6 @@ class Reference:
 
     def with_tag(self, tag: str) -> "Reference":
         return replace(self, tag=tag, digest=None)
-
-    def with_digest(self, digest: str) -> "Reference":
-        return replace(self, digest=digest)
-
-    @property
-    def is_loopback(self) -> bool:
-        return bool(self.registry) and self.registry.startswith(LOOPBACK)
 
     def __str__(self) -> str:
         if self.daemon:

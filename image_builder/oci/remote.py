@@ -22,15 +22,10 @@ from kaito.image_builder.oci import values as V
 from kaito.image_builder.oci.auth import Credential, credential_for
 from kaito.image_builder.oci.errors import AuthError, OCIError, RegistryError
 from kaito.image_builder.oci.layer import BlobSource
+from kaito.presets.validate import is_loopback, redact
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 Body = Union[None, bytes, Callable[[], Iterable[bytes]]]
-
-
-def redact(url: Union[str, httpx.URL]) -> str:
-    """Scheme, host and path only: no userinfo, no query (upload state tokens, tokens)."""
-    u = httpx.URL(str(url))
-    return f"{u.scheme}://{u.host}{':' + str(u.port) if u.port else ''}{u.path}" + ("?…" if u.query else "")
 
 
 def _diagnostics(r: httpx.Response) -> str:
@@ -66,7 +61,7 @@ class Registry:
         timeout: float = 120.0,
     ) -> None:
         self.host = host
-        loopback = host.startswith(("127.", "localhost", "[::1]"))
+        loopback = is_loopback(host)
         self.credential = credential if credential is not None else credential_for(host, auth_file)
         self.retries, self.backoff = retries, backoff
         self._client_args = dict(
@@ -384,19 +379,6 @@ class Registry:
         if V.is_digest(target):
             V.verify_bytes(raw, target, f"manifest {self.host}/{repo}@{target}")
         return raw, r.headers.get("content-type", "").split(";")[0]
-
-    def manifest_digest(self, repo: str, target: str) -> Optional[str]:
-        r = self.request(
-            "HEAD",
-            self.url(f"/v2/{repo}/manifests/{target}"),
-            scope=(f"repository:{repo}:pull",),
-            headers={"Accept": V.ACCEPT},
-            doing=f"checking manifest {self.host}/{repo}:{target}",
-            ok=(200, 404),
-        )
-        if r.status_code != 200:
-            return None
-        return V.check_digest(r.headers.get("docker-content-digest"), f"checking manifest {self.host}/{repo}:{target}")
 
     def put_manifest(self, repo: str, target: str, raw: bytes, media_type: str) -> str:
         r = self.request(

@@ -22,7 +22,7 @@ setting and no default docker socket. Steps:
   serve          `docker run --network none` with the image's default command; the client runs inside
                  the container through `docker exec` (no bridge exists and we create none), waits for
                  /health and POSTs /chat.
-  tuning-imports the tuning Job's entry point (`python -m kaito.tuning`, pyarrow, datasets) in the image
+  tuning-imports the tuning Job's entry point (`python -m kaito.tuning`, pyarrow, peft) in the image
 
 Prints a table of step times and image sizes. Exits non-zero with a clear message at the first
 failure; the daemon, registry and containers are always cleaned up. Expensive artifacts are cached
@@ -279,10 +279,10 @@ def preset_steps(run: Run) -> None:
 
 
 # The tuning Job runs `python -m kaito.tuning` on the preset image (operator/render_tuning.py):
-# its entry point, data readers (pyarrow, datasets) and trainer stack must import there.
-TUNING_PROBE = ("import json, pyarrow, datasets, peft\n"
+# its entry point, data reader (pyarrow) and trainer stack (peft) must import there.
+TUNING_PROBE = ("import json, pyarrow, peft\n"
                 "import kaito.tuning.cli, kaito.tuning.data\n"
-                "print(json.dumps({'pyarrow': pyarrow.__version__, 'datasets': datasets.__version__}))")
+                "print(json.dumps({'pyarrow': pyarrow.__version__, 'peft': peft.__version__}))")
 
 
 def check_tuning_imports(run: Run, image: str) -> str:

@@ -41,7 +41,7 @@ def test_runtime_image_serves_chat_in_a_container():
     assert re.search(r"build_preset: oci:out/registry/kaito-tiny-phi-3:\S+@sha256:[0-9a-f]{64} "
                      r"on oci:out/registry/kaito-base:", out), out[-3000:]
     # The tuning Job's entry point and its data readers import in the preset image (issue 13).
-    assert re.search(r'tuning_in_image: \{"pyarrow": "[0-9.]+", "datasets": "[0-9.]+"\}', out), out[-3000:]
+    assert re.search(r'tuning_in_image: \{"pyarrow": "[0-9.]+", "peft": "[0-9.]+"\}', out), out[-3000:]
     # Nothing left behind: no daemon or registry of this run, no mounts, no work dir.
     work = re.search(r"work dir (/\S+),", out).group(1)
     assert work not in Path("/proc/mounts").read_text()

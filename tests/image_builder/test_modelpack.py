@@ -124,3 +124,16 @@ def test_every_presets_modelpack_config_follows_the_schema(preset):
     img = _modelpack(get_preset(preset), "0.0.1", [layer], {})
     jsonschema.validate(json.loads(img.config_bytes), SCHEMA)
     assert img.media_type == MANIFEST and img.artifact_type == ARTIFACT and img.config_media_type == CONFIG
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "x.pth", "x.pkl", "x.pickle", "x.ckpt"])
+def test_weights_dir_with_a_pickle_is_refused(tmp_path, name):
+    """The builder refuses every suffix of the one list (kaito.presets.weights.PICKLE_SUFFIXES)."""
+    from kaito.image_builder.build import _split_files
+    from kaito.presets.errors import InvalidInput
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / name).write_bytes(b"\x80\x04pickle")
+    with pytest.raises(InvalidInput, match=f"{name} is a pickle checkpoint"):
+        _split_files(tmp_path)

@@ -50,3 +50,27 @@ def test_good_urls():
     url = "https://huggingface.co/datasets/x/resolve/main/data/train.parquet?download=true"
     assert http_url_problem(url) is None
     assert http_url_problem("http://127.0.0.1:8000/data.jsonl") is None
+
+
+def test_redact_drops_credentials_and_query_keeps_host_port_path():
+    from kaito.presets.validate import redact
+
+    assert redact("https://u:p@h.net:8443/a/b.parquet?sig=1") == "https://h.net:8443/a/b.parquet?..."
+    assert redact("http://[::1]:5000/v2/x/blobs/uploads/abc?_state=tok") == "http://[::1]:5000/v2/x/blobs/uploads/abc?..."
+    assert redact("https://h.net/p") == "https://h.net/p"
+    import httpx
+    assert redact(httpx.URL("https://tok@r.io/v2/?q=1")) == "https://r.io/v2/?..."
+
+
+def test_is_loopback():
+    from kaito.presets.validate import is_loopback
+
+    assert is_loopback("127.0.0.1:5000") and is_loopback("localhost:5000") and is_loopback("[::1]:5000")
+    assert not is_loopback("registry.io") and not is_loopback("10.0.0.1:5000")
+
+
+def test_validation_problem_names_the_field_path():
+    from kaito.presets.errors import validation_problem
+
+    assert validation_problem({"loc": ("adapters", 0, "source"), "msg": "Value error, bad"}) == "adapters[0].source: bad"
+    assert validation_problem({"loc": (), "msg": "x"}, root="settings") == "settings: x"

@@ -285,7 +285,8 @@ def test_lora_requests_info_names_running_and_waiting_adapters():
     from kaito.runtime.sampling import SamplingParams
     from kaito.runtime.sequence import Sequence
 
-    m = Metrics("m")
+    m = Metrics()
+    m.bind("m")
     rows = [Sequence([1, 2, 3], SamplingParams(), lora=(("alpha", 1.0), ("beta", 0.5))), Sequence([1], SamplingParams())]
     queued = [Sequence([4, 5], SamplingParams(), lora=(("gamma", 1.0),))]
     m.record_scheduler(2, rows, queued, capacity_tokens=40)

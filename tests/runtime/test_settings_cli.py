@@ -169,8 +169,7 @@ def test_the_operators_default_inference_config_loads():
     from pathlib import Path
 
     default = Path(__file__).resolve().parents[2] / "operator" / "configs" / "inference.yaml"
-    if not default.is_file():
-        pytest.skip("operator default config not present in this checkout")
+    assert default.is_file(), f"{default} is gone: the operator mounts it into every inference pod"
     load_settings({}, default)  # must not raise: the operator mounts it into every inference pod
 
 

@@ -7,7 +7,8 @@ import os
 import pytest
 from kaito.presets.cli import main as kaito_main
 from kaito.presets.errors import InvalidInput, KaitoError
-from kaito.tuning.fetch import fetch_urls, image_ref, redact, resolve_data
+from kaito.presets.validate import redact
+from kaito.tuning.fetch import fetch_urls, image_ref, resolve_data
 
 
 def _files(server, n=3, size=300_000):

@@ -9,14 +9,13 @@ import httpx
 import pytest
 import torch
 import yaml
+from kaito import image_builder
 from kaito.presets.cli import main as kaito_main
 from kaito.presets.errors import KaitoError
 from kaito.tuning import DIGEST_FILE, SENTINEL, default_config_text
 from kaito.tuning.output import push_adapter
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-
-image_builder = pytest.importorskip("kaito.image_builder", reason="kaito.image_builder (issue 3) not present")
 
 
 def short_config(tmp_path):
