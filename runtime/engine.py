@@ -170,11 +170,15 @@ class Engine(ContainedForwards):
         if self._thread is None or not self._thread.is_alive():
             self._apply_ops([op])
             return
-        done = threading.Event()
+        done, error = threading.Event(), []
         with self._cv:
-            self._ops.append((op, done))
+            self._ops.append((op, done, error))
             self._cv.notify_all()
-        done.wait(timeout=60)
+        # The caller records the adapter as loaded only when this returns: a failure or a stuck engine must say so.
+        if not done.wait(timeout=60):
+            raise RuntimeError(f"adapter {op[0]} of {getattr(op[1], 'name', op[1])}: the engine did not run it within 60 s")
+        if error:
+            raise error[0]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="kaito-engine", daemon=True)
@@ -244,9 +248,14 @@ class Engine(ContainedForwards):
                     ops = list(self._ops)
                     self._ops.clear()
                 if ops:
-                    wire = self._apply_ops([o for o, _ in ops])
+                    wire = []
+                    for op, _, error in ops:
+                        try:
+                            wire += self._apply_ops([op])
+                        except Exception as e:  # a bad adapter fails its own load request, not the engine
+                            error.append(e)
                     self._send({"keep": list(range(len(self.running))), "decode": [], "prefill": [], "ops": wire})
-                    for _, done in ops:
+                    for _, done, _ in ops:
                         done.set()
                 try:
                     self.step()

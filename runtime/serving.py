@@ -179,7 +179,12 @@ class Runtime:
                 adapter = await asyncio.to_thread(read_adapter, target, name, self.loaded.model)
             except KaitoError as e:
                 raise ApiError(400, str(e), param="lora_path") from None
-            await asyncio.to_thread(self.engine.add_adapter, adapter)
+            try:
+                await asyncio.to_thread(self.engine.add_adapter, adapter)
+            except (ValueError, KaitoError) as e:  # the adapter does not fit this model
+                raise ApiError(400, f"loading adapter {name}: {e}", param="lora_path") from None
+            except RuntimeError as e:  # the engine did not run the load: nothing was recorded
+                raise ApiError(503, f"loading adapter {name}: {e}", type="ServiceUnavailableError") from None
             self.strengths[name] = float(strength) if strength is not None else adapter_strength(self.settings, name)
             self.metrics.adapter_loads.inc()
             self.metrics.adapters_loaded.set(len(self.strengths))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 import torch
@@ -361,3 +362,24 @@ def test_running_never_exceeds_max_batch_size_under_a_threaded_burst(loaded):
         e.stop()
     assert all(s.finish_reason == "length" for s in seqs)
     assert max(seen) <= 4 and len(seen) > 100, max(seen)
+
+
+def test_an_adapter_op_that_fails_says_so_and_the_engine_keeps_serving(loaded):
+    """A failing adapter load raises to its caller (who would otherwise record it as loaded); the engine lives on."""
+    e = engine(loaded)
+    e.start()
+    try:
+        def broken(adapter):
+            raise ValueError(f"adapter {adapter.name}: shapes do not match the base model")
+
+        e.ex.lora.add = broken
+        adapter = types.SimpleNamespace(name="bad-adapter", path="/nonexistent")
+        with pytest.raises(ValueError, match="bad-adapter"):
+            e.add_adapter(adapter)
+        assert e.error is None and e._thread.is_alive()
+        good = Sequence(ids(loaded, "hi"), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        e.submit([good])
+        assert _wait(lambda: good.finish_reason is not None)
+        assert good.finish_reason == "length" and len(good.output_ids) == 3
+    finally:
+        e.stop()
