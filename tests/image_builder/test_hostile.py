@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import http.server
-import io
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ from kaito.image_builder import OCIError, UnsafeLayer, pull
 from kaito.image_builder.oci.errors import BadReference
 from kaito.image_builder.oci.reference import parse_reference
 from kaito.presets.cli import main
+from support.tars import tar_bytes as _tar, tar_info as _info
 
 EVIL = "sha256:../../../victim"
 EMPTY_CFG = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
@@ -58,18 +58,6 @@ def _layout(d: Path, top: dict | bytes, blobs: list[bytes], tag: str = "v1", top
     return f"oci:{d}:{tag}"
 
 
-def _tar(*members: tuple[tarfile.TarInfo, bytes], fmt=tarfile.PAX_FORMAT) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
-        for ti, data in members:
-            t.addfile(ti, io.BytesIO(data) if data else None)
-    return buf.getvalue()
-
-
-def _info(name: str, type_=tarfile.REGTYPE, size=0, linkname="") -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type, ti.size, ti.linkname = type_, size, linkname
-    return ti
 
 
 def _image(tmp: Path, *layers: bytes, mt: str = "application/vnd.oci.image.layer.v1.tar", name="lay") -> str:

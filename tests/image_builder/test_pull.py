@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -25,20 +24,9 @@ from kaito.image_builder import (
 from kaito.image_builder.oci import values as V
 from kaito.image_builder.pull import MARKER
 from kaito.presets.errors import InvalidInput
+from support.tars import tar_bytes as _tar, tar_info as _info
 
 
-def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for ti, data in members:
-            t.addfile(ti, io.BytesIO(data) if data else None)
-    return buf.getvalue()
-
-
-def _info(name: str, type_=tarfile.REGTYPE, size=0, linkname="") -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type, ti.size, ti.linkname = type_, size, linkname
-    return ti
 
 
 def _image_with_raw_layer(tmp_path, data: bytes, tag: str = "v1") -> str:
