@@ -199,6 +199,27 @@ def _sink_hook(ref: Reference) -> tuple[dict, list]:
     return {"digester": digester, "have": sink.has_blob}, written
 
 
+@dataclass
+class _Output:
+    """Where one build's images go and how: hashing into their sink, then writing each image."""
+
+    conn: Connection
+    jobs: int
+    progress: Progress
+    push_kw: dict
+    written: int = 0  # bytes a layout sink took while hashing: they count as sent
+
+    def file_layers(self, ref: Reference, wdir: Path, files: list[str], prefix: str) -> list[Layer]:
+        """The file layers for an image bound for `ref` (into a layout, written as they hash)."""
+        hook, written = _sink_hook(ref)
+        layers = _file_layers(wdir, files, prefix, hook, self.progress)
+        self.written += written[0]
+        return layers
+
+    def write(self, img: Image, ref: Reference) -> PushResult:
+        return write_image(img, ref, self.conn, jobs=self.jobs, progress=self.progress, **self.push_kw)
+
+
 def _labels(spec, tag: str) -> dict:
     labels = {
         "org.opencontainers.image.title": image_repository(spec.name),
@@ -213,6 +234,43 @@ def _labels(spec, tag: str) -> dict:
         labels["org.opencontainers.image.source"] = f"https://huggingface.co/{spec.hf_repo}"
         labels["org.opencontainers.image.revision"] = spec.hf_revision
     return labels
+
+
+def _preset_annotations(spec, tag: str, base: Optional[str], base_img: Image) -> dict:
+    """The preset image's own manifest annotations: its labels, model name, content root and base."""
+    annotations = {**_labels(spec, tag), V.ANN_MODEL_NAME: spec.name, V.ANN_CONTENT_ROOT: WEIGHTS_ROOT}
+    if base:
+        annotations["org.opencontainers.image.base.name"] = str(as_ref(base, "base"))
+        annotations["org.opencontainers.image.base.digest"] = base_img.digest
+    return annotations
+
+
+def _preset_image(spec, tag: str, layers: list[Layer], base_img: Image, annotations: dict, serves: bool) -> Image:
+    """The preset image: `base_img` (empty for --weights-only) plus the weight layers, labelled."""
+    return append(
+        base_img,
+        layers,
+        env={"KAITO_MODEL_DIR": "/workspace/weights", "KAITO_PRESET": spec.name},
+        labels=_labels(spec, tag),
+        annotations=annotations,
+        workdir="/workspace",
+        # A preset image serves by default (KAITO_PRESET/KAITO_MODEL_DIR above
+        # configure it); Kaito's pods still pass the command explicitly.
+        entrypoint=["python", "-m", "kaito.runtime"] if serves else None,
+        cmd=[] if serves else None,
+        created_by="kaito image build-preset",
+    )
+
+
+def _write_modelpack(out: _Output, spec, registry: str, tag: str, wdir: Path, files: list[str], annotations: dict):
+    """Write the weights-only ModelPack artifact; returns its PushResult.
+
+    It carries the preset image's annotations less those about a filesystem (content root, base).
+    """
+    ref = image_ref_for(registry, modelpack_repository(spec.name), tag)
+    layers = out.file_layers(ref, wdir, files, "")
+    keep = {k: v for k, v in annotations.items() if k != V.ANN_CONTENT_ROOT and ".base." not in k}
+    return out.write(_modelpack(spec, tag, layers, keep), ref)
 
 
 def build_preset(
@@ -236,58 +294,23 @@ def build_preset(
     ref = image_ref_for(registry, image_repository(spec.name), tag)
     wdir = preset_weights(spec.name, weights_dir)
     weights, other = _split_files(wdir)
-    hook, written = _sink_hook(ref)
-    layers = _file_layers(wdir, weights + other, WEIGHTS_ROOT, hook, progress)
+    files = weights + other
     with Connection(auth_file, insecure) as conn:
+        out = _Output(conn, jobs, progress, push_kw)
+        layers = out.file_layers(ref, wdir, files, WEIGHTS_ROOT)
         base_img = read_image(as_ref(base, "base"), conn) if base else empty_image()
-        labels = _labels(spec, tag)
-        annotations = {**labels, V.ANN_MODEL_NAME: spec.name, V.ANN_CONTENT_ROOT: WEIGHTS_ROOT}
-        if base:
-            annotations["org.opencontainers.image.base.name"] = str(as_ref(base, "base"))
-            annotations["org.opencontainers.image.base.digest"] = base_img.digest
-        img = append(
-            base_img,
-            layers,
-            env={"KAITO_MODEL_DIR": "/workspace/weights", "KAITO_PRESET": spec.name},
-            labels=labels,
-            annotations=annotations,
-            workdir="/workspace",
-            # A preset image serves by default (KAITO_PRESET/KAITO_MODEL_DIR above
-            # configure it); Kaito's pods still pass the command explicitly.
-            entrypoint=["python", "-m", "kaito.runtime"] if base else None,
-            cmd=[] if base else None,
-            created_by="kaito image build-preset",
-        )
-        res = write_image(img, ref, conn, jobs=jobs, progress=progress, **push_kw)
-        mp_ref = mp_digest = None
-        uploaded = res.bytes_uploaded
-        if modelpack:
-            mp_ref_ = image_ref_for(registry, modelpack_repository(spec.name), tag)
-            mp_hook, mp_written = _sink_hook(mp_ref_)
-            mp_layers = _file_layers(wdir, weights + other, "", mp_hook, progress)
-            keep = {k: v for k, v in annotations.items() if k != V.ANN_CONTENT_ROOT and ".base." not in k}
-            mres = write_image(_modelpack(spec, tag, mp_layers, keep), mp_ref_, conn, jobs=jobs, progress=progress,
-                               **push_kw)
-            mp_ref, mp_digest = mres.ref, mres.digest
-            uploaded += mres.bytes_uploaded + mp_written[0]
-    files = (*weights, *other)
-    out = tuple({"file": f, "digest": x.digest, "size": x.size} for f, x in zip(files, layers, strict=True))
-    # for a layout, the weight blobs were written while hashing: count them as sent too
-    return BuildResult(res.ref, res.digest, mp_ref, mp_digest, img.size, out, uploaded + written[0], base)
+        annotations = _preset_annotations(spec, tag, base, base_img)
+        img = _preset_image(spec, tag, layers, base_img, annotations, serves=bool(base))
+        res = out.write(img, ref)
+        mres = _write_modelpack(out, spec, registry, tag, wdir, files, annotations) if modelpack else None
+    summary = tuple({"file": f, "digest": x.digest, "size": x.size} for f, x in zip(files, layers, strict=True))
+    uploaded = res.bytes_uploaded + (mres.bytes_uploaded if mres else 0) + out.written
+    mp_ref, mp_digest = (mres.ref, mres.digest) if mres else (None, None)
+    return BuildResult(res.ref, res.digest, mp_ref, mp_digest, img.size, summary, uploaded, base)
 
 
-def build_adapter(
-    adapter_dir: Union[str, Path],
-    ref: Union[str, Reference],
-    *,
-    preset_name: Optional[str] = None,
-    auth_file=None,
-    insecure: Optional[bool] = None,
-    progress: Progress = NULL,
-    **push_kw,
-) -> PushResult:
-    """Push a PEFT adapter as Kaito's adapter image (/data/adapter_config.json, /data/adapter_model.safetensors)."""
-    d = Path(adapter_dir)
+def _adapter_model(d: Path, preset_name: Optional[str]) -> str:
+    """The base model an adapter directory is for (the preset, else its config's), after checking its files."""
     missing = [f for f in ADAPTER_FILES if not (d / f).is_file()]
     if missing:
         raise InvalidInput(
@@ -299,8 +322,12 @@ def build_adapter(
     except ValueError as e:
         raise InvalidInput(f"adapter dir {d}: adapter_config.json is not JSON ({e})") from None
     if preset_name:
-        preset_name = get_preset(preset_name).name
-    model = preset_name or str(cfg.get("base_model_name_or_path") or "")
+        return get_preset(preset_name).name
+    return str(cfg.get("base_model_name_or_path") or "")
+
+
+def _adapter_image(d: Path, model: str, progress: Progress) -> Image:
+    """Kaito's adapter image: one layer per adapter file under /data, annotated with its base model."""
     layers = [
         Layer.from_file(
             d / f,
@@ -315,12 +342,27 @@ def build_adapter(
     annotations = {V.ANN_CONTENT_ROOT: "data", "org.opencontainers.image.title": f"{model or 'kaito'} adapter"}
     if model:
         annotations[V.ANN_MODEL_NAME] = model
-    img = append(
+    return append(
         empty_image(),
         layers,
         annotations=annotations,
         labels={V.ANN_MODEL_NAME: model} if model else None,
         created_by="kaito image build-adapter",
     )
+
+
+def build_adapter(
+    adapter_dir: Union[str, Path],
+    ref: Union[str, Reference],
+    *,
+    preset_name: Optional[str] = None,
+    auth_file=None,
+    insecure: Optional[bool] = None,
+    progress: Progress = NULL,
+    **push_kw,
+) -> PushResult:
+    """Push a PEFT adapter as Kaito's adapter image (/data/adapter_config.json, /data/adapter_model.safetensors)."""
+    d = Path(adapter_dir)
+    img = _adapter_image(d, _adapter_model(d, preset_name), progress)
     with Connection(auth_file, insecure) as conn:
         return write_image(img, as_ref(ref, "adapter image reference"), conn, progress=progress, **push_kw)

@@ -1,15 +1,20 @@
 """`kaito image ...`: build, push, pull and inspect Kaito images (plugged in through the `kaito.cli` entry point).
 
-One verb per command, each a few lines over kaito.image_builder. The
-operator's init containers run `kaito image pull <ref> <dir>`; keep that shape.
+One verb per command, each a few lines over kaito.image_builder; the options
+several commands share (registry access, output, upload pacing) are declared
+once in `SHARED` and reach a command as one `Shared` value. The operator's init
+containers run `kaito image pull <ref> <dir>`; keep that shape.
 Exit codes come from the root CLI: InvalidInput -> 2, other KaitoError -> 1.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -18,7 +23,6 @@ from kaito.presets.errors import InvalidInput, KaitoError
 
 def _guarded(fn):
     """Commands report file-system failures (permissions, full disk) as KaitoError, naming the file."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
@@ -35,30 +39,25 @@ def _guarded(fn):
 
 app = typer.Typer(help="Build, push, pull and inspect Kaito OCI images and ModelPack artifacts.", no_args_is_help=True)
 
-AUTH = typer.Option(None, "--auth-file", help="docker config.json or a dockerconfigjson Secret file")
-INSECURE = typer.Option(None, "--insecure/--secure", help="plain http (loopback registries use http by default)")
-QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars")
-JSON = typer.Option(False, "--json", help="print the result as JSON")
-JOBS = typer.Option(4, "--jobs", "-j", min=1, max=64, help="parallel blob transfers")
-
-
-def _progress(quiet: bool, as_json: bool):
-    from kaito.image_builder.oci.progress import NULL
-
-    if quiet or as_json:
-        return NULL
-    from kaito.image_builder.progress import RichProgress
-
-    return RichProgress()
-
-
-def _emit(result: dict, as_json: bool, quiet: bool, line: str) -> None:
-    if as_json:
-        typer.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
-    elif not quiet:
-        typer.echo(line)
-    else:
-        typer.echo(result.get("digest", ""))
+# The options several commands share: (type, typer option), declared once and added by `_shared`.
+SHARED: dict[str, tuple[Any, Any]] = {
+    "limit_rate": (Optional[str], typer.Option(None, "--limit-rate", help="cap upload speed, e.g. 50M (bytes/s)")),
+    "chunk_size": (
+        Optional[str],
+        typer.Option(None, "--chunk-size", help="upload chunk (resume granularity), e.g. 64M"),
+    ),
+    "auth_file": (
+        Optional[Path],
+        typer.Option(None, "--auth-file", help="docker config.json or a dockerconfigjson Secret file"),
+    ),
+    "insecure": (
+        Optional[bool],
+        typer.Option(None, "--insecure/--secure", help="plain http (loopback registries use http by default)"),
+    ),
+    "jobs": (int, typer.Option(4, "--jobs", "-j", min=1, max=64, help="parallel blob transfers")),
+    "quiet": (bool, typer.Option(False, "--quiet", "-q", help="no progress bars")),
+    "as_json": (bool, typer.Option(False, "--json", help="print the result as JSON")),
+}
 
 
 def _rate(limit: Optional[str], field: str = "--limit-rate") -> Optional[float]:
@@ -72,8 +71,75 @@ def _rate(limit: Optional[str], field: str = "--limit-rate") -> Optional[float]:
         raise InvalidInput(f"{field} {limit!r}: use a byte count such as 50M or 800k") from None
 
 
+@dataclass(frozen=True)
+class Shared:
+    """The shared options one command was given (those it does not take keep their defaults)."""
+
+    auth_file: Optional[Path] = None
+    insecure: Optional[bool] = None
+    jobs: int = 4
+    quiet: bool = False
+    as_json: bool = False
+    limit_rate: Optional[str] = None
+    chunk_size: Optional[str] = None
+
+    def progress(self):
+        """Progress bars on stderr, or none with --quiet or --json (stdout then carries only the result)."""
+        from kaito.image_builder.oci.progress import NULL
+
+        if self.quiet or self.as_json:
+            return NULL
+        from kaito.image_builder.progress import RichProgress
+
+        return RichProgress()
+
+    def push_kw(self) -> dict:
+        """--limit-rate and --chunk-size as the keyword arguments of `write_image`."""
+        kw: dict[str, Any] = {"rate_limit": _rate(self.limit_rate)}
+        if self.chunk_size:
+            kw["chunk_size"] = int(_rate(self.chunk_size, "--chunk-size"))
+        return kw
+
+    def emit(self, result: Any, fields: Optional[tuple[str, ...]], line: str) -> None:
+        """Print the result: `fields` of it (all of `result.to_json()` when None) as JSON, or `line`,
+        or with --quiet only its digest."""
+        data = result.to_json() if fields is None else {f: getattr(result, f) for f in fields}
+        if self.as_json:
+            typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        elif not self.quiet:
+            typer.echo(line)
+        else:
+            typer.echo(data.get("digest", ""))
+
+
+def _shared(*names: str) -> Callable:
+    """Give a command the shared options `names`: typer sees them in its signature, the command one `opts`.
+
+    The command declares `opts: Shared` last; its own parameters come first, as typer lists them.
+    """
+
+    def deco(fn: Callable) -> Callable:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "opts"]
+        added = [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=SHARED[n][1], annotation=SHARED[n][0])
+            for n in names
+        ]
+
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            return fn(*a, opts=Shared(**{n: kw.pop(n) for n in names}), **kw)
+
+        params = own + added
+        wrapper.__signature__ = inspect.Signature(params, return_annotation=None)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return deco
+
+
 @app.command("build-preset")
 @_guarded
+@_shared("limit_rate", "chunk_size", "auth_file", "insecure", "jobs", "quiet", "as_json")
 def build_preset_cmd(
     preset: str = typer.Argument(..., help="preset name or alias, e.g. phi-3-mini-4k-instruct"),
     registry: Optional[str] = typer.Option(
@@ -92,13 +158,8 @@ def build_preset_cmd(
         False, "--weights-only", help="no runtime base: an image of weight layers only (it cannot serve)"
     ),
     no_modelpack: bool = typer.Option(False, "--no-modelpack", help="skip the ModelPack artifact"),
-    limit_rate: Optional[str] = typer.Option(None, "--limit-rate", help="cap upload speed, e.g. 50M (bytes/s)"),
-    chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="upload chunk (resume granularity), e.g. 256M"),
-    auth_file: Optional[Path] = AUTH,
-    insecure: Optional[bool] = INSECURE,
-    jobs: int = JOBS,
-    quiet: bool = QUIET,
-    as_json: bool = JSON,
+    *,
+    opts: Shared,
 ) -> None:
     """Build a preset image (base + one layer per model file) and its ModelPack artifact `kaito-<preset>-weights`.
 
@@ -115,9 +176,9 @@ def build_preset_cmd(
         raise InvalidInput("--weights-only and --base (or KAITO_BASE_IMAGE) exclude each other; pass one")
     get_preset(preset)  # an unknown preset is the first thing to report, before looking for a base
     if not weights_only:  # by default a preset image serves: weights on the runtime base
-        with Connection(auth_file, insecure) as conn:
+        with Connection(opts.auth_file, opts.insecure) as conn:
             base = resolve_base(base, registry, conn)
-    with _progress(quiet, as_json) as prog:
+    with opts.progress() as prog:
         r = build_preset(
             preset,
             registry,
@@ -125,18 +186,16 @@ def build_preset_cmd(
             weights_dir=weights,
             base=base,
             modelpack=not no_modelpack,
-            auth_file=auth_file,
-            insecure=insecure,
-            jobs=jobs,
+            auth_file=opts.auth_file,
+            insecure=opts.insecure,
+            jobs=opts.jobs,
             progress=prog,
-            rate_limit=_rate(limit_rate),
-            **({"chunk_size": int(_rate(chunk_size, "--chunk-size"))} if chunk_size else {}),
+            **opts.push_kw(),
         )
     base_note = f"on {r.base}" if r.base else "weights only (--weights-only): it cannot serve"
-    _emit(
-        r.to_json(),
-        as_json,
-        quiet,
+    opts.emit(
+        r,
+        None,
         f"built {r.ref}@{r.digest} ({base_note})\n  modelpack {r.modelpack_ref}@{r.modelpack_digest}\n"
         f"  uploaded {r.bytes_uploaded} bytes",
     )
@@ -144,14 +203,13 @@ def build_preset_cmd(
 
 @app.command("build-adapter")
 @_guarded
+@_shared("auth_file", "insecure", "quiet", "as_json")
 def build_adapter_cmd(
     adapter_dir: Path = typer.Argument(..., help="directory with adapter_config.json and adapter_model.safetensors"),
     ref: str = typer.Argument(..., help="destination, e.g. 127.0.0.1:5000/adapters/my-adapter:v1 or oci:DIR:TAG"),
     preset: Optional[str] = typer.Option(None, "--preset", help="base preset (annotation sh.kaito.model.name)"),
-    auth_file: Optional[Path] = AUTH,
-    insecure: Optional[bool] = INSECURE,
-    quiet: bool = QUIET,
-    as_json: bool = JSON,
+    *,
+    opts: Shared,
 ) -> None:
     """Push a LoRA adapter as Kaito's adapter image (/data/adapter_config.json, /data/adapter_model.safetensors).
 
@@ -159,18 +217,17 @@ def build_adapter_cmd(
     """
     from kaito.image_builder.build import build_adapter
 
-    with _progress(quiet, as_json) as prog:
-        r = build_adapter(adapter_dir, ref, preset_name=preset, auth_file=auth_file, insecure=insecure, progress=prog)
-    _emit(
-        {"ref": r.ref, "digest": r.digest, "size": r.size, "bytes_uploaded": r.bytes_uploaded},
-        as_json,
-        quiet,
-        f"pushed {r.ref}@{r.digest} ({r.bytes_uploaded} bytes uploaded)",
-    )
+    with opts.progress() as prog:
+        r = build_adapter(
+            adapter_dir, ref, preset_name=preset, auth_file=opts.auth_file, insecure=opts.insecure, progress=prog
+        )
+    fields = ("ref", "digest", "size", "bytes_uploaded")
+    opts.emit(r, fields, f"pushed {r.ref}@{r.digest} ({r.bytes_uploaded} bytes uploaded)")
 
 
 @app.command("pull")
 @_guarded
+@_shared("auth_file", "insecure", "jobs", "quiet", "as_json")
 def pull_cmd(
     ref: str = typer.Argument(..., help="image or ModelPack reference (registry or oci:DIR:TAG)"),
     dest: Path = typer.Argument(..., help="directory to create (or an empty mount point)"),
@@ -182,11 +239,8 @@ def pull_cmd(
     max_ratio: Optional[float] = typer.Option(
         None, "--max-ratio", min=1, help="largest expansion of a compressed layer (default 100; KAITO_PULL_MAX_RATIO)"
     ),
-    auth_file: Optional[Path] = AUTH,
-    insecure: Optional[bool] = INSECURE,
-    jobs: int = JOBS,
-    quiet: bool = QUIET,
-    as_json: bool = JSON,
+    *,
+    opts: Shared,
 ) -> None:
     """Pull an image into DIR: an adapter's files, or a preset's weights, directly in DIR (atomically).
 
@@ -197,32 +251,30 @@ def pull_cmd(
 
     limit = int(_rate(max_bytes, "--max-bytes")) if max_bytes else None
     limits = ExtractLimits.from_env(max_bytes=limit, max_ratio=max_ratio)
-    with _progress(quiet, as_json) as prog:
+    with opts.progress() as prog:
         r = pull(
-            ref, dest, auth_file=auth_file, insecure=insecure, full=rootfs, jobs=jobs, progress=prog, overwrite=force,
+            ref,
+            dest,
+            auth_file=opts.auth_file,
+            insecure=opts.insecure,
+            full=rootfs,
+            jobs=opts.jobs,
+            progress=prog,
+            overwrite=force,
             limits=limits,
         )
-    _emit(
-        {
-            "ref": r.ref,
-            "digest": r.digest,
-            "dest": str(r.dest),
-            "files": list(r.files),
-            "bytes_downloaded": r.bytes_downloaded,
-            "up_to_date": r.up_to_date,
-        },
-        as_json,
-        quiet,
-        f"{'up to date' if r.up_to_date else 'pulled'} {r.ref}@{r.digest} into {r.dest} ({len(r.files)} files)",
-    )
+    fields = ("ref", "digest", "dest", "files", "bytes_downloaded", "up_to_date")
+    done = "up to date" if r.up_to_date else "pulled"
+    opts.emit(r, fields, f"{done} {r.ref}@{r.digest} into {r.dest} ({len(r.files)} files)")
 
 
 @app.command("inspect")
 @_guarded
+@_shared("auth_file", "insecure")
 def inspect_cmd(
     ref: str = typer.Argument(..., help="image reference (registry or oci:DIR:TAG)"),
-    auth_file: Optional[Path] = AUTH,
-    insecure: Optional[bool] = INSECURE,
+    *,
+    opts: Shared,
 ) -> None:
     """Print an image's manifest facts as JSON (digest, annotations, layers).
 
@@ -230,22 +282,18 @@ def inspect_cmd(
     """
     from kaito.image_builder.transfer import Connection, inspect
 
-    with Connection(auth_file, insecure) as conn:
+    with Connection(opts.auth_file, opts.insecure) as conn:
         typer.echo(json.dumps(inspect(ref, conn), indent=2, sort_keys=True))
 
 
 @app.command("copy")
 @_guarded
+@_shared("limit_rate", "chunk_size", "auth_file", "insecure", "jobs", "quiet", "as_json")
 def copy_cmd(
     src: str = typer.Argument(..., help="source reference"),
     dst: str = typer.Argument(..., help="destination reference (tag)"),
-    limit_rate: Optional[str] = typer.Option(None, "--limit-rate", help="cap upload speed, e.g. 50M (bytes/s)"),
-    chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="upload chunk (resume granularity), e.g. 64M"),
-    auth_file: Optional[Path] = AUTH,
-    insecure: Optional[bool] = INSECURE,
-    jobs: int = JOBS,
-    quiet: bool = QUIET,
-    as_json: bool = JSON,
+    *,
+    opts: Shared,
 ) -> None:
     """Copy an image between layouts and registries, digest unchanged (e.g. push a layout-built image).
 
@@ -253,22 +301,10 @@ def copy_cmd(
     """
     from kaito.image_builder.transfer import Connection, copy
 
-    with _progress(quiet, as_json) as prog, Connection(auth_file, insecure) as conn:
-        kw = {"chunk_size": int(_rate(chunk_size, "--chunk-size"))} if chunk_size else {}
-        r = copy(src, dst, conn, jobs=jobs, progress=prog, rate_limit=_rate(limit_rate), **kw)
-    _emit(
-        {
-            "ref": r.ref,
-            "digest": r.digest,
-            "bytes_uploaded": r.bytes_uploaded,
-            "resumed": list(r.resumed),
-            "skipped": list(r.skipped),
-            "mounted": list(r.mounted),
-        },
-        as_json,
-        quiet,
-        f"copied to {r.ref}@{r.digest} ({r.bytes_uploaded} bytes uploaded)",
-    )
+    with opts.progress() as prog, Connection(opts.auth_file, opts.insecure) as conn:
+        r = copy(src, dst, conn, jobs=opts.jobs, progress=prog, **opts.push_kw())
+    fields = ("ref", "digest", "bytes_uploaded", "resumed", "skipped", "mounted")
+    opts.emit(r, fields, f"copied to {r.ref}@{r.digest} ({r.bytes_uploaded} bytes uploaded)")
 
 
 @app.command("build-base")
@@ -281,7 +317,9 @@ def build_base_cmd(
     docker_host: Optional[str] = typer.Option(None, "--docker-host", envvar="DOCKER_HOST", help="daemon socket"),
     push: bool = typer.Option(True, "--push/--no-push", help="push the built image to REF"),
     build_arg: list[str] = typer.Option([], "--build-arg", help="KEY=VALUE passed to the Dockerfile (repeatable)"),
-    network: Optional[str] = typer.Option(None, "--network", help="build network mode, e.g. none for a bridgeless daemon"),
+    network: Optional[str] = typer.Option(
+        None, "--network", help="build network mode, e.g. none for a bridgeless daemon"
+    ),
 ) -> None:
     """Build Dockerfiles/<name> with a docker daemon (docker SDK) and push it.
 

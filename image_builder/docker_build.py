@@ -44,6 +44,33 @@ def _context(context_dir: Path, dockerfile: Path) -> io.BytesIO:
     return buf
 
 
+def _client(name: str, docker_host: Optional[str]):
+    """A docker client that answered a ping, or a KaitoError saying which daemon was tried."""
+    import docker
+
+    try:
+        client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
+        client.ping()
+    except Exception as e:
+        raise KaitoError(
+            f"building {name}: no docker daemon reachable at {docker_host or 'DOCKER_HOST'} ({type(e).__name__})"
+        ) from None
+    return client
+
+
+def _push(client, ref: str) -> Optional[str]:
+    """Push `ref` through the daemon; returns the digest the registry reported."""
+    repo, _, tag = ref.rpartition(":")
+    if "/" in tag:  # the colon was a registry port: no tag given
+        repo, tag = ref, "latest"
+    digest = None
+    for line in client.images.push(repo, tag=tag, stream=True, decode=True):
+        if "error" in line:
+            raise KaitoError(f"pushing {ref} with docker: {line['error']}")
+        digest = (line.get("aux") or {}).get("Digest") or digest
+    return digest
+
+
 def build_dockerfile(
     name: str,
     ref: str,
@@ -61,13 +88,7 @@ def build_dockerfile(
     except ImportError:
         raise KaitoError("building with docker needs the docker SDK: pip install 'kaito[docker]'") from None
     dockerfile = dockerfile_path(name)
-    try:
-        client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
-        client.ping()
-    except Exception as e:
-        raise KaitoError(
-            f"building {name}: no docker daemon reachable at {docker_host or 'DOCKER_HOST'} ({type(e).__name__})"
-        ) from None
+    client = _client(name, docker_host)
     try:
         ctx = _context(Path(context) if context else PROJECT_ROOT, dockerfile)
         image, logs = client.images.build(
@@ -84,15 +105,7 @@ def build_dockerfile(
         )
         result = {"id": image.id, "ref": ref}
         if push:
-            repo, _, tag = ref.rpartition(":")
-            if "/" in tag:
-                repo, tag = ref, "latest"
-            digest = None
-            for line in client.images.push(repo, tag=tag, stream=True, decode=True):
-                if "error" in line:
-                    raise KaitoError(f"pushing {ref} with docker: {line['error']}")
-                digest = (line.get("aux") or {}).get("Digest") or digest
-            result["digest"] = digest
+            result["digest"] = _push(client, ref)
         return result
     except docker.errors.BuildError as e:
         tail = "".join(x.get("stream", "") for x in e.build_log if isinstance(x, dict))[-1500:]

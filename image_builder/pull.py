@@ -18,14 +18,14 @@ only for a caller that will rerun (`resumable`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from kaito.image_builder.oci import values as V
 from kaito.image_builder.oci.errors import OCIError, RegistryError
@@ -42,8 +42,10 @@ from kaito.image_builder.oci.extract import (
 )
 from kaito.image_builder.oci.image import Image
 from kaito.image_builder.oci.progress import NULL, Progress
-from kaito.image_builder.transfer import Connection, RefLike, as_ref, read_image
+from kaito.image_builder.transfer import Connection, RefLike, as_ref, connection, read_image
+from kaito.presets import retry
 from kaito.presets.errors import InvalidInput, KaitoError
+from kaito.presets.fsio import atomic_write_json
 
 MARKER = ".kaito-pull.json"
 TAR_TYPES = (
@@ -103,46 +105,56 @@ def _merge(layer_dir: Path, tree: Path, keep: bool = False) -> None:
     """Apply one extracted layer onto the tree (whiteouts honoured), by renames; with `keep` (the same
     layer comes again later in the image) by hard links, so the layer directory stays whole."""
     for dirpath, dirnames, filenames in os.walk(layer_dir, topdown=True):
-        rel = Path(dirpath).relative_to(layer_dir)
-        target_dir = tree / rel
+        target_dir = tree / Path(dirpath).relative_to(layer_dir)
         links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         dirnames[:] = [d for d in dirnames if d not in links]
         # Whiteouts hide what lower layers put here, so they go first (opaque first of all), then
         # this layer's own entries; names were checked at extraction (no '.', '..' or reserved names).
-        names = sorted(filenames + links, key=lambda n: (n != OPAQUE, not n.startswith(WHITEOUT), n))
-        for name in names:
-            src, dst = Path(dirpath) / name, target_dir / name
-            if name == OPAQUE:
-                for child in target_dir.iterdir() if target_dir.is_dir() else []:
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-                continue
+        for name in sorted(filenames + links, key=lambda n: (n != OPAQUE, not n.startswith(WHITEOUT), n)):
             if name.startswith(WHITEOUT):
-                victim = target_dir / name[len(WHITEOUT) :]
-                if victim.is_dir() and not victim.is_symlink():
-                    shutil.rmtree(victim)
-                elif os.path.lexists(victim):
-                    victim.unlink()
-                continue
-            if dst.is_dir() and not dst.is_symlink():
-                shutil.rmtree(dst)
-            if not keep:
-                os.replace(src, dst)
-            elif src.is_symlink():
-                if os.path.lexists(dst):
-                    dst.unlink()
-                os.symlink(os.readlink(src), dst)
-            elif not (os.path.lexists(dst) and not dst.is_symlink() and os.path.samefile(src, dst)):
-                # (rename() between two links to one file does nothing and would leave tmp behind)
-                tmp = dst.with_name(f".{dst.name}.kaito-link")
-                if os.path.lexists(tmp):
-                    tmp.unlink()
-                os.link(src, tmp)
-                os.replace(tmp, dst)
+                _whiteout(target_dir, name)
+            else:
+                _place(Path(dirpath) / name, target_dir / name, keep)
         for d in dirnames:
             t = target_dir / d
             if os.path.lexists(t) and (t.is_symlink() or not t.is_dir()):
                 t.unlink()
             t.mkdir(exist_ok=True)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif os.path.lexists(p):
+        p.unlink()
+
+
+def _whiteout(target_dir: Path, name: str) -> None:
+    """Hide what lower layers put in `target_dir`: everything (opaque) or the one named entry."""
+    if name == OPAQUE:
+        for child in target_dir.iterdir() if target_dir.is_dir() else []:
+            _remove(child)
+    else:
+        _remove(target_dir / name[len(WHITEOUT) :])
+
+
+def _place(src: Path, dst: Path, keep: bool) -> None:
+    """Put one non-directory entry at `dst`: moved, or (`keep`) linked so `src` stays for a later use."""
+    if dst.is_dir() and not dst.is_symlink():
+        shutil.rmtree(dst)
+    if not keep:
+        os.replace(src, dst)
+    elif src.is_symlink():
+        if os.path.lexists(dst):
+            dst.unlink()
+        os.symlink(os.readlink(src), dst)
+    elif not (os.path.lexists(dst) and not dst.is_symlink() and os.path.samefile(src, dst)):
+        # (rename() between two links to one file does nothing and would leave tmp behind)
+        tmp = dst.with_name(f".{dst.name}.kaito-link")
+        if os.path.lexists(tmp):
+            tmp.unlink()
+        os.link(src, tmp)
+        os.replace(tmp, dst)
 
 
 def _guess_root(tree: Path) -> Path:
@@ -157,6 +169,20 @@ def _guess_root(tree: Path) -> Path:
 
 def _files(root: Path) -> tuple[str, ...]:
     return tuple(sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MARKER))
+
+
+class _Retry(retry.TransientError):
+    """A layer fetch cut by the network or a busy registry; carries the RegistryError for the caller."""
+
+    def __init__(self, cause: RegistryError) -> None:
+        super().__init__(str(cause), status=cause.status)
+        self.cause = cause
+
+
+def _transient(e: RegistryError) -> bool:
+    """Worth fetching the layer again: no response at all, a body cut after a good (2xx) answer,
+    or a status the shared retry policy retries."""
+    return e.status is None or e.status < 300 or retry.retryable_status(e.status)
 
 
 @dataclass
@@ -179,6 +205,7 @@ class _Pull:
         return f"layer {x.digest} of {self.ref}"
 
     def fetch_once(self, x, ldir: Path) -> None:
+        """Download, verify and extract layer `x` into a fresh `ldir`."""
         if ldir.exists():
             shutil.rmtree(ldir)
         ldir.mkdir()
@@ -198,25 +225,31 @@ class _Pull:
         tar = decompressed(stream, x.media_type, what, self.limits)
         extract_tar(tar, ldir, what, strip=self.strip, allow_absolute_links=self.full, budget=self.budget)
 
+    def try_once(self, x, ldir: Path) -> None:
+        """`fetch_once`, its failures sorted: transient ones to retry, parser surprises as one line."""
+        try:
+            self.fetch_once(x, ldir)
+        except RegistryError as e:
+            # A dropped connection or a busy registry mid-layer: fetch that layer again (others keep their work).
+            if _transient(e):
+                raise _Retry(e) from None
+            raise
+        except (ValueError, EOFError, LookupError) as e:  # a parser corner we did not foresee: still one line
+            if isinstance(e, KaitoError):
+                raise
+            raise OCIError(f"extracting {self.what(x)}: {type(e).__name__}: {e}") from None
+
     def fetch(self, x) -> None:
+        """Bring layer `x` into staging/layers/<hex> once; a `.done` mark lets a rerun skip it."""
         hex_ = x.digest.split(":", 1)[1]  # checked against the OCI grammar when the manifest was read
         ldir, done = self.staging / "layers" / hex_, self.staging / "layers" / f"{hex_}.done"
         if done.exists():
             self.progress.finish(x.digest, "verified earlier")
             return
-        for attempt in range(self.retries + 1):
-            try:
-                self.fetch_once(x, ldir)
-                break
-            except RegistryError as e:
-                # A dropped connection or 5xx mid-layer: fetch that layer again (others keep their work).
-                if attempt == self.retries or (e.status is not None and e.status < 500):
-                    raise
-                time.sleep(0.5 * 2**attempt)
-            except (ValueError, EOFError, LookupError) as e:  # a parser corner we did not foresee: still one line
-                if isinstance(e, KaitoError):
-                    raise
-                raise OCIError(f"extracting {self.what(x)}: {type(e).__name__}: {e}") from None
+        try:
+            retry.call(lambda: self.try_once(x, ldir), policy=retry.Backoff(attempts=self.retries + 1))
+        except _Retry as e:
+            raise e.cause from None
         done.touch()
         self.progress.finish(x.digest, "done")
 
@@ -242,6 +275,15 @@ class _Pull:
         if self.full or self.strip or V.ANN_CONTENT_ROOT in self.img.annotations:
             return tree
         return _guess_root(tree)
+
+    def assemble(self, jobs: int) -> tuple[Path, tuple[str, ...]]:
+        """Fetch every layer, apply them, and mark the result with what it holds: (content root, files)."""
+        self.fetch_all(jobs)
+        root = self.merge()
+        files = _files(root)
+        marker = {"ref": str(self.ref), "digest": self.img.digest, "full": self.full, "files": list(files)}
+        atomic_write_json(root / MARKER, marker)
+        return root, files
 
 
 def _install(root: Path, dest: Path, staging: Path, into_existing: bool) -> None:
@@ -270,6 +312,7 @@ def _check_layers(ref, img: Image, layers) -> None:
 
 
 def _up_to_date(ref, img: Image, dest: Path, full: bool) -> Optional[PullResult]:
+    """The finished pull already at `dest` (its marker names this digest and mode), else None."""
     marker = dest / MARKER
     if not marker.is_file():
         return None
@@ -280,6 +323,14 @@ def _up_to_date(ref, img: Image, dest: Path, full: bool) -> Optional[PullResult]
     if isinstance(done, dict) and done.get("digest") == img.digest and done.get("full", False) == full:
         return PullResult(str(ref), img.digest, dest, _files(dest), 0, len(img.layers), True)
     return None
+
+
+def _fills_existing(dest: Path, overwrite: bool) -> bool:
+    """True when `dest` is an empty directory (a mount point) to fill in place; refuses a foreign one."""
+    into_existing = dest.is_dir() and all(p.name in (".kaito-partial", MARKER) for p in dest.iterdir())
+    if dest.exists() and not into_existing and not overwrite:
+        raise InvalidInput(f"pull destination {dest} exists and is not empty; remove it or pass --force")
+    return into_existing
 
 
 def _staging(ref, digest: str, dest: Path, into_existing: bool) -> Path:
@@ -294,8 +345,20 @@ def _staging(ref, digest: str, dest: Path, into_existing: bool) -> Path:
         if not same:
             shutil.rmtree(staging)
     (staging / "layers").mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"ref": str(ref), "digest": digest}))
+    atomic_write_json(state, {"ref": str(ref), "digest": digest})
     return staging
+
+
+@contextlib.contextmanager
+def _cleaned_on_failure(staging: Path, resumable: bool) -> Iterator[None]:
+    """A bad layer (tampered, unsafe, malformed) poisons the whole pull: drop everything staged.
+    A network failure keeps verified layers for the rerun, when there will be one."""
+    try:
+        yield
+    except Exception as e:
+        if not (resumable and isinstance(e, RegistryError)):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def pull(
@@ -317,39 +380,22 @@ def pull(
 
     A failed pull leaves nothing behind, except, when `resumable`, the verified layers of a pull
     cut by the network (the rerun skips them). Callers that never rerun (the runtime's adapter
-    loads, into a fresh directory each time) pass `resumable=False`.
+    loads, into a fresh directory each time) pass `resumable=False`. `retries` counts the
+    extra tries of one layer after a transient failure.
     """
-    ref = as_ref(ref)
-    dest = Path(dest)
-    own = conn is None
-    conn = conn or Connection(auth_file, insecure)
-    try:
-        img = read_image(ref, conn)
+    ref, dest = as_ref(ref), Path(dest)
+    with connection(conn, auth_file, insecure) as c:
+        img = read_image(ref, c)
         done = _up_to_date(ref, img, dest, full)
         if done:
             return done
         layers, strip = _content_layers(img, full)
         _check_layers(ref, img, layers)
-        into_existing = dest.is_dir() and all(p.name in (".kaito-partial", MARKER) for p in dest.iterdir())
-        if dest.exists() and not into_existing and not overwrite:
-            raise InvalidInput(f"pull destination {dest} exists and is not empty; remove it or pass --force")
+        into_existing = _fills_existing(dest, overwrite)
         staging = _staging(ref, img.digest, dest, into_existing)
         limits = limits or ExtractLimits.from_env()
         job = _Pull(ref, img, layers, strip, staging, full, progress, Budget(limits), limits, retries)
-        try:
-            job.fetch_all(jobs)
-            root = job.merge()
-            files = _files(root)
-            marker = {"ref": str(ref), "digest": img.digest, "full": full, "files": list(files)}
-            (root / MARKER).write_text(json.dumps(marker))
+        with _cleaned_on_failure(staging, resumable):
+            root, files = job.assemble(jobs)
             _install(root, dest, staging, into_existing)
-        except Exception as e:
-            # A bad layer (tampered, unsafe, malformed) poisons the whole pull: drop everything staged.
-            # A network failure keeps verified layers for the rerun, when there will be one.
-            if not (resumable and isinstance(e, RegistryError)):
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
         return PullResult(str(ref), img.digest, dest, files, job.downloaded, len(layers))
-    finally:
-        if own:
-            conn.close()

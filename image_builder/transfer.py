@@ -6,9 +6,10 @@ pull, the CLI and other packages (through kaito.image_builder's public face).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from kaito.image_builder.oci import values as V
 from kaito.image_builder.oci.errors import OCIError
@@ -51,13 +52,25 @@ class Connection:
         self.close()
 
 
+@contextlib.contextmanager
+def connection(
+    conn: Optional[Connection], auth_file: Optional[Union[str, Path]] = None, insecure: Optional[bool] = None
+) -> Iterator[Connection]:
+    """`conn` when the caller lends one (left open), else a new Connection closed on the way out."""
+    if conn is not None:
+        yield conn
+        return
+    with Connection(auth_file, insecure) as own:
+        yield own
+
+
 def read_image(ref: RefLike, conn: Connection) -> Image:
     """The image at `ref`: a registry, an OCI layout, or a docker daemon (`docker-daemon:`, a source only).
 
     A registry index resolves to linux on this machine's architecture (`values.pick_platform`).
     The manifest and config are read now; layer bytes stream from the source when the image is
-    written. Called by `copy`, `inspect`, `kaito.image_builder.build` (the base image) and
-    `kaito.image_builder.pull`.
+    written. Called by `copy`, `inspect`, `kaito.image_builder.build` (the base image, and
+    `resolve_base` probing for one) and `kaito.image_builder.pull`.
     """
     ref = as_ref(ref)
     if ref.daemon:
@@ -114,13 +127,7 @@ def write_image(
     if ref.daemon:
         raise OCIError(f"writing {ref}: a docker daemon is a source only; push to a registry or oci:DIR")
     if ref.is_layout:
-        layout = Layout(ref.path)
-
-        def task(b):
-            return progress.task(b.digest, f"write {b.annotations.get(V.MODEL_FILEPATH, b.digest[7:19])}", b.size)
-
-        written = layout.write_image(image, ref.tag or "latest", task)
-        return PushResult(str(ref.with_tag(ref.tag or "latest")), image.digest, image.size, written)
+        return _write_layout(image, ref, progress)
     pusher = Pusher(
         conn.registry(ref.registry),
         ref.repository,
@@ -143,6 +150,16 @@ def write_image(
     )
 
 
+def _write_layout(image: Image, ref: Reference, progress: Progress) -> PushResult:
+    """Write `image` into the OCI layout directory `ref` names, one progress task per blob."""
+
+    def task(b):
+        return progress.task(b.digest, f"write {b.annotations.get(V.MODEL_FILEPATH, b.digest[7:19])}", b.size)
+
+    written = Layout(ref.path).write_image(image, ref.tag or "latest", task)
+    return PushResult(str(ref.with_tag(ref.tag or "latest")), image.digest, image.size, written)
+
+
 def copy(src: RefLike, dst: RefLike, conn: Connection, **kw) -> PushResult:
     """Copy an image (manifest bytes unchanged, so the digest is kept) between layouts and registries."""
     return write_image(read_image(src, conn), dst, conn, **kw)
@@ -150,30 +167,25 @@ def copy(src: RefLike, dst: RefLike, conn: Connection, **kw) -> PushResult:
 
 def inspect(ref: RefLike, conn: Optional[Connection] = None) -> dict:
     """Manifest facts: digest, media types, annotations, config summary and layers."""
-    own = conn is None
-    conn = conn or Connection()
-    try:
-        ref = as_ref(ref)
-        img = read_image(ref, conn)
-        cfg = img.config if img.config_media_type in (V.OCI_CONFIG, V.DOCKER_CONFIG, V.MODEL_CONFIG) else {}
-        return {
-            "ref": str(ref),
-            "digest": img.digest,
-            "mediaType": img.media_type,
-            "artifactType": img.artifact_type,
-            "annotations": dict(img.annotations),
-            "labels": (cfg.get("config") or {}).get("Labels") or {} if isinstance(cfg.get("config"), dict) else {},
-            "config": {
-                "mediaType": img.config_media_type,
-                "digest": img.config_blob.digest,
-                "size": len(img.config_bytes),
-            },
-            "size": img.size,
-            "layers": [
-                {"digest": x.digest, "size": x.size, "mediaType": x.media_type, "annotations": dict(x.annotations)}
-                for x in img.layers
-            ],
-        }
-    finally:
-        if own:
-            conn.close()
+    ref = as_ref(ref)
+    with connection(conn) as c:
+        img = read_image(ref, c)
+    cfg = img.config if img.config_media_type in (V.OCI_CONFIG, V.DOCKER_CONFIG, V.MODEL_CONFIG) else {}
+    return {
+        "ref": str(ref),
+        "digest": img.digest,
+        "mediaType": img.media_type,
+        "artifactType": img.artifact_type,
+        "annotations": dict(img.annotations),
+        "labels": (cfg.get("config") or {}).get("Labels") or {} if isinstance(cfg.get("config"), dict) else {},
+        "config": {
+            "mediaType": img.config_media_type,
+            "digest": img.config_blob.digest,
+            "size": len(img.config_bytes),
+        },
+        "size": img.size,
+        "layers": [
+            {"digest": x.digest, "size": x.size, "mediaType": x.media_type, "annotations": dict(x.annotations)}
+            for x in img.layers
+        ],
+    }

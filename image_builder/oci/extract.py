@@ -258,9 +258,7 @@ def extract_tar(
     return tree.files
 
 
-def write_raw(
-    chunks: Iterable[bytes], root: Path, name: str, what: str, budget: Optional[Budget] = None
-) -> str:
+def write_raw(chunks: Iterable[bytes], root: Path, name: str, what: str, budget: Optional[Budget] = None) -> str:
     """Store a blob that is itself a file (ModelPack `.raw` layers, oras-style artifacts) as `root/name`."""
     rel = _clean(name, what)
     if rel is None:

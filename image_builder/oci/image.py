@@ -119,6 +119,25 @@ def append(
     layers = tuple(layers)
     base = as_oci(base)
     cfg = json.loads(base.config_bytes)
+    _add_layers(cfg, layers, created_by)
+    c = cfg.setdefault("config", {}) or {}
+    cfg["config"] = c
+    if env:
+        keep = [e for e in c.get("Env") or [] if e.split("=", 1)[0] not in env]
+        c["Env"] = keep + [f"{k}={v}" for k, v in env.items()]
+    if labels:
+        c["Labels"] = {**(c.get("Labels") or {}), **labels}
+    settings = {"WorkingDir": workdir, "User": user, "Cmd": cmd, "Entrypoint": entrypoint}
+    c.update({k: v for k, v in settings.items() if v is not None})
+    return base.derive(
+        config_bytes=V.canonical_json(cfg),
+        layers=base.layers + layers,
+        annotations={**base.annotations, **(annotations or {})},
+    )
+
+
+def _add_layers(cfg: dict, layers: tuple[Layer, ...], created_by: str) -> None:
+    """Record `layers` in an image config: their diff ids, one history entry each, the fixed creation time."""
     rootfs = cfg.setdefault("rootfs", {"type": "layers", "diff_ids": []})
     rootfs["diff_ids"] = list(rootfs.get("diff_ids") or []) + [x.diff_id for x in layers]
     history = list(cfg.get("history") or [])
@@ -129,26 +148,6 @@ def append(
     cfg["history"] = history
     cfg.pop("created", None)
     cfg["created"] = EPOCH
-    c = cfg.setdefault("config", {}) or {}
-    cfg["config"] = c
-    if env:
-        keep = [e for e in c.get("Env") or [] if e.split("=", 1)[0] not in env]
-        c["Env"] = keep + [f"{k}={v}" for k, v in env.items()]
-    if labels:
-        c["Labels"] = {**(c.get("Labels") or {}), **labels}
-    if workdir is not None:
-        c["WorkingDir"] = workdir
-    if user is not None:
-        c["User"] = user
-    if cmd is not None:
-        c["Cmd"] = cmd
-    if entrypoint is not None:
-        c["Entrypoint"] = entrypoint
-    return base.derive(
-        config_bytes=V.canonical_json(cfg),
-        layers=base.layers + layers,
-        annotations={**base.annotations, **(annotations or {})},
-    )
 
 
 def validate(image: Image) -> None:

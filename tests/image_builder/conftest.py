@@ -43,7 +43,8 @@ def weights_dir(tiny_model_dir, tmp_path) -> Path:
 
 
 class FaultProxy:
-    """Forwards HTTP to `upstream`; `fail(method, path_part, status, times)` makes matching requests fail first."""
+    """Forwards HTTP to `upstream`; `fail(method, path_part, status, times)` makes matching requests fail first,
+    `cut(method, path_part, times)` sends their answer's headers and half its body, then hangs up."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -61,11 +62,15 @@ class FaultProxy:
             def _handle(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
+                cut = False
                 for rule in proxy.rules:
                     method, part, status, left = rule
                     if left > 0 and self.command == method and part in self.path:
                         rule[3] -= 1
                         proxy.log.append((self.command, self.path, status))
+                        if status == "cut":
+                            cut = True
+                            break
                         self.send_response(status)
                         self.send_header("Content-Length", "0")
                         self.end_headers()
@@ -90,6 +95,10 @@ class FaultProxy:
                     r.headers.get("content-length", str(len(data))) if self.command == "HEAD" else str(len(data)),
                 )
                 self.end_headers()
+                if cut:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return
                 self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_PATCH = do_HEAD = do_DELETE = _handle
@@ -100,6 +109,9 @@ class FaultProxy:
 
     def fail(self, method: str, path_part: str, status: int, times: int = 1) -> None:
         self.rules.append([method, path_part, status, times])
+
+    def cut(self, method: str, path_part: str, times: int = 1) -> None:
+        self.rules.append([method, path_part, "cut", times])
 
     def stop(self) -> None:
         self.httpd.shutdown()

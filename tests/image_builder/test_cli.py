@@ -131,3 +131,33 @@ def test_file_system_errors_are_reported_not_raised(capsys, registry, adapter_di
 def test_every_command_has_working_help(capsys, cmd):
     rc, out, err = _run(capsys, "image", cmd, "--help")
     assert rc == 0 and "Example:" in out
+
+
+@pytest.mark.parametrize(
+    "cmd, flags",
+    [
+        ("build-preset", ["--limit-rate", "--chunk-size", "--auth-file", "--insecure", "--jobs", "--quiet", "--json"]),
+        ("build-adapter", ["--auth-file", "--insecure", "--quiet", "--json"]),
+        ("pull", ["--auth-file", "--insecure", "--jobs", "--quiet", "--json"]),
+        ("inspect", ["--auth-file", "--insecure"]),
+        ("copy", ["--limit-rate", "--chunk-size", "--auth-file", "--insecure", "--jobs", "--quiet", "--json"]),
+    ],
+)
+def test_each_command_takes_its_shared_options(capsys, cmd, flags):
+    rc, out, err = _run(capsys, "image", cmd, "--help")
+    assert rc == 0 and [f for f in flags if f not in out] == []
+
+
+def test_shared_options_take_effect(capsys, adapter_dir, tmp_path):
+    src, dst = f"oci:{tmp_path / 'a'}:v1", f"oci:{tmp_path / 'b'}:v1"
+    rc, out, err = _run(capsys, "image", "build-adapter", str(adapter_dir), src, "--quiet")
+    assert rc == 0, err
+    digest = out.strip()
+    assert digest.startswith("sha256:") and err == ""  # --quiet: the digest alone, no progress bars
+    rc, out, err = _run(capsys, "image", "copy", src, dst, "-j", "2", "--chunk-size", "1M", "--limit-rate", "9M", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["digest"] == digest
+    assert sorted(res) == ["bytes_uploaded", "digest", "mounted", "ref", "resumed", "skipped"]
+    rc, out, err = _run(capsys, "image", "copy", src, dst, "--chunk-size", "lots")
+    assert rc == 2 and "--chunk-size 'lots'" in err

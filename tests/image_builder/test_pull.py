@@ -221,3 +221,20 @@ def test_pull_by_digest_and_import_contract(registry, adapter_dir, tmp_path):
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; sys.exit(1 if bad else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_layer_cut_mid_download_is_fetched_again_then_given_up(registry, adapter_dir, tmp_path, fault_proxy):
+    from kaito.image_builder.oci.errors import RegistryError
+    from kaito.image_builder.transfer import inspect
+
+    build_adapter(adapter_dir, f"{registry.host}/adapters/cut:v1")
+    big = max(inspect(f"{registry.host}/adapters/cut:v1")["layers"], key=lambda x: x["size"])["digest"]
+    fault_proxy.cut("GET", big, times=2)
+    got = pull(f"{fault_proxy.host}/adapters/cut:v1", tmp_path / "out", retries=2)
+    assert sorted(got.files) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [s for _, p, s in fault_proxy.log if big in p].count("cut") == 2
+    # One retry is not enough for two cuts: the network error reaches the caller, nothing is installed.
+    fault_proxy.cut("GET", big, times=2)
+    with pytest.raises(RegistryError, match="connection lost"):
+        pull(f"{fault_proxy.host}/adapters/cut:v1", tmp_path / "again", retries=1)
+    assert not (tmp_path / "again").exists()
