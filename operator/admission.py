@@ -20,9 +20,10 @@ import yaml
 from kaito.image_builder.oci.errors import BadReference
 from kaito.image_builder.oci.reference import parse_reference
 from kaito.operator import render_inference, schema
-from kaito.presets import InvalidInput, UnknownPreset, contract, default_registry, fit, get_preset, get_sku
+from kaito.presets import InvalidInput, UnknownPreset, contract, default_registry, get_preset, get_sku
+from kaito.presets.skus import DEFAULT_MAX_REPLICAS, count_problem
 from kaito.presets.errors import validation_problem
-from kaito.presets.spec import AccessMode, PresetSpec
+from kaito.presets.spec import AccessMode, PresetSpec, quantization_problem
 from kaito.presets.validate import LABEL_MAX, dns_label_problem, dns_subdomain_problem, http_url_problem
 from pydantic import ValidationError
 
@@ -95,8 +96,8 @@ def _check_header(body: dict[str, Any], errors: list[str]) -> None:
 def _schema_message(err: Any) -> str:
     if err["loc"] == ("resource", "count") and err["type"] == "less_than_equal":
         return (
-            f"resource.count: {err['input']!r} nodes is more than a Workspace can use (at most {schema.MAX_NODES}); "
-            "split a larger fleet into several Workspaces"
+            f"resource.count: {err['input']!r} is above the schema's hard cap of {schema.MAX_NODES}; each preset "
+            "and SKU allow far fewer (1 to KAITO_MAX_REPLICAS replicas, or the nodes a distributed preset needs)"
         )
     return validation_problem(err)
 
@@ -203,21 +204,34 @@ def _check_preset_access(field: str, spec: schema.PresetSpec, preset: PresetSpec
         errors.append(f"{secret_field}: preset {preset.name} ships its weights in its image; remove modelAccessSecret")
 
 
-def _check_resource(ws: schema.Workspace, preset: PresetSpec | None, errors: list[str]) -> None:
+def _check_resource(ws: schema.Workspace, preset: PresetSpec | None, max_replicas: int, errors: list[str]) -> None:
     sel = ws.resource.label_selector
     if not (sel.match_labels or sel.match_expressions):
         errors.append("resource.labelSelector: give matchLabels or matchExpressions selecting the GPU nodes")
-    if ws.annotations.get(schema.ANN_BYPASS) is not None:
+    count = ws.resource.count
+    bypass = ws.annotations.get(schema.ANN_BYPASS) is not None
+    if ws.inference is not None and (bypass or preset is None) and count > max_replicas:
+        # No preset/SKU rule to apply (a template, or the checks bypassed): the replica cap still holds.
+        errors.append(
+            f"resource.count: {count} is too many: allowed 1 to {max_replicas} replicas "
+            "(the operator's KAITO_MAX_REPLICAS) when no preset is checked against the SKU"
+        )
+    if bypass:
         return
     try:
         sku = get_sku(ws.resource.instance_type)
     except InvalidInput as e:
         errors.append(f"resource.instanceType: {e} (or annotate {schema.ANN_BYPASS} to skip the check)")
         return
-    if preset is not None and ws.inference is not None:
-        result = fit(preset, sku, ws.resource.count)
-        if not result.ok:
-            errors.append(f"resource.instanceType/count: {result.message}")
+    if preset is None or ws.inference is None:
+        return  # tuning runs on exactly one node: checked with the tuning fields
+    try:
+        problem = count_problem(preset, sku, count, max_replicas)
+    except InvalidInput as e:  # no count of this SKU can serve the preset
+        errors.append(f"resource.instanceType: {e}")
+        return
+    if problem:
+        errors.append(f"resource.count: {problem}")
 
 
 def _check_adapters(adapters: list[schema.AdapterSpec], errors: list[str]) -> None:
@@ -249,21 +263,18 @@ def _check_adapters(adapters: list[schema.AdapterSpec], errors: list[str]) -> No
 
 
 def check_training_config(method: str, text: str, field: str = "tuning.config") -> list[str]:
-    """Kaito's quantization rule on a training_config.yaml: lora must not quantize, qlora must."""
+    """Kaito's quantization rule (`kaito.presets.spec.quantization_problem`) on a training_config.yaml."""
     try:
         doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         return [f"{field}: training_config.yaml is not valid YAML: {e}"]
     if not isinstance(doc, dict) or not isinstance(doc.get("training_config"), dict):
         return [f"{field}: training_config.yaml must have a top-level mapping 'training_config'"]
-    quant = doc["training_config"].get("QuantizationConfig") or {}
-    four = bool(quant.get("load_in_4bit"))
-    eight = bool(quant.get("load_in_8bit"))
-    if method == "lora" and (four or eight):
-        return [f"{field}: method lora must not quantize; remove load_in_4bit/load_in_8bit or use method qlora"]
-    if method == "qlora" and not (four or eight):
-        return [f"{field}: method qlora needs QuantizationConfig load_in_4bit or load_in_8bit: true"]
-    return []
+    quant = doc["training_config"].get("QuantizationConfig")
+    if quant is not None and not isinstance(quant, dict):
+        return [f"{field}: training_config.QuantizationConfig must be a mapping, got {type(quant).__name__}"]
+    problem = quantization_problem(method, quant)
+    return [f"{field}: {problem}"] if problem else []
 
 
 def _check_tuning(ws: schema.Workspace, errors: list[str]) -> PresetSpec | None:
@@ -320,8 +331,13 @@ def _check_update(new: dict[str, Any], old: dict[str, Any], errors: list[str]) -
         errors.append("tuning.method: is immutable after creation")
 
 
-def validate(body: dict[str, Any], old: dict[str, Any] | None = None) -> schema.Workspace:
-    """Parse and check a Workspace (and, on update, its old version); raise WorkspaceInvalid."""
+def validate(
+    body: dict[str, Any], old: dict[str, Any] | None = None, max_replicas: int = DEFAULT_MAX_REPLICAS
+) -> schema.Workspace:
+    """Parse and check a Workspace (and, on update, its old version); raise WorkspaceInvalid.
+
+    `max_replicas` is the operator's KAITO_MAX_REPLICAS (`OperatorSettings.max_replicas`).
+    """
     ws, errors = _parse(body)
     if ws is None:
         raise WorkspaceInvalid(errors)
@@ -346,7 +362,7 @@ def validate(body: dict[str, Any], old: dict[str, Any] | None = None) -> schema.
     if part is not None and part.config:
         _check_object_name(f"{'inference' if ws.inference is not None else 'tuning'}.config", part.config, errors)
     _check_name(ws, preset, errors)
-    _check_resource(ws, preset, errors)
+    _check_resource(ws, preset, max_replicas, errors)
     if old is not None:
         _check_update(body, old, errors)
     if errors:

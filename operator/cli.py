@@ -88,8 +88,8 @@ def render_cmd(
     body = admission.load_manifest(raw, str(file))
     if isinstance(body.get("metadata"), dict):  # a bad metadata is admission's to report
         body["metadata"].setdefault("namespace", namespace)
-    ws = admission.validate(body)
     settings = OperatorSettings.from_env()
+    ws = admission.validate(body, max_replicas=settings.max_replicas)
     if registry:
         settings = replace(settings, registry=registry)
     fake_nodes = [

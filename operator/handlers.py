@@ -35,6 +35,7 @@ import kopf
 from kaito.operator import admission, reconcile, schema
 from kaito.operator.kube import APIError, KubeAPI
 from kaito.operator.settings import OperatorSettings
+from kaito.presets.skus import DEFAULT_MAX_REPLICAS
 
 FINALIZER = "workspace.finalizer.kaito.sh"
 WORKSPACES = {"group": schema.GROUP, "version": schema.STORAGE_VERSION, "plural": schema.PLURAL}
@@ -103,9 +104,20 @@ async def _pass(
 
 
 def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
+    """A fresh registry with every handler of one operator, as a list of named groups."""
     registry = kopf.OperatorRegistry()
-    settings = state.settings
-    webhook = webhook_enabled(settings)
+    webhook = webhook_enabled(state.settings)
+    _on_lifecycle(registry, state, webhook)
+    _on_workspace(registry, state)
+    _on_children(registry, state)
+    _on_delete(registry, state)
+    if webhook:
+        _on_validate(registry, state.settings)
+    return registry
+
+
+def _on_lifecycle(registry: kopf.OperatorRegistry, state: OperatorState, webhook: bool) -> None:
+    """Kopf's settings (and the webhook server), the login that builds our API client, its cleanup."""
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -136,13 +148,18 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         if info is None:
             info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
         if info is not None and state.api is None:
-            state.api = KubeAPI.from_connection_info(info)
+            state.api = KubeAPI.from_connection_info(info, state.settings)
         return info
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
         if state.api is not None:
             await state.api.close()
+
+
+def _on_workspace(registry: kopf.OperatorRegistry, state: OperatorState) -> None:
+    """Reconcile on create, update and resume, and re-check every resync period."""
+    settings = state.settings
 
     async def handle(body: Any, logger: logging.Logger, old: Any = None, reason: str = "", **_: Any) -> None:
         # Only updates carry an old spec to check immutability against (Kaito enforces it in the webhook).
@@ -166,6 +183,10 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         except APIError as e:
             logger.warning("resync of %s failed, next tick retries: %s", body["metadata"]["name"], e)
 
+
+def _on_children(registry: kopf.OperatorRegistry, state: OperatorState) -> None:
+    """Reconcile a workspace when one of its children (or its nodes) changes."""
+
     async def child_event(body: Any, logger: logging.Logger, type: str | None, **_: Any) -> None:
         labels = body.get("metadata", {}).get("labels") or {}
         name, ns = labels.get(schema.LABEL_WORKSPACE), labels.get(schema.LABEL_WORKSPACE_NS)
@@ -187,6 +208,11 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             group=group, version=version, plural=plural, labels=CHILD_LABELS, registry=registry, id=f"child-{plural}"
         )(child_event)
 
+
+def _on_delete(registry: kopf.OperatorRegistry, state: OperatorState) -> None:
+    """On deletion: WorkspaceDeleting, then the NodeClaims go (the finalizer waits for it)."""
+    settings = state.settings
+
     @kopf.on.delete(**WORKSPACES, registry=registry, id="finalize")
     async def on_delete(body: Any, logger: logging.Logger, **_: Any) -> None:
         assert state.api is not None
@@ -199,16 +225,21 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             raise kopf.TemporaryError(f"deleting NodeClaims: {e}", delay=settings.retry_seconds) from None
         logger.info("deleted %d NodeClaim(s)", n)
 
-    if webhook:
-        kopf.on.validate(**WORKSPACES, registry=registry, id="validate-workspace")(validate_webhook)
 
-    return registry
+def _on_validate(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    """The validating webhook, with this operator's replica cap."""
+
+    @kopf.on.validate(**WORKSPACES, registry=registry, id="validate-workspace")
+    def on_validate(body: Any, old: Any, operation: str | None, **_: Any) -> None:
+        validate_webhook(body, old, operation, max_replicas=settings.max_replicas)
 
 
-def validate_webhook(body: Any, old: Any, operation: str | None, **_: Any) -> None:
+def validate_webhook(
+    body: Any, old: Any, operation: str | None, max_replicas: int = DEFAULT_MAX_REPLICAS, **_: Any
+) -> None:
     """The admission webhook: reject a Workspace that breaks a rule, naming the fields."""
     try:
-        admission.validate(dict(body), dict(old) if operation == "UPDATE" and old else None)
+        admission.validate(dict(body), dict(old) if operation == "UPDATE" and old else None, max_replicas)
     except admission.WorkspaceInvalid as e:
         raise kopf.AdmissionError(str(e), code=422) from None
     except Exception as e:  # never a traceback to the user: a bug here still answers with a reason

@@ -185,136 +185,193 @@ async def _user_configmap(api: KubeAPI, ws: schema.Workspace, name: str, key: st
     return (cm.get("data") or {}).get(key, "")
 
 
+@dataclass(frozen=True)
+class _Deadline:
+    """How long this pass lets children take to be ready, and for whose sake (in messages)."""
+
+    timeout_s: float
+    what: str
+    now: datetime.datetime
+
+
 async def reconcile(
     api: KubeAPI, body: dict[str, Any], settings: OperatorSettings, old: dict[str, Any] | None = None
 ) -> Outcome:
     """One pass; immutability is checked against the pinned spec (or `old`, Kopf's last handled one)."""
     out = Outcome()
-    kind = "inference" if body.get("inference") is not None else "tuning"
     pinned = pinned_spec(body)
     try:
-        ws = admission.validate(body, pinned or old)
-        if ws.tuning is not None and ws.tuning.config:
-            text = await _user_configmap(api, ws, ws.tuning.config, render_tuning.CONFIG_KEY)
-            if text is None:
-                out.waiting = f"tuning.config: ConfigMap {ws.tuning.config!r} not found in {ws.namespace}"
-            else:
-                errs = admission.check_training_config(ws.tuning.method, text)
-                if errs:
-                    raise admission.WorkspaceInvalid(errs)
-        if (
-            ws.inference is not None
-            and ws.inference.config
-            and await api.get("ConfigMap", ws.namespace, ws.inference.config) is None
-        ):
-            out.waiting = f"inference.config: ConfigMap {ws.inference.config!r} not found in {ws.namespace}"
+        ws = admission.validate(body, pinned or old, settings.max_replicas)
+        out.waiting = await _missing_config(api, ws)
     except admission.WorkspaceInvalid as e:
-        out.invalid = str(e)
-        conds = [_cond("WorkspaceSucceeded", False, "InvalidWorkspace", out.invalid)]
-        if kind == "inference":
-            conds.append(_cond("InferenceReady", False, "InvalidWorkspace", out.invalid))
-        out.conditions_changed = await write_status(api, body, conds)
-        return out
-
+        return await _report_invalid(api, body, out, str(e))
     if pinned is None:
-        # Pin the immutable fields once, so every later pass (timers, child events), not only
-        # Kopf's update handler, can refuse a change. Kopf ignores kaito.sh/ annotations.
-        meta = body["metadata"]
-        patch = {"metadata": {"annotations": {ANN_PINNED: json.dumps(_immutable(body), sort_keys=True)}}}
-        await api.patch("Workspace", meta.get("namespace"), meta["name"], patch)
-
-    sel_labels = ws.resource.label_selector.match_labels or None
-    observed = nodes.matching_nodes(ws, await api.list("Node", None, sel_labels))
+        await _pin_immutable(api, body)
+    observed = nodes.matching_nodes(ws, await api.list("Node", None, ws.resource.label_selector.match_labels or None))
     desired = render.render(ws, settings, observed)
-    conds: list[dict[str, Any]] = []
-    claims = [o for o in desired if o["kind"] == "NodeClaim"]
-    for claim in claims:
+    for claim in (o for o in desired if o["kind"] == "NodeClaim"):
         await apply(api, claim, out)
-    preset = _preset_of(ws)
-    timeout_s = readiness.timeout_for(preset, settings)
-    what = f"preset {preset.name}" if preset is not None else "the workspace"
-    now = readiness.utcnow()
+    deadline = _deadline(ws, settings)
+    conds: list[dict[str, Any]] = []
     claims_late = ""
     if not settings.bring_your_own_nodes:
-        live_claims = await api.list("NodeClaim", None, render.child_labels(ws))
-        pending = [c for c in live_claims if not nodes.is_ready(c)]
-        not_ready = sorted(c["metadata"]["name"] for c in pending)
-        late = sorted(
-            c["metadata"]["name"]
-            for c in pending
-            if readiness.timed_out(readiness.started_at(c), timeout_s, now)
-        )
-        if late:
-            claims_late = (
-                f"NodeClaims {', '.join(late)} not Ready after {readiness.seconds_text(timeout_s)} "
-                f"(readiness timeout of {what})"
-            )
-            conds.append(_cond("NodeClaimReady", False, readiness.REASON_NODECLAIM, claims_late))
-            if _newly(body, "NodeClaimReady", readiness.REASON_NODECLAIM):
-                out.events.append((readiness.REASON_NODECLAIM, claims_late))
-        elif not_ready:
-            conds.append(_cond("NodeClaimReady", False, "NodeClaimNotReady", f"waiting for NodeClaims {', '.join(not_ready)}"))
-        else:
-            conds.append(_cond("NodeClaimReady", True, "NodeClaimsReady", f"{len(live_claims)} NodeClaim(s) ready"))
-    count = ws.resource.count
-    resource_ok = len(observed) >= count
-    workers = [n["metadata"]["name"] for n in observed][:count]
-    msg = f"{len(observed)} of {count} node(s) ready"
-    if resource_ok:
-        conds.append(_cond("ResourceReady", True, "NodesReady", msg))
-    elif claims_late:
-        conds.append(_cond("ResourceReady", False, readiness.REASON_NODECLAIM, f"{msg}; {claims_late}"))
-    else:
-        conds.append(_cond("ResourceReady", False, "NodesNotReady", msg))
-
-    if not resource_ok or out.waiting:
-        out.waiting = out.waiting or f"waiting for GPU nodes: {msg}"
-        waiting_type = "InferenceReady" if ws.inference is not None else "JobStarted"
-        conds.append(_cond(waiting_type, False, "Pending", out.waiting))
-        conds.append(_cond("WorkspaceSucceeded", False, "Pending", out.waiting))
+        claims_late = await _nodeclaim_condition(api, body, ws, deadline, conds, out)
+    workers = [n["metadata"]["name"] for n in observed][: ws.resource.count]
+    if not _resource_condition(ws, len(observed), claims_late, conds) or out.waiting:
+        _waiting_conditions(ws, len(observed), conds, out)
         out.conditions_changed = await write_status(api, body, conds, workers)
         return out
-
     live: dict[str, dict[str, Any]] = {}
     for obj in desired:
         if obj["kind"] != "NodeClaim":
             live[obj["kind"]] = await apply(api, obj, out)
     if ws.inference is not None:
-        workload = live.get("StatefulSet") or live.get("Deployment")
-        ready = render_inference.workload_ready(workload, count)
-        if ready:
-            msg = "inference pods are ready"
-            conds.append(_cond("InferenceReady", True, "InferenceReady", msg))
-            conds.append(_cond("WorkspaceSucceeded", True, "WorkspaceReady", msg))
-        elif readiness.timed_out(readiness.started_at(workload), timeout_s, now):
-            # Still reconciled after this (the handler keeps retrying, the timer and pod
-            # events re-check), so pods that become ready later flip the conditions to True.
-            have = int(((workload or {}).get("status") or {}).get("readyReplicas") or 0)
-            msg = (
-                f"{(workload or {}).get('kind', 'workload')} {ws.name}: {have}/{count} replicas ready after "
-                f"{readiness.seconds_text(timeout_s)} (readiness timeout of {what})"
-            )
-            conds.append(_cond("InferenceReady", False, readiness.REASON_INFERENCE, msg))
-            conds.append(_cond("WorkspaceSucceeded", False, readiness.REASON_INFERENCE, msg))
-            if _newly(body, "InferenceReady", readiness.REASON_INFERENCE):
-                out.events.append((readiness.REASON_INFERENCE, msg))
-        else:
-            msg = "waiting for the inference pods to be ready"
-            conds.append(_cond("InferenceReady", False, "InferencePending", msg))
-            conds.append(_cond("WorkspaceSucceeded", False, "Pending", msg))
-        out.done = ready
-        if not ready:
-            out.waiting = msg
+        _inference_conditions(body, ws, live, deadline, conds, out)
     else:
-        conds.append(_cond("JobStarted", True, "JobCreated", f"tuning Job {ws.name} created"))
-        state, msg = render_tuning.job_state(live.get("Job"))
-        reason = {True: "TuningSucceeded", False: "TuningFailed", None: "TuningRunning"}[state]
-        conds.append(_cond("WorkspaceSucceeded", bool(state) if state is not None else False, reason, msg))
-        out.done = state is not None
-        if state is None:
-            out.waiting = msg
+        _tuning_conditions(ws, live, conds, out)
     out.conditions_changed = await write_status(api, body, conds, workers)
     return out
+
+
+async def _missing_config(api: KubeAPI, ws: schema.Workspace) -> str | None:
+    """What the pass waits for when a named ConfigMap is missing; raises WorkspaceInvalid on a bad one."""
+    if ws.tuning is not None and ws.tuning.config:
+        text = await _user_configmap(api, ws, ws.tuning.config, render_tuning.CONFIG_KEY)
+        if text is None:
+            return f"tuning.config: ConfigMap {ws.tuning.config!r} not found in {ws.namespace}"
+        errs = admission.check_training_config(ws.tuning.method, text)
+        if errs:
+            raise admission.WorkspaceInvalid(errs)
+    if ws.inference is not None and ws.inference.config:
+        if await api.get("ConfigMap", ws.namespace, ws.inference.config) is None:
+            return f"inference.config: ConfigMap {ws.inference.config!r} not found in {ws.namespace}"
+    return None
+
+
+async def _report_invalid(api: KubeAPI, body: dict[str, Any], out: Outcome, message: str) -> Outcome:
+    out.invalid = message
+    conds = [_cond("WorkspaceSucceeded", False, "InvalidWorkspace", message)]
+    if body.get("inference") is not None:
+        conds.append(_cond("InferenceReady", False, "InvalidWorkspace", message))
+    out.conditions_changed = await write_status(api, body, conds)
+    return out
+
+
+async def _pin_immutable(api: KubeAPI, body: dict[str, Any]) -> None:
+    # Pin the immutable fields once, so every later pass (timers, child events), not only
+    # Kopf's update handler, can refuse a change. Kopf ignores kaito.sh/ annotations.
+    meta = body["metadata"]
+    patch = {"metadata": {"annotations": {ANN_PINNED: json.dumps(_immutable(body), sort_keys=True)}}}
+    await api.patch("Workspace", meta.get("namespace"), meta["name"], patch)
+
+
+def _deadline(ws: schema.Workspace, settings: OperatorSettings) -> _Deadline:
+    preset = _preset_of(ws)
+    what = f"preset {preset.name}" if preset is not None else "the workspace"
+    return _Deadline(readiness.timeout_for(preset, settings), what, readiness.utcnow())
+
+
+async def _nodeclaim_condition(
+    api: KubeAPI,
+    body: dict[str, Any],
+    ws: schema.Workspace,
+    deadline: _Deadline,
+    conds: list[dict[str, Any]],
+    out: Outcome,
+) -> str:
+    """Append NodeClaimReady; return the timeout message when some claims are late ("" otherwise)."""
+    live_claims = await api.list("NodeClaim", None, render.child_labels(ws))
+    pending = [c for c in live_claims if not nodes.is_ready(c)]
+    late = sorted(
+        c["metadata"]["name"]
+        for c in pending
+        if readiness.timed_out(readiness.started_at(c), deadline.timeout_s, deadline.now)
+    )
+    if late:
+        message = (
+            f"NodeClaims {', '.join(late)} not Ready after {readiness.seconds_text(deadline.timeout_s)} "
+            f"(readiness timeout of {deadline.what})"
+        )
+        conds.append(_cond("NodeClaimReady", False, readiness.REASON_NODECLAIM, message))
+        if _newly(body, "NodeClaimReady", readiness.REASON_NODECLAIM):
+            out.events.append((readiness.REASON_NODECLAIM, message))
+        return message
+    if pending:
+        waiting = ", ".join(sorted(c["metadata"]["name"] for c in pending))
+        conds.append(_cond("NodeClaimReady", False, "NodeClaimNotReady", f"waiting for NodeClaims {waiting}"))
+    else:
+        conds.append(_cond("NodeClaimReady", True, "NodeClaimsReady", f"{len(live_claims)} NodeClaim(s) ready"))
+    return ""
+
+
+def _resource_condition(ws: schema.Workspace, ready: int, claims_late: str, conds: list[dict[str, Any]]) -> bool:
+    """Append ResourceReady; True when enough matching nodes are Ready."""
+    count = ws.resource.count
+    msg = f"{ready} of {count} node(s) ready"
+    if ready >= count:
+        conds.append(_cond("ResourceReady", True, "NodesReady", msg))
+        return True
+    if claims_late:
+        conds.append(_cond("ResourceReady", False, readiness.REASON_NODECLAIM, f"{msg}; {claims_late}"))
+    else:
+        conds.append(_cond("ResourceReady", False, "NodesNotReady", msg))
+    return False
+
+
+def _waiting_conditions(ws: schema.Workspace, ready: int, conds: list[dict[str, Any]], out: Outcome) -> None:
+    """Before the workload is applied: say what the pass waits for (a ConfigMap, or the nodes)."""
+    out.waiting = out.waiting or f"waiting for GPU nodes: {ready} of {ws.resource.count} node(s) ready"
+    waiting_type = "InferenceReady" if ws.inference is not None else "JobStarted"
+    conds.append(_cond(waiting_type, False, "Pending", out.waiting))
+    conds.append(_cond("WorkspaceSucceeded", False, "Pending", out.waiting))
+
+
+def _inference_conditions(
+    body: dict[str, Any],
+    ws: schema.Workspace,
+    live: dict[str, dict[str, Any]],
+    deadline: _Deadline,
+    conds: list[dict[str, Any]],
+    out: Outcome,
+) -> None:
+    workload = live.get("StatefulSet") or live.get("Deployment")
+    count = ws.resource.count
+    ready = render_inference.workload_ready(workload, count)
+    if ready:
+        msg = "inference pods are ready"
+        conds.append(_cond("InferenceReady", True, "InferenceReady", msg))
+        conds.append(_cond("WorkspaceSucceeded", True, "WorkspaceReady", msg))
+    elif readiness.timed_out(readiness.started_at(workload), deadline.timeout_s, deadline.now):
+        # Still reconciled after this (the handler keeps retrying, the timer and pod
+        # events re-check), so pods that become ready later flip the conditions to True.
+        have = int(((workload or {}).get("status") or {}).get("readyReplicas") or 0)
+        msg = (
+            f"{(workload or {}).get('kind', 'workload')} {ws.name}: {have}/{count} replicas ready after "
+            f"{readiness.seconds_text(deadline.timeout_s)} (readiness timeout of {deadline.what})"
+        )
+        conds.append(_cond("InferenceReady", False, readiness.REASON_INFERENCE, msg))
+        conds.append(_cond("WorkspaceSucceeded", False, readiness.REASON_INFERENCE, msg))
+        if _newly(body, "InferenceReady", readiness.REASON_INFERENCE):
+            out.events.append((readiness.REASON_INFERENCE, msg))
+    else:
+        msg = "waiting for the inference pods to be ready"
+        conds.append(_cond("InferenceReady", False, "InferencePending", msg))
+        conds.append(_cond("WorkspaceSucceeded", False, "Pending", msg))
+    out.done = ready
+    if not ready:
+        out.waiting = msg
+
+
+def _tuning_conditions(
+    ws: schema.Workspace, live: dict[str, dict[str, Any]], conds: list[dict[str, Any]], out: Outcome
+) -> None:
+    conds.append(_cond("JobStarted", True, "JobCreated", f"tuning Job {ws.name} created"))
+    state, msg = render_tuning.job_state(live.get("Job"))
+    reason = {True: "TuningSucceeded", False: "TuningFailed", None: "TuningRunning"}[state]
+    conds.append(_cond("WorkspaceSucceeded", bool(state), reason, msg))
+    out.done = state is not None
+    if state is None:
+        out.waiting = msg
 
 
 async def finalize(api: KubeAPI, body: dict[str, Any]) -> int:

@@ -86,6 +86,25 @@ def _adapter_parts(
     return inits, env, volumes
 
 
+def _launch(
+    ws: schema.Workspace, spec: schema.PresetSpec, preset: PresetSpec, gpus: int, sts_name: str | None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """(command, extra env) of the runtime container: torchrun across the StatefulSet's pods, or python."""
+    if sts_name is None:
+        return ["python", *runtime_args(spec, preset)], []
+    command = [
+        "torchrun",
+        "--nnodes", str(ws.resource.count),
+        "--nproc-per-node", str(gpus),
+        "--node-rank", "$(POD_INDEX)",
+        "--master-addr", f"{sts_name}-0.{sts_name}-headless",
+        "--master-port", str(MASTER_PORT),
+        *runtime_args(spec, preset),
+    ]  # fmt: skip
+    env = [{"name": "POD_INDEX", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}}]
+    return command, env
+
+
 def _pod_template(
     ws: schema.Workspace, settings: OperatorSettings, preset: PresetSpec, distributed: bool, sts_name: str
 ) -> dict[str, Any]:
@@ -95,23 +114,7 @@ def _pod_template(
     adapter_inits, adapter_env, adapter_vols = _adapter_parts(ws, settings)
     w_inits, w_vols, w_mounts = r.weights_init(spec, preset, settings)
     shm_vol, shm_mount = r.shm_volume()
-    if distributed:
-        headless = f"{sts_name}-headless"
-        command = [
-            "torchrun",
-            "--nnodes", str(ws.resource.count),
-            "--nproc-per-node", str(gpus),
-            "--node-rank", "$(POD_INDEX)",
-            "--master-addr", f"{sts_name}-0.{headless}",
-            "--master-port", str(MASTER_PORT),
-            *runtime_args(spec, preset),
-        ]
-        extra_env = [
-            {"name": "POD_INDEX", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}}
-        ]
-    else:
-        command = ["python", *runtime_args(spec, preset)]
-        extra_env = []
+    command, extra_env = _launch(ws, spec, preset, gpus, sts_name if distributed else None)
     probe = {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": 10}
     container: dict[str, Any] = {
         "name": ws.name[:63],
@@ -198,26 +201,9 @@ def _service(ws: schema.Workspace, distributed: bool) -> dict[str, Any]:
     }
 
 
-def render_inference(
-    ws: schema.Workspace, settings: OperatorSettings, preset: PresetSpec | None
-) -> list[dict[str, Any]]:
-    assert ws.inference is not None
+def _workloads(ws: schema.Workspace, template: dict[str, Any], distributed: bool) -> list[dict[str, Any]]:
+    """A StatefulSet and its headless Service (torchrun across nodes), or a Deployment of replicas."""
     objs: list[dict[str, Any]] = []
-    if ws.inference.template is not None:
-        return [_service(ws, False), _template_workload(ws)]
-    assert preset is not None
-    if not ws.inference.config:
-        objs.append(
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": r.child_meta(ws, config_map_name(ws)),
-                "data": {CONFIG_KEY: default_config_text()},
-            }
-        )
-    distributed = is_distributed(ws, preset)
-    objs.append(_service(ws, distributed))
-    template = _pod_template(ws, settings, preset, distributed, ws.name)
     selector = {"matchLabels": r.child_labels(ws)}
     if distributed:
         headless = f"{ws.name}-headless"
@@ -263,6 +249,29 @@ def render_inference(
                 },
             }
         )
+    return objs
+
+
+def render_inference(
+    ws: schema.Workspace, settings: OperatorSettings, preset: PresetSpec | None
+) -> list[dict[str, Any]]:
+    assert ws.inference is not None
+    objs: list[dict[str, Any]] = []
+    if ws.inference.template is not None:
+        return [_service(ws, False), _template_workload(ws)]
+    assert preset is not None
+    if not ws.inference.config:
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": r.child_meta(ws, config_map_name(ws)),
+                "data": {CONFIG_KEY: default_config_text()},
+            }
+        )
+    distributed = is_distributed(ws, preset)
+    objs.append(_service(ws, distributed))
+    objs += _workloads(ws, _pod_template(ws, settings, preset, distributed, ws.name), distributed)
     return objs
 
 

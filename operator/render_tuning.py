@@ -81,19 +81,12 @@ def _trainer_command(ws: schema.Workspace, preset: PresetSpec) -> list[str]:
     return cmd
 
 
-def render_tuning(ws: schema.Workspace, settings: OperatorSettings, preset: PresetSpec) -> list[dict[str, Any]]:
+def _job_storage(
+    ws: schema.Workspace, settings: OperatorSettings, preset: PresetSpec
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(init containers, volumes, trainer mounts): weights, data, config, results and the push secret."""
     tuning = ws.tuning
     assert tuning is not None
-    objs: list[dict[str, Any]] = []
-    if not tuning.config:
-        objs.append(
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": r.child_meta(ws, config_map_name(ws)),
-                "data": {CONFIG_KEY: default_training_config(tuning.method)},
-            }
-        )
     data_inits, data_vols = _data_init(ws, settings)
     w_inits, w_vols, w_mounts = r.weights_init(tuning.preset, preset, settings)
     shm_vol, shm_mount = r.shm_volume()
@@ -118,6 +111,23 @@ def render_tuning(ws: schema.Workspace, settings: OperatorSettings, preset: Pres
     if out.image and out.image_push_secret:
         volumes.append(_docker_secret_volume("push-secret", out.image_push_secret))
         mounts.append({"name": "push-secret", "mountPath": contract.DOCKER_CONFIG_DIR, "readOnly": True})
+    return w_inits + data_inits, volumes, mounts
+
+
+def render_tuning(ws: schema.Workspace, settings: OperatorSettings, preset: PresetSpec) -> list[dict[str, Any]]:
+    tuning = ws.tuning
+    assert tuning is not None
+    objs: list[dict[str, Any]] = []
+    if not tuning.config:
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": r.child_meta(ws, config_map_name(ws)),
+                "data": {CONFIG_KEY: default_training_config(tuning.method)},
+            }
+        )
+    inits, volumes, mounts = _job_storage(ws, settings, preset)
     trainer = {
         "name": "trainer",
         "image": r.preset_image(tuning.preset, preset, settings),
@@ -129,7 +139,7 @@ def render_tuning(ws: schema.Workspace, settings: OperatorSettings, preset: Pres
         "restartPolicy": "Never",
         "affinity": r.affinity(ws),
         "tolerations": [dict(t) for t in r.TOLERATIONS],
-        "initContainers": w_inits + data_inits,
+        "initContainers": inits,
         "containers": [trainer],
         "volumes": volumes,
     }

@@ -30,10 +30,11 @@ ANN_ENABLE_LB = "kaito.sh/enablelb"
 LABEL_WORKSPACE = "kaito.sh/workspace"
 LABEL_WORKSPACE_NS = "kaito.sh/workspacenamespace"
 
-# Nodes one Workspace may ask for: every node joins one Service (and, for multi-node
-# presets, one torchrun job); larger fleets are several Workspaces. The bound also keeps a
-# typo (count: 5000) from rendering thousands of NodeClaims.
-MAX_NODES = 64
+# The CRD's hard cap on resource.count, so the API server refuses a typo (count: 1000000)
+# before any admission or rendering. It is deliberately generous: admission applies the
+# precise bound of each preset on each SKU (`kaito.presets.skus.count_range`: the nodes a
+# distributed preset needs, or 1 to KAITO_MAX_REPLICAS replicas) with its own message.
+MAX_NODES = 1000
 
 
 class _Model(BaseModel):
@@ -58,7 +59,15 @@ class LabelSelector(_Model):
 
 
 class ResourceSpec(_Model):
-    count: int = Field(1, ge=1, le=MAX_NODES, description=f"Number of GPU nodes (default 1, at most {MAX_NODES}).")
+    count: int = Field(
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description=(
+            f"Number of GPU nodes (default 1, hard cap {MAX_NODES}): the nodes a distributed preset needs on "
+            "the instance type, else the replica count (at most the operator's KAITO_MAX_REPLICAS)."
+        ),
+    )
     instance_type: str = Field(
         "Standard_NC24ads_A100_v4", description="Cloud GPU SKU of the nodes, e.g. Standard_NC6s_v3."
     )

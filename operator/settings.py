@@ -1,16 +1,29 @@
-"""Operator settings: a plain dataclass, read from KAITO_* environment variables.
+"""Operator settings: a frozen dataclass, read from KAITO_* environment variables by pydantic-settings.
 
-Built by `kaito operator run` (from the environment the Deployment sets) and
-by tests and the benchmark directly; passed to the renderers and handlers.
+Built by `kaito operator run` and `kaito operator render` (from the environment
+the Deployment sets, through `from_env`) and by tests and the benchmark
+directly; passed to the renderers, admission, the handlers and the API client.
+Each field `x` is the variable `KAITO_X`; an invalid value is one line naming
+the variable (`InvalidInput`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, fields
+from typing import Annotated, Any, Mapping, get_type_hints
 
-from kaito.presets.version import KAITO_VERSION
+from pydantic import Field, ValidationError, create_model
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
+
+from kaito.presets.errors import InvalidInput
 from kaito.presets.images import base_image
+from kaito.presets.skus import DEFAULT_MAX_REPLICAS
+from kaito.presets.version import KAITO_VERSION
+
+ENV_PREFIX = "KAITO_"
 
 DEFAULT_REGISTRY = "mcr.microsoft.com/aks/kaito"
 
@@ -52,17 +65,20 @@ class OperatorSettings:
     node_pool: str = "kaito"
     """Value of the karpenter.sh/nodepool label and requirement on NodeClaims."""
 
-    resync_seconds: float = 30.0
+    max_replicas: Annotated[int, Field(ge=1)] = DEFAULT_MAX_REPLICAS
+    """Most replicas (nodes) a Workspace of a single-node preset may ask for; admission refuses more."""
+
+    resync_seconds: Annotated[float, Field(gt=0)] = 30.0
     """Period of the status re-check timer on every Workspace."""
 
-    retry_seconds: float = 10.0
+    retry_seconds: Annotated[float, Field(gt=0)] = 10.0
     """Delay before a handler that waits (nodes, pods, job) runs again."""
 
     readiness_timeout_override_seconds: float | None = None
     """Seconds to wait for pods and NodeClaims to be ready, instead of each preset's
     readiness timeout (30 min by default); for tests and drills only, None in production."""
 
-    webhook_port: int = 8443
+    webhook_port: Annotated[int, Field(ge=0, le=65535)] = 8443
     """Port of the validating webhook server (0: no webhook)."""
 
     webhook_cert_dir: str | None = "/certs"
@@ -70,6 +86,15 @@ class OperatorSettings:
 
     webhook_host: str | None = None
     """Host name the webhook listens for; None: all addresses."""
+
+    api_connect_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    """Seconds the API client waits to connect to the Kubernetes API server."""
+
+    api_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    """Seconds one Kubernetes API request may take in all (before a retry)."""
+
+    api_attempts: Annotated[int, Field(ge=1)] = 5
+    """Tries of one API request on 429, 5xx and dropped connections (the first included)."""
 
     @property
     def puller(self) -> str:
@@ -80,24 +105,42 @@ class OperatorSettings:
         return base_image(self.registry, self.version)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
-        """Read KAITO_<FIELD> variables (e.g. KAITO_REGISTRY, KAITO_BRING_YOUR_OWN_NODES=true)."""
-        env = os.environ if environ is None else environ
-        kwargs: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(f"KAITO_{f.name.upper()}")
-            if raw is None:
-                continue
-            default = f.default
-            if f.name == "readiness_timeout_override_seconds":
-                kwargs[f.name] = float(raw) if raw.strip() else None
-            elif isinstance(default, bool):
-                kwargs[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int):
-                kwargs[f.name] = int(raw)
-            elif isinstance(default, float):
-                kwargs[f.name] = float(raw)
-            else:
-                kwargs[f.name] = raw or None
-        return cls(**kwargs)
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Read KAITO_<FIELD> variables (e.g. KAITO_REGISTRY, KAITO_BRING_YOUR_OWN_NODES=true).
 
+        An empty value means None for the optional fields (KAITO_WEBHOOK_CERT_DIR= : plain HTTP).
+        """
+        env = os.environ if environ is None else environ
+        model = _env_model()
+
+        class _Read(model):  # type: ignore[misc,valid-type]
+            @classmethod
+            def settings_customise_sources(cls, settings_cls: Any, *_: Any, **__: Any) -> tuple[Any, ...]:
+                source = EnvSettingsSource(settings_cls)
+                source.env_vars = parse_env_vars(
+                    env, source.case_sensitive, source.env_ignore_empty, source.env_parse_none_str
+                )
+                return (source,)
+
+        try:
+            read = _Read()
+        except ValidationError as e:
+            raise InvalidInput("; ".join(_env_problem(err) for err in e.errors())) from None
+        return cls(**{name: getattr(read, name) for name in read.model_fields_set})
+
+
+class _EnvBase(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_parse_none_str="", extra="ignore")
+
+
+@functools.lru_cache(maxsize=1)
+def _env_model() -> type[BaseSettings]:
+    """A pydantic-settings model with the dataclass's fields, types, constraints and defaults."""
+    hints = get_type_hints(OperatorSettings, include_extras=True)
+    spec: dict[str, Any] = {f.name: (hints[f.name], f.default) for f in fields(OperatorSettings)}
+    return create_model("OperatorEnv", __base__=_EnvBase, **spec)
+
+
+def _env_problem(err: Any) -> str:
+    name = ENV_PREFIX + "_".join(str(part) for part in err["loc"][:1]).upper()
+    return f"{name}={err.get('input')!r}: {err['msg']}"

@@ -7,6 +7,7 @@ rendering (GPU requests per node). Tables live in `sku_tables/*.yaml`.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -73,8 +74,14 @@ class FitResult:
         return self.ok
 
 
+def _model_nodes(preset: PresetSpec, count: int) -> int:
+    """Nodes one copy of the model spans: all of them when distributed, else one per replica."""
+    return count if preset.supports_distributed_inference else 1
+
+
 def _check(preset: PresetSpec, sku: GPUSku, count: int) -> Optional[tuple[str, str]]:
     need = preset.gpu
+    count = _model_nodes(preset, count)
     have_gpus = count * sku.gpus
     if have_gpus < need.gpu_count:
         return (
@@ -104,7 +111,11 @@ def fitting_skus(preset: PresetSpec, count: int = 1) -> list[GPUSku]:
 
 
 def fit(preset: PresetSpec, instance_type: Union[str, GPUSku], count: int = 1) -> FitResult:
-    """Apply Kaito's three rules: GPU count, per-GPU memory, total GPU memory."""
+    """Apply Kaito's three rules: GPU count, per-GPU memory, total GPU memory.
+
+    For a preset without distributed inference, `count` nodes are that many
+    replicas, each holding the whole model: the rules apply to one node.
+    """
     if count < 1:
         raise InvalidInput(f"count must be at least 1, got {count}")
     sku = instance_type if isinstance(instance_type, GPUSku) else get_sku(instance_type)
@@ -123,3 +134,95 @@ def smallest_fit(preset: PresetSpec, cloud: Optional[str] = "azure") -> GPUSku:
     if not fits:
         raise InvalidInput(f"no single {cloud or ''} SKU fits {preset.name}; use several nodes (count > 1)")
     return fits[0]
+
+
+# Replicas of a single-node preset one Workspace may ask for, unless the operator's
+# KAITO_MAX_REPLICAS says otherwise: each replica is a GPU node (a NodeClaim).
+DEFAULT_MAX_REPLICAS = 16
+
+
+def nodes_needed(preset: PresetSpec, sku: GPUSku) -> int:
+    """Nodes of `sku` one copy of the model needs, by total GPU memory and by GPU count."""
+    need = preset.gpu
+    by_memory = math.ceil(need.total_gpu_memory_gib / sku.gpu_memory_gib)
+    by_gpus = math.ceil(need.gpu_count / sku.gpus)
+    return max(1, by_memory, by_gpus)
+
+
+@dataclass(frozen=True)
+class CountRange:
+    """The `resource.count` values a preset can use on a SKU, and why the bounds are what they are."""
+
+    minimum: int
+    maximum: int
+    why: str
+
+    def text(self) -> str:
+        if self.minimum == self.maximum:
+            return f"exactly {self.minimum}"
+        return f"{self.minimum} to {self.maximum}"
+
+
+def _needs(preset: PresetSpec, sku: GPUSku) -> str:
+    need = preset.gpu
+    return (
+        f"{preset.name} needs {need.total_gpu_memory_gib:g} GiB of GPU memory on {need.gpu_count} GPU(s), "
+        f"{sku.name} has {sku.gpu_memory_gib:g} GiB on {sku.gpus} GPU(s) per node"
+    )
+
+
+def count_range(preset: PresetSpec, sku: GPUSku, max_replicas: int = DEFAULT_MAX_REPLICAS) -> CountRange:
+    """Node counts `preset` can use on `sku`; raise InvalidInput when no count can (the SKU is wrong).
+
+    The one rule for the admission webhook, the reconcile handler and
+    `kaito operator render`. A distributed preset runs one copy of the model
+    split by pipeline stages over every node (a torchrun StatefulSet), so it
+    needs exactly the nodes its memory and GPU count take on this SKU: fewer
+    cannot hold it, and more would only add a network hop per stage to every
+    token while their GPUs hold layers another node could have held (for more
+    throughput, run more Workspaces). Any other preset runs whole on each node:
+    `count` is its replica count, from 1 to the operator's `max_replicas`.
+    """
+    per_gpu = preset.gpu.per_gpu_memory_gib
+    if sku.per_gpu_memory_gib < per_gpu:
+        raise InvalidInput(
+            f"{sku.name} has {sku.per_gpu_memory_gib:g} GiB per GPU, {preset.name} needs {per_gpu:g} GiB per GPU"
+            f"{_alternatives(preset, sku)}"
+        )
+    needed = nodes_needed(preset, sku)
+    if preset.supports_distributed_inference:
+        return CountRange(
+            needed,
+            needed,
+            f"{_needs(preset, sku)}, so one copy split by pipeline stages takes {needed} node(s); "
+            "more nodes would only add network hops (run more Workspaces for more throughput)",
+        )
+    if needed > 1:
+        raise InvalidInput(
+            f"{_needs(preset, sku)}, and {preset.name} runs whole on each node (no distributed inference)"
+            f"{_alternatives(preset, sku)}"
+        )
+    return CountRange(
+        1,
+        max_replicas,
+        f"{preset.name} runs whole on each node, so count is its replica count, "
+        f"at most the operator's KAITO_MAX_REPLICAS ({max_replicas})",
+    )
+
+
+def count_problem(
+    preset: PresetSpec, sku: GPUSku, count: int, max_replicas: int = DEFAULT_MAX_REPLICAS
+) -> Optional[str]:
+    """Why `count` nodes of `sku` do not suit `preset` (None when they do); see `count_range`."""
+    allowed = count_range(preset, sku, max_replicas)
+    if allowed.minimum <= count <= allowed.maximum:
+        return None
+    side = "too few" if count < allowed.minimum else "too many"
+    return (
+        f"{count} is {side} for preset {preset.name} on {sku.name}: allowed {allowed.text()}; {allowed.why}"
+    )
+
+
+def _alternatives(preset: PresetSpec, sku: GPUSku) -> str:
+    alts = [s.name for s in fitting_skus(preset, 1) if s.cloud == sku.cloud][:5]
+    return f"; {sku.cloud} SKUs that hold it on one node: {', '.join(alts)}" if alts else ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from enum import Enum
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +30,27 @@ class AccessMode(str, Enum):
 class TuningMethod(str, Enum):
     lora = "lora"
     qlora = "qlora"
+
+
+def quantization_problem(method: str, quant: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """Kaito's rule on a training config's QuantizationConfig; None when it holds.
+
+    lora must not quantize, qlora must (4-bit or 8-bit, not both). The one home of
+    the rule: the operator's admission (a user's tuning ConfigMap) and the tuning
+    job's config parser both call it. The message names the config field.
+    """
+    four, eight = bool((quant or {}).get("load_in_4bit")), bool((quant or {}).get("load_in_8bit"))
+    if method == TuningMethod.lora.value and (four or eight):
+        field = "load_in_4bit" if four else "load_in_8bit"
+        return (
+            f"training_config.QuantizationConfig.{field} is true but method is lora: LoRA must not quantize; "
+            "remove QuantizationConfig or use method qlora"
+        )
+    if method == TuningMethod.qlora.value and not (four or eight):
+        return "training_config.QuantizationConfig.load_in_4bit (or load_in_8bit) must be true for method qlora"
+    if four and eight:
+        return "training_config.QuantizationConfig: set only one of load_in_4bit and load_in_8bit"
+    return None
 
 
 class GPURequirements(BaseModel):

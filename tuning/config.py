@@ -27,7 +27,8 @@ from typing import Any, Optional, Union
 
 import yaml
 from kaito.presets import contract
-from kaito.presets.errors import InvalidInput
+from kaito.presets.errors import InvalidInput, validation_problem
+from kaito.presets.spec import quantization_problem
 from kaito.tuning.compat import SFT_FIELDS, take_kaito_fields
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -211,14 +212,16 @@ def parse_config(source: Union[str, Path, dict], *, method: str, results_root: U
                     ", ".join(kaito.ignored))
 
     quant = sec["QuantizationConfig"] if "QuantizationConfig" in body else None
-    _check_quantization(method, quant)
+    problem = quantization_problem(method, quant)
+    if problem:
+        raise InvalidInput(problem)
     try:
         dataset = DatasetConfig(**_merge_dataset(sec["DatasetConfig"], kaito.dataset))
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         where = kaito.dataset[loc][0] if loc in kaito.dataset else f"DatasetConfig.{loc}"  # the name the user wrote
-        raise InvalidInput(f"training_config.{where}: {err['msg']}") from None
+        raise InvalidInput(validation_problem({**err, "loc": ("training_config", *where.split("."))})) from None
     out = resolve_output_dir(sec["TrainingArguments"].get("output_dir"), Path(results_root))
     return TuningConfig(
         method=method,
@@ -234,23 +237,6 @@ def parse_config(source: Union[str, Path, dict], *, method: str, results_root: U
         pad_token=kaito.pad_token,
         ignored=kaito.ignored,
     )
-
-
-def _check_quantization(method: str, quant: Optional[dict]) -> None:
-    """Kaito's rule: lora must not quantize, qlora must (4-bit or 8-bit, not both)."""
-    four, eight = bool((quant or {}).get("load_in_4bit")), bool((quant or {}).get("load_in_8bit"))
-    if method == "lora" and (four or eight):
-        field = "load_in_4bit" if four else "load_in_8bit"
-        raise InvalidInput(
-            f"training_config.QuantizationConfig.{field} is true but method is lora: LoRA must not quantize; "
-            "remove QuantizationConfig or use method qlora"
-        )
-    if method == "qlora" and not (four or eight):
-        raise InvalidInput(
-            "training_config.QuantizationConfig.load_in_4bit (or load_in_8bit) must be true for method qlora"
-        )
-    if four and eight:
-        raise InvalidInput("training_config.QuantizationConfig: set only one of load_in_4bit and load_in_8bit")
 
 
 def _merge_dataset(given: dict, from_training: dict[str, tuple[str, Any]]) -> dict:

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from kaito.operator import admission
 from kaito.operator.render_tuning import default_training_config
+from kaito.presets import get_preset
+from yaml import safe_dump as yaml_dump
 from op_harness import example_files, load_example
 
 INF = "workspace-phi-3-mini.yaml"
@@ -92,9 +94,11 @@ CASES = [
     (INF, _set("inference.preset.presetOptions", {"image": "Not A Ref"}), "inference.preset.presetOptions.image",
      "repository"),
     (INF, _set("inference.config", "My Config"), "inference.config", "DNS-1123"),
-    # count: bounded before anything is rendered.
-    (INF, _set("resource.count", 5000), "resource.count", "at most 64"),
-    (INF, _set("resource.count", 1_000_000), "resource.count", "at most 64"),
+    # count: bounded before anything is rendered (the schema's hard cap, then the preset/SKU rule).
+    (INF, _set("resource.count", 5000), "resource.count", "hard cap of 1000"),
+    (INF, _set("resource.count", 1_000_000), "resource.count", "hard cap of 1000"),
+    (INF, _set("resource.count", 17), "resource.count",
+     "17 is too many for preset phi-3-mini-4k-instruct on Standard_NC6s_v3: allowed 1 to 16"),
     # Gated presets need the token Secret; the others must not name one.
     (INF, _set("inference.preset", {"name": "meta-llama/Llama-3.1-8B-Instruct"}),
      "inference.preset.presetOptions.modelAccessSecret", "HF_TOKEN"),
@@ -116,9 +120,92 @@ def test_gpu_fit_names_rule_and_bypass_annotation_skips_it() -> None:
     body = load_example(INF)
     body["inference"]["preset"]["name"] = "falcon-40b"
     errors = _errors(body)
-    assert any(e.startswith("resource.instanceType/count") and "falcon-40b" in e for e in errors), errors
+    assert any(e.startswith("resource.count: 1 is too few") and "falcon-40b needs 90 GiB" in e
+               and "Standard_NC6s_v3 has 16 GiB" in e and "allowed exactly 6" in e for e in errors), errors
     body["metadata"]["annotations"] = {"kaito.sh/bypass-resource-checks": "True"}
     assert admission.validate(body).inference.preset.name == "falcon-40b"
+    body["resource"]["count"] = 17  # no SKU rule, but the replica cap still holds
+    assert any(e.startswith("resource.count: 17 is too many") and "KAITO_MAX_REPLICAS" in e for e in _errors(body))
+
+
+def test_single_node_preset_too_big_for_the_sku_names_the_instance_type() -> None:
+    body = load_example(INF)
+    body["inference"]["preset"]["name"] = "phi-3-medium-4k-instruct"
+    body["resource"]["count"] = 2  # two replicas of 16 GiB never hold 28 GiB each
+    errors = _errors(body)
+    assert any(e.startswith("resource.instanceType:") and "needs 28 GiB" in e and "no distributed inference" in e
+               for e in errors), errors
+
+
+# (preset, SKU, count, max_replicas, None if admitted / words of the resource.count error)
+COUNTS = [
+    ("falcon-40b", "Standard_NC24ads_A100_v4", 1, 16, "too few for preset falcon-40b on Standard_NC24ads_A100_v4: allowed exactly 2"),
+    ("falcon-40b", "Standard_NC24ads_A100_v4", 2, 16, None),
+    ("falcon-40b", "Standard_NC24ads_A100_v4", 3, 16, "too many for preset falcon-40b on Standard_NC24ads_A100_v4: allowed exactly 2"),
+    ("qwen2.5-coder-32b-instruct", "Standard_NC12s_v3", 2, 16, "allowed exactly 3"),
+    ("qwen2.5-coder-32b-instruct", "Standard_NC12s_v3", 3, 16, None),
+    ("phi-3-mini-4k-instruct", "Standard_NC6s_v3", 16, 16, None),
+    ("phi-3-mini-4k-instruct", "Standard_NC6s_v3", 17, 16, "allowed 1 to 16"),
+    ("phi-3-mini-4k-instruct", "Standard_NC6s_v3", 4, 4, None),
+    ("phi-3-mini-4k-instruct", "Standard_NC6s_v3", 5, 4, "allowed 1 to 4"),
+]
+COUNT_IDS = [f"{c[0]}-{c[1]}-{c[2]}-max{c[3]}" for c in COUNTS]
+
+
+def _count_body(preset: str, sku: str, count: int) -> dict[str, Any]:
+    body = load_example(INF)
+    body["metadata"]["name"] = "counted"
+    body["inference"]["preset"]["name"] = preset
+    body["resource"].update(instanceType=sku, count=count)
+    return body
+
+
+@pytest.mark.parametrize("preset,sku,count,cap,words", COUNTS, ids=COUNT_IDS)
+def test_count_bound_through_the_webhook(preset: str, sku: str, count: int, cap: int, words: str | None) -> None:
+    import kopf
+    from kaito.operator.handlers import validate_webhook
+
+    body = _count_body(preset, sku, count)
+    if words is None:
+        validate_webhook(body=body, old=None, operation="CREATE", max_replicas=cap)
+        return
+    with pytest.raises(kopf.AdmissionError) as info:
+        validate_webhook(body=body, old=None, operation="CREATE", max_replicas=cap)
+    assert info.value.code == 422 and str(info.value).startswith("resource.count: ") and words in str(info.value)
+
+
+@pytest.mark.parametrize("preset,sku,count,cap,words", COUNTS, ids=COUNT_IDS)
+def test_count_bound_through_operator_render(
+    tmp_path: Any, capsys: Any, monkeypatch: Any, preset: str, sku: str, count: int, cap: int, words: str | None
+) -> None:
+    import yaml
+    from kaito.presets.cli import main
+
+    monkeypatch.setenv("KAITO_MAX_REPLICAS", str(cap))
+    path = tmp_path / "ws.yaml"
+    path.write_text(yaml.safe_dump(_count_body(preset, sku, count)))
+    code = main(["operator", "render", str(path)])
+    out = capsys.readouterr()
+    if words is None:
+        assert code == 0, out.err
+        kinds = [d["kind"] for d in yaml.safe_load_all(out.out)]
+        assert kinds.count("NodeClaim") == count
+        workload = "StatefulSet" if count > 1 and get_preset(preset).supports_distributed_inference else "Deployment"
+        assert workload in kinds
+        return
+    assert code == 2 and out.out == "" and out.err.count("\n") == 1, out.err
+    assert out.err.startswith("error: ") and "resource.count: " in out.err and words in out.err, out.err
+
+
+def test_operator_setting_errors_name_the_variable(tmp_path: Any, capsys: Any, monkeypatch: Any) -> None:
+    from kaito.presets.cli import main
+
+    monkeypatch.setenv("KAITO_MAX_REPLICAS", "lots")
+    path = tmp_path / "ws.yaml"
+    path.write_text(yaml_dump(load_example(INF)))
+    assert main(["operator", "render", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "KAITO_MAX_REPLICAS='lots'" in err and "integer" in err, err
 
 
 def test_more_than_ten_adapters_and_duplicates() -> None:
@@ -174,7 +261,7 @@ def test_training_config_quantization_rule() -> None:
     assert admission.check_training_config("qlora", default_training_config("qlora")) == []
     assert admission.check_training_config("lora", default_training_config("lora")) == []
     errs = admission.check_training_config("lora", default_training_config("qlora"))
-    assert errs and "must not quantize" in errs[0]
+    assert errs and "LoRA must not quantize" in errs[0]
     errs = admission.check_training_config("qlora", default_training_config("lora"))
     assert errs and "load_in_4bit" in errs[0]
     assert "top-level" in admission.check_training_config("lora", "foo: 1")[0]

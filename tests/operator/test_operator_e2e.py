@@ -185,13 +185,23 @@ async def test_invalid_spec_ends_in_false_condition_and_event(operator_factory: 
     )
     assert "phi-3-mega" in events[0]["message"]
     assert h.objects(NC) == [] and h.obj("apps/v1/deployments", NS, name) is None
+    # The handler applies the preset/SKU count bound too (a cluster without the webhook).
+    many = load_example("workspace-phi-3-mini.yaml")
+    many["metadata"]["name"] = "too-many"
+    many["resource"]["count"] = 17
+    await h.create_workspace(many)
+    cond = await h.wait_for(lambda: h.condition(NS, "too-many", "WorkspaceSucceeded"), what="count condition")
+    assert cond["reason"] == "InvalidWorkspace" and cond["message"].startswith(
+        "resource.count: 17 is too many for preset phi-3-mini-4k-instruct on Standard_NC6s_v3: allowed 1 to 16"
+    )
+    assert h.objects(NC) == []
     # Permanent: no retry storm; the timer re-checks without writing.
     await asyncio.sleep(0.5)
     assert await _quiet_writes(h, 2.0) == []
 
 
 async def test_validating_webhook_is_served(operator_factory: Any, unused_tcp_port: int) -> None:
-    h: Harness = await operator_factory(webhook_port=unused_tcp_port)
+    h: Harness = await operator_factory(webhook_port=unused_tcp_port, max_replicas=2)
     assert h is not None
     body = load_example("workspace-tuning-phi-3.yaml")
 
@@ -231,6 +241,13 @@ async def test_validating_webhook_is_served(operator_factory: Any, unused_tcp_po
     changed["tuning"]["method"] = "lora"
     resp = await review(changed, body, "UPDATE")
     assert resp["allowed"] is False and "tuning.method: is immutable" in resp["status"]["message"]
+    # The operator's KAITO_MAX_REPLICAS reaches the webhook.
+    replicas = load_example("workspace-phi-3-mini.yaml")
+    replicas["resource"]["count"] = 2
+    assert (await review(replicas))["allowed"] is True
+    replicas["resource"]["count"] = 3
+    resp = await review(replicas)
+    assert resp["allowed"] is False and "allowed 1 to 2" in resp["status"]["message"]
 
 
 async def test_api_errors_are_retried_not_fatal(operator_factory: Any) -> None:
