@@ -103,21 +103,15 @@ def preset_weights(preset_name: str, weights_dir: Optional[Union[str, Path]] = N
     dest = _cache_dir() / "weights" / f"{spec.name}-{spec.hf_revision or spec.embedded}"
     if dest.is_dir() and any(dest.glob("*.safetensors")):
         return dest
-    try:
-        from kaito.presets.weights import materialize_weights
-    except ImportError:
-        materialize_weights = None
-    if materialize_weights is not None:
-        return Path(materialize_weights(spec, dest, overwrite=True))
-    if spec.embedded:
-        from kaito.presets import make_tiny
+    # Imported here: the hub and tiny-factory code is only needed when no weights are cached yet.
+    from kaito.presets.weights import materialize_weights
 
-        return make_tiny(dest, size=spec.embedded, overwrite=True)
-    raise KaitoError(f"building {spec.name}: no weight source available here; pass --weights DIR")
+    return materialize_weights(spec, dest, overwrite=True)
 
 
 def _split_files(d: Path) -> tuple[list[str], list[str]]:
-    weights, other = [], []
+    weights: list[str] = []
+    other: list[str] = []
     for p in sorted(d.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
             continue
@@ -188,7 +182,7 @@ def _modelpack(spec, tag: str, layers: list[Layer], annotations: dict) -> Image:
 
 def _sink_hook(ref: Reference) -> tuple[dict, list]:
     """Building into a layout writes each blob in the same pass that hashes it; returns (hook, bytes written)."""
-    if not ref.is_layout:
+    if ref.path is None:  # not a layout
         return {}, [0]
     sink, written = Layout(ref.path), [0]
 

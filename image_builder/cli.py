@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -60,15 +61,21 @@ SHARED: dict[str, tuple[Any, Any]] = {
 }
 
 
-def _rate(limit: Optional[str], field: str = "--limit-rate") -> Optional[float]:
-    if not limit:
-        return None
+def _byte_count(text: str, field: str) -> float:
+    """`text` as a byte count: a number with an optional k/m/g/t suffix (binary units), 50M or 800k."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    s = limit.strip().lower().rstrip("b").rstrip("i")
+    s = text.strip().lower().rstrip("b").rstrip("i")
     try:
-        return float(s[:-1]) * units[s[-1]] if s[-1] in units else float(s)
+        n = float(s[:-1]) * units[s[-1]] if s[-1] in units else float(s)
     except (ValueError, IndexError):
-        raise InvalidInput(f"{field} {limit!r}: use a byte count such as 50M or 800k") from None
+        n = math.nan
+    if not (math.isfinite(n) and n >= 0):  # float() also takes "-5", "nan" and "inf"
+        raise InvalidInput(f"{field} {text!r}: use a byte count such as 50M or 800k")
+    return n
+
+
+def _rate(limit: Optional[str], field: str = "--limit-rate") -> Optional[float]:
+    return _byte_count(limit, field) if limit else None
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ class Shared:
         """--limit-rate and --chunk-size as the keyword arguments of `write_image`."""
         kw: dict[str, Any] = {"rate_limit": _rate(self.limit_rate)}
         if self.chunk_size:
-            kw["chunk_size"] = int(_rate(self.chunk_size, "--chunk-size"))
+            kw["chunk_size"] = int(_byte_count(self.chunk_size, "--chunk-size"))
         return kw
 
     def emit(self, result: Any, fields: Optional[tuple[str, ...]], line: str) -> None:
@@ -130,7 +137,8 @@ def _shared(*names: str) -> Callable:
             return fn(*a, opts=Shared(**{n: kw.pop(n) for n in names}), **kw)
 
         params = own + added
-        wrapper.__signature__ = inspect.Signature(params, return_annotation=None)
+        # typer reads the options from the signature; functools.wraps' type does not declare the attribute.
+        wrapper.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
         return wrapper
 
@@ -249,7 +257,7 @@ def pull_cmd(
     from kaito.image_builder.oci.extract import ExtractLimits
     from kaito.image_builder.pull import pull
 
-    limit = int(_rate(max_bytes, "--max-bytes")) if max_bytes else None
+    limit = int(_byte_count(max_bytes, "--max-bytes")) if max_bytes else None
     limits = ExtractLimits.from_env(max_bytes=limit, max_ratio=max_ratio)
     with opts.progress() as prog:
         r = pull(

@@ -13,6 +13,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress as RichBars,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -24,7 +25,7 @@ from kaito.image_builder.oci.progress import Advance, Progress
 class _Bar:
     """Advance one bar; `resize` sets its real total (a layer's tar stream, not the file inside)."""
 
-    def __init__(self, bars: RichBars, tid: int) -> None:
+    def __init__(self, bars: RichBars, tid: TaskID) -> None:
         self.bars, self.tid = bars, tid
 
     def __call__(self, n: int) -> None:
@@ -46,7 +47,7 @@ class RichProgress(Progress):
             console=Console(stderr=True),
             transient=False,
         )
-        self.ids: dict[str, int] = {}
+        self.ids: dict[str, TaskID] = {}
         self.lock = threading.Lock()
 
     def task(self, key: str, description: str, total: int) -> Advance:

@@ -258,7 +258,7 @@ class _Pull:
         unique = list({x.digest: x for x in self.layers}.values())
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="kaito-pull") as ex:
             futures = [ex.submit(self.fetch, x) for x in unique]
-            errors = [f.exception() for f in futures if f.exception() is not None]
+            errors = [e for e in (f.exception() for f in futures) if e is not None]
         if errors:
             raise errors[0]
 

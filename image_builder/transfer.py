@@ -77,16 +77,19 @@ def read_image(ref: RefLike, conn: Connection) -> Image:
         from kaito.image_builder.oci.daemon import read_daemon_image
 
         return read_daemon_image(ref.daemon)
-    if ref.is_layout:
+    if ref.path is not None:
         return Layout(ref.path).read_image(ref.digest or ref.tag)
-    reg = conn.registry(ref.registry)
-    raw, mt = reg.get_manifest(ref.repository, ref.target)
+    host, repository = ref.registry_repository()
+    reg = conn.registry(host)
+    raw, mt = reg.get_manifest(repository, ref.target)
     m = V.parse_manifest(raw, mt)
     if isinstance(m, V.Index):
         desc = V.pick_platform(m)
-        raw, mt = reg.get_manifest(ref.repository, desc.digest)
+        raw, mt = reg.get_manifest(repository, desc.digest)
         m = V.parse_manifest(raw, mt)
-    src = RemoteRepo(reg, ref.repository)
+        if isinstance(m, V.Index):
+            raise OCIError(f"reading {ref}: the index entry {desc.digest} is itself an index; name an image manifest")
+    src = RemoteRepo(reg, repository)
     cfg = b"".join(src.open_blob(m.config.digest, m.config.size))
     return image_from_manifest(m, cfg, src)
 
@@ -126,11 +129,12 @@ def write_image(
         raise OCIError(f"writing {ref}: a destination takes a tag, not a digest")
     if ref.daemon:
         raise OCIError(f"writing {ref}: a docker daemon is a source only; push to a registry or oci:DIR")
-    if ref.is_layout:
-        return _write_layout(image, ref, progress)
+    if ref.path is not None:
+        return _write_layout(image, ref.path, ref, progress)
+    host, repository = ref.registry_repository()
     pusher = Pusher(
-        conn.registry(ref.registry),
-        ref.repository,
+        conn.registry(host),
+        repository,
         jobs=jobs,
         chunk_size=chunk_size,
         rate_limit=rate_limit,
@@ -150,13 +154,13 @@ def write_image(
     )
 
 
-def _write_layout(image: Image, ref: Reference, progress: Progress) -> PushResult:
-    """Write `image` into the OCI layout directory `ref` names, one progress task per blob."""
+def _write_layout(image: Image, path: Path, ref: Reference, progress: Progress) -> PushResult:
+    """Write `image` into the OCI layout directory `path` (the one `ref` names), one progress task per blob."""
 
     def task(b):
         return progress.task(b.digest, f"write {b.annotations.get(V.MODEL_FILEPATH, b.digest[7:19])}", b.size)
 
-    written = Layout(ref.path).write_image(image, ref.tag or "latest", task)
+    written = Layout(path).write_image(image, ref.tag or "latest", task)
     return PushResult(str(ref.with_tag(ref.tag or "latest")), image.digest, image.size, written)
 
 

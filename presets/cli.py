@@ -231,12 +231,13 @@ def invoke(typer_app: typer.Typer, argv: Optional[list[str]] = None, prog_name: 
     except typer.Abort:
         err_console.print("aborted")
         return 1
-    except Exception as e:
-        # Usage errors from typer's (vendored) click: print them as click would.
-        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
-            e.show()
-            return e.exit_code
-        raise
+    except typer.TyperException as e:
+        # Usage errors from typer's vendored click (ClickException, a TyperException): print them as click would.
+        show = getattr(e, "show", None)
+        if show is None:
+            raise
+        show()
+        return e.exit_code
     return 0
 
 

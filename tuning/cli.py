@@ -64,8 +64,8 @@ def tune(
     """Train (resuming after a kill), write the adapter, and push it when --push is given."""
     if ctx.invoked_subcommand is not None:
         return
-    missing = [f for f, v in (("--preset", preset), ("--data", data), ("--output", output)) if not v]
-    if missing:
+    if not (preset and data and output):
+        missing = [f for f, v in (("--preset", preset), ("--data", data), ("--output", output)) if not v]
         raise InvalidInput(f"kaito tune: missing {', '.join(missing)} (see kaito tune --help)")
     _logging()
     from kaito.tuning.trainer import run_tuning
@@ -96,8 +96,9 @@ def fetch_data(
     """
     from kaito.tuning.fetch import fetch_urls, image_ref, pull_image
 
-    if len(urls) == 1 and image_ref(urls[0]) and not urls[0].startswith(("http://", "https://")):
-        pull_image(image_ref(urls[0]), dest, auth_file=auth_file)
+    ref = image_ref(urls[0]) if len(urls) == 1 and not urls[0].startswith(("http://", "https://")) else None
+    if ref:
+        pull_image(ref, dest, auth_file=auth_file)
     else:
         files = fetch_urls(urls, dest, parallel=parallel, retries=retries, max_bytes=max_bytes,
                            show_progress=sys.stderr.isatty())

@@ -257,6 +257,7 @@ def tokenize(tok, ex: Example, max_len: int) -> Optional[dict[str, list[int]]]:
         text = prefix + ex.messages[-1]["content"] + (tok.eos_token or "")
         spans = [(0 if ex.loss_on_all else len(prefix), len(text))]
     else:
+        assert ex.text is not None, "an Example holds messages or text"
         text = ex.text + (tok.eos_token or "")
         spans = [(0, len(text))]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -64,7 +64,8 @@ def resolve(root: Path, rel: str) -> tuple[str, str]:
     Returns ("inside", resolved relative path), ("outside", why) for a climb above
     the root or a loop, or ("absolute", target) on meeting an absolute symlink.
     """
-    parts, stack, hops = rel.split("/"), [], 0
+    parts, hops = rel.split("/"), 0
+    stack: list[str] = []
     while parts:
         p = parts.pop(0)
         if p in ("", "."):
@@ -157,7 +158,8 @@ class _Tree:
     def __init__(self, root: Path, r: Reader, what: str, strip: str, allow_absolute: bool, budget: Budget) -> None:
         self.root, self.r, self.what, self.strip = root, r, what, strip
         self.allow_absolute, self.budget = allow_absolute, budget
-        self.safe_dirs, self.files = {""}, []
+        self.safe_dirs = {""}
+        self.files: list[str] = []
 
     def parent_of(self, rel: str) -> str:
         parent = posixpath.dirname(rel)

@@ -40,6 +40,12 @@ class Reference:
         """What to resolve: the digest when pinned, else the tag (default `latest`)."""
         return self.digest or self.tag or "latest"
 
+    def registry_repository(self) -> tuple[str, str]:
+        """(registry host, repository) of a registry reference; a layout or daemon reference has none."""
+        if self.registry is None or self.repository is None:
+            raise BadReference(f"{self}: not a registry reference (host/repository[:tag])")
+        return self.registry, self.repository
+
     def with_tag(self, tag: str) -> "Reference":
         return replace(self, tag=tag, digest=None)
 
