@@ -38,6 +38,22 @@ def atomic_file(path: os.PathLike | str, mode: str = "wb", *, fsync: bool = True
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable: without this a crash can bring back the old file, or none."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not every filesystem lets a directory be opened; the data itself is synced
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: os.PathLike | str, data: bytes, *, fsync: bool = True) -> None:

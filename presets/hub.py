@@ -2,31 +2,28 @@
 
 Called by `kaito.presets.weights.from_hub`. huggingface_hub lists the
 repository tree (file names, sizes, LFS sha256); the bytes are fetched here
-with httpx into `<cache>/<org>--<name>/<revision>/<file>.part`, so a download
-killed half way resumes with a Range request on the next run, and a file
-already complete is skipped. Each LFS file is checked against its sha256
-before it is renamed into place. The token goes only into the Authorization
-header, never into messages.
+by `kaito.presets.download` (the project's one resumable downloader) into
+`<cache>/<org>--<name>/<revision>/<file>.part`, so a download killed half way
+resumes with a Range request on the next run, and a file already complete is
+skipped. Each LFS file is checked against its sha256 before it is renamed into
+place. The token goes only into the Authorization header, never into messages.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 import os
-import time
 from pathlib import Path
 from typing import Optional
 
 import httpx
 
+from kaito.presets import download as dl
 from kaito.presets.contract import ENV_HF_TOKEN, ENV_HUB_CACHE
 from kaito.presets.errors import InvalidInput, KaitoError
+from kaito.presets.fsio import atomic_write_json
 
 COMPLETE = ".kaito-complete.json"
-CHUNK = 1 << 20
-ATTEMPTS = 5
 
 
 def default_cache() -> Path:
@@ -45,48 +42,27 @@ def _listing(repo: str, revision: str, endpoint: Optional[str], token: Optional[
     return [f for f in files if any(fnmatch.fnmatch(f.path.rsplit("/", 1)[-1], p) for p in patterns)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(CHUNK):
-            h.update(b)
-    return h.hexdigest()
+def _fetch_file(client, repo: str, revision: str, endpoint, root: Path, f, headers: dict, bar) -> None:
+    """One listed file into the cache, resumed from its `.part`; LFS files checked against their sha256."""
+    from huggingface_hub import hf_hub_url
 
-
-def _fetch(url: str, part: Path, size: int, headers: dict, bar, task) -> None:
-    """Append the missing tail of `url` to `part`, retrying transport errors with backoff."""
-    for attempt in range(ATTEMPTS):
-        have = part.stat().st_size if part.exists() else 0
-        if have > size:
-            part.unlink()
-            have = 0
-        if have == size:
-            return
-        h = dict(headers)
-        if have:
-            h["Range"] = f"bytes={have}-"
-        try:
-            with httpx.stream("GET", url, headers=h, follow_redirects=True, timeout=60) as r:
-                if r.status_code == 200 and have:  # the server ignored Range: start over
-                    part.unlink()
-                    have = 0
-                elif r.status_code not in (200, 206):
-                    raise KaitoError(f"HTTP {r.status_code} {r.reason_phrase}")
-                if bar is not None:
-                    bar.update(task, completed=have)
-                with open(part, "ab") as f:
-                    # Chunks as they arrive (not re-buffered to CHUNK): what was received is on disk
-                    # when the process is killed, so the next run's Range starts there.
-                    for chunk in r.iter_bytes():
-                        f.write(chunk)
-                        if bar is not None:
-                            bar.advance(task, len(chunk))
-        except httpx.TransportError:
-            if attempt == ATTEMPTS - 1:
-                raise
-            time.sleep(min(2**attempt * 0.2, 5))
-    if part.stat().st_size != size:
-        raise KaitoError(f"got {part.stat().st_size} of {size} bytes after {ATTEMPTS} attempts")
+    dest = root / f.path
+    size = f.lfs.size if f.lfs else f.size
+    if dest.is_file() and dest.stat().st_size == size:
+        return  # finished by an earlier run
+    dest.unlink(missing_ok=True)  # a file of the wrong size is not this revision's
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    task = bar.add_task(f.path, total=size) if bar else None
+    dl.download(
+        hf_hub_url(repo, f.path, revision=revision, endpoint=endpoint),
+        dest,
+        client=client,
+        headers=headers,
+        expected_size=size,
+        sha256=f.lfs.sha256 if f.lfs else None,
+        progress=(lambda done, total: bar.update(task, completed=done)) if bar else None,
+        what=f"{f.path} of {repo}@{revision[:12]}",
+    )
 
 
 def download(
@@ -101,8 +77,6 @@ def download(
     progress: bool = True,
 ) -> Path:
     """Return a directory holding `repo` at `revision` (files matching `patterns`), downloading what is missing."""
-    from huggingface_hub import hf_hub_url
-
     root = Path(cache_dir or default_cache()) / repo.replace("/", "--") / revision
     marker = root / COMPLETE
     if marker.is_file():
@@ -123,32 +97,19 @@ def download(
 
         # Progress is not a result: stderr, so a command's stdout stays parseable.
         bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
             console=Console(stderr=True),
         )
         bar.start()
     try:
-        for f in files:
-            dest = root / f.path
-            size = f.lfs.size if f.lfs else f.size
-            if dest.is_file() and dest.stat().st_size == size:
-                continue  # finished by an earlier run
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            part = dest.with_name(dest.name + ".part")
-            task = bar.add_task(f.path, total=size) if bar else None
-            url = hf_hub_url(repo, f.path, revision=revision, endpoint=endpoint)
-            try:
-                _fetch(url, part, size, headers, bar, task)
-            except (KaitoError, httpx.HTTPError) as e:
-                raise KaitoError(f"downloading {f.path} of {repo}@{revision[:12]}: {e}") from None
-            if f.lfs and _sha256(part) != f.lfs.sha256:
-                part.unlink()
-                raise KaitoError(
-                    f"downloading {f.path} of {repo}@{revision[:12]}: sha256 mismatch, the file was discarded"
-                )
-            os.replace(part, dest)
+        with httpx.Client(follow_redirects=True, timeout=60) as client:
+            for f in files:
+                _fetch_file(client, repo, revision, endpoint, root, f, headers, bar)
     finally:
         if bar is not None:
             bar.stop()
-    marker.write_text(json.dumps(sorted(f.path for f in files)))
+    atomic_write_json(marker, sorted(f.path for f in files))
     return root

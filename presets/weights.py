@@ -5,9 +5,10 @@ weights` (which the operator's download-at-start init container runs) and
 tests. Three sources:
 
 - a local directory (a mounted volume or a previous download),
-- the Hugging Face hub at the preset's pinned revision (our own resumable
-  downloader, kaito.presets.hub: Range-resumed `.part` files in a cache,
-  sha256-checked; huggingface_hub only lists the repository),
+- the Hugging Face hub at the preset's pinned revision (kaito.presets.hub,
+  through the project's one resumable downloader kaito.presets.download:
+  Range-resumed `.part` files in a cache, sha256-checked; huggingface_hub only
+  lists the repository),
 - the tiny factory for embedded presets.
 
 Only safetensors weights are accepted: pickle-based formats (`PICKLE_SUFFIXES`:
@@ -34,7 +35,15 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """Pickle-based checkpoint formats, refused wherever weights enter (the one list)."""
 # Files a model directory needs besides weights; *.py only for trust_remote_code presets.
-HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
+HUB_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.jinja",
+    "tokenizer.model",
+    "*.txt",
+    "*.tiktoken",
+]
 
 
 def _is_pickle_weight(name: str) -> bool:

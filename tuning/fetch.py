@@ -15,19 +15,19 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 from urllib.parse import unquote, urlsplit
 
 import httpx
+from kaito.presets.download import download as presets_download
 from kaito.presets.errors import InvalidInput, KaitoError
 from kaito.presets.images import DIGEST_PATTERN
+from kaito.presets.retry import Backoff
 from kaito.presets.validate import redact
 
 DEFAULT_MAX_BYTES = 50 * 1024**3
-CHUNK = 1 << 16
 _IMAGE_REF = re.compile(rf"^[a-z0-9]+([.-][a-z0-9]+)*(:\d+)?/[a-z0-9._/-]+(:[\w.-]+|@{DIGEST_PATTERN})$")
 
 
@@ -38,10 +38,6 @@ def file_name(url: str, index: int, taken: set[str]) -> str:
         name = f"{index}-{name}"
     taken.add(name)
     return name
-
-
-def _retryable(status: int) -> bool:
-    return status in (408, 425, 429) or status >= 500
 
 
 def download(
@@ -56,52 +52,15 @@ def download(
     task=None,
 ) -> Path:
     """Download url to dest, resuming dest.part with Range; dest appears only when complete."""
-    if dest.exists():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    shown = redact(url)
-    attempt = 0
-    while True:
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            with client.stream("GET", url, headers=headers) as r:
-                if r.status_code == 416 and have:  # the part is already the whole file
-                    break
-                if r.status_code >= 400:
-                    if _retryable(r.status_code):
-                        raise httpx.TransportError(f"HTTP {r.status_code}")
-                    raise InvalidInput(f"downloading {shown}: HTTP {r.status_code}; check the URL and its access")
-                if r.status_code != 206:
-                    have = 0  # the server ignored Range: start over
-                total = have + int(r.headers.get("content-length", 0) or 0)
-                if total > max_bytes:
-                    raise InvalidInput(
-                        f"downloading {shown}: {total} bytes exceeds the size limit {max_bytes} (--max-bytes)"
-                    )
-                if progress is not None:
-                    progress.update(task, total=total or None, completed=have)
-                with open(part, "ab" if have else "wb") as f:
-                    for chunk in r.iter_bytes(CHUNK):
-                        have += len(chunk)
-                        if have > max_bytes:
-                            raise InvalidInput(f"downloading {shown}: more than {max_bytes} bytes (--max-bytes)")
-                        f.write(chunk)
-                        if progress is not None:
-                            progress.update(task, completed=have)
-                    f.flush()
-                    os.fsync(f.fileno())
-            break
-        except httpx.TransportError as e:
-            attempt += 1
-            if attempt > retries:
-                raise KaitoError(f"downloading {shown}: gave up after {retries} retries: {e}") from None
-            time.sleep(backoff * 2 ** (attempt - 1))
-    if part.exists() and part.stat().st_size > max_bytes:
-        part.unlink()
-        raise InvalidInput(f"downloading {shown}: more than {max_bytes} bytes (--max-bytes)")
-    os.replace(part, dest)
-    return dest
+    show = (lambda done, total: progress.update(task, total=total, completed=done)) if progress is not None else None
+    return presets_download(
+        url,
+        dest,
+        client=client,
+        max_bytes=max_bytes,
+        progress=show,
+        policy=Backoff(attempts=retries + 1, base=backoff),
+    )
 
 
 def fetch_urls(
@@ -132,15 +91,18 @@ def fetch_urls(
     taken: set[str] = set()
     targets = [dest / file_name(u, i, taken) for i, u in enumerate(urls)]
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with httpx.Client(follow_redirects=True, timeout=timeout) as client, Progress(
-        *columns, disable=not show_progress, console=Console(stderr=True)  # stdout carries only results
-    ) as progress:
+    with (
+        httpx.Client(follow_redirects=True, timeout=timeout) as client,
+        Progress(
+            *columns,
+            disable=not show_progress,
+            console=Console(stderr=True),  # stdout carries only results
+        ) as progress,
+    ):
         tasks = [progress.add_task(t.name, total=None) for t in targets]
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
             futures = [
-                pool.submit(
-                    download, client, u, t, max_bytes=max_bytes, retries=retries, progress=progress, task=k
-                )
+                pool.submit(download, client, u, t, max_bytes=max_bytes, retries=retries, progress=progress, task=k)
                 for u, t, k in zip(urls, targets, tasks)
             ]
             return [f.result() for f in futures]
@@ -153,7 +115,7 @@ def is_url(s: str) -> bool:
 def image_ref(s: str) -> Optional[str]:
     """The image reference in `image:REF` or a bare REF that can only be an image; else None."""
     if s.startswith("image:"):
-        return s[len("image:"):]
+        return s[len("image:") :]
     if not is_url(s) and not Path(s).exists() and _IMAGE_REF.match(s):
         return s
     return None

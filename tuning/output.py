@@ -23,6 +23,7 @@ from typing import Optional, Union
 
 from kaito.presets.contract import ADAPTER_FILES
 from kaito.presets.errors import InvalidInput, KaitoError
+from kaito.presets.fsio import atomic_write_text
 from kaito.tuning import DIGEST_FILE, SENTINEL
 
 log = logging.getLogger("kaito.tuning")
@@ -41,15 +42,6 @@ def adapter_complete(d: Path) -> bool:
             return len(list(f.keys())) > 0
     except Exception:  # any parse failure means an incomplete or foreign file
         return False
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_adapter(model, out_dir: Path) -> None:
@@ -72,7 +64,7 @@ def write_adapter(model, out_dir: Path) -> None:
     if not adapter_complete(out_dir):
         raise KaitoError(f"saving the adapter into {out_dir}: files are incomplete")
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _atomic_write(out_dir / SENTINEL, f"Fine-tuning completed at {stamp}\n")
+    atomic_write_text(out_dir / SENTINEL, f"Fine-tuning completed at {stamp}\n")
     log.info("adapter written to %s", out_dir)
 
 
@@ -104,6 +96,6 @@ def push_adapter(
     repo = ref.split("@")[0]
     if ":" in repo.rsplit("/", 1)[-1]:  # drop the tag: the digest names the image exactly
         repo = repo.rsplit(":", 1)[0]
-    _atomic_write(out_dir / DIGEST_FILE, f"{repo}@{digest}\n")
+    atomic_write_text(out_dir / DIGEST_FILE, f"{repo}@{digest}\n")
     log.info("pushed %s digest %s", ref, digest)
     return digest

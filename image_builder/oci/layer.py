@@ -4,8 +4,11 @@ A layer's blob is described, never held: a list of segments (literal bytes,
 or a byte range of a local file) that can be streamed from any offset, which
 is what resumable uploads and bounded memory need. Tars are reproducible:
 sorted entries, mtime 0, uid/gid 0, no user names, modes 0644/0755, PAX
-headers only when a name or size needs them. Built by kaito.image_builder's
-build code; read by layout (sink) and remote (push).
+headers only when a name or size needs them. A layer's digest is computed
+once: `DigestCache` remembers it by the source files' identity (path, inode,
+size, mtime) in memory and on disk, and `hash_variants` hashes several tars of
+the same file in one read. Built by kaito.image_builder's build code; read by
+layout (sink) and push (which hashes the bytes it sends instead of re-reading).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 from kaito.image_builder.oci import values as V
 from kaito.image_builder.oci.errors import InvalidInput, OCIError
+from kaito.presets.fsio import atomic_write_text
 
 CHUNK = 1 << 20  # streaming granularity: big enough for throughput, small for memory
 ProgressFn = Optional[Callable[[int], None]]
@@ -190,18 +195,99 @@ def _cache_key(segments: tuple[Segment, ...], media_type: str) -> Optional[str]:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
+class DigestCache:
+    """Layer digests keyed by their sources' identity: a file is hashed once per content, not once per use.
+
+    Two levels: this process's memory (one build describing the same layer twice, or with
+    the disk cache unwritable) and `<cache>/layer-digests/<key>` on disk (rebuilds).
+    """
+
+    _memory: dict[str, str] = {}
+    _lock = threading.Lock()
+
+    @staticmethod
+    def key(segments: tuple[Segment, ...], media_type: str) -> Optional[str]:
+        """Only layers with file content are worth remembering; in-memory bytes hash in no time."""
+        return _cache_key(segments, media_type) if any(isinstance(s, FileRange) for s in segments) else None
+
+    @classmethod
+    def get(cls, key: str) -> Optional[str]:
+        with cls._lock:
+            if key in cls._memory:
+                return cls._memory[key]
+        try:
+            cached = (_cache_dir() / "layer-digests" / key).read_text().strip()
+        except OSError:
+            return None
+        return cached if V.is_digest(cached) else None
+
+    @classmethod
+    def put(cls, key: str, digest: str) -> None:
+        with cls._lock:
+            cls._memory[key] = digest
+        path = _cache_dir() / "layer-digests" / key
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, digest, fsync=False)  # a lost entry costs one re-hash
+        except OSError:
+            pass  # the cache only saves time
+
+
 def hash_segments(segments: tuple[Segment, ...], progress: ProgressFn = None) -> str:
-    h = hashlib.sha256()
-    for s in segments:
-        if isinstance(s, bytes):
-            h.update(s)
-            n = len(s)
-        else:
-            hash_file_range(h, s)
-            n = s.length
-        if progress:
-            progress(n)
-    return "sha256:" + h.hexdigest()
+    return hash_variants([segments], progress)[0]
+
+
+def _file_ranges(segments: tuple[Segment, ...]) -> list[FileRange]:
+    return [s for s in segments if isinstance(s, FileRange)]
+
+
+def hash_variants(variants: list[tuple[Segment, ...]], progress: ProgressFn = None) -> list[str]:
+    """Digests of several blobs that hold the same file ranges in the same order, each file read once.
+
+    The same weight file wrapped in two tars (the image's `workspace/weights/x` and the
+    ModelPack's `x`) differs only in the literal header bytes around it, so one read of the
+    file feeds every blob's hasher. Progress counts the first variant's bytes.
+    """
+    ranges = _file_ranges(variants[0])
+    if any(_file_ranges(v) != ranges for v in variants[1:]):
+        raise ValueError("hash_variants: the variants must share their file ranges, in order")
+    hashers = [hashlib.sha256() for _ in variants]
+    cursors = [0] * len(variants)
+    for r in ranges + [None]:
+        for i, v in enumerate(variants):  # literal bytes up to the next shared file range
+            while cursors[i] < len(v) and isinstance(v[cursors[i]], bytes):
+                hashers[i].update(v[cursors[i]])
+                if progress and i == 0:
+                    progress(len(v[cursors[i]]))
+                cursors[i] += 1
+            cursors[i] += 1  # past the file range itself
+        if r is not None:
+            hash_file_range(_Fanout(hashers), r)
+            if progress:
+                progress(r.length)
+    return ["sha256:" + h.hexdigest() for h in hashers]
+
+
+class _Fanout:
+    """Looks like one hasher; feeds several."""
+
+    def __init__(self, hashers: list) -> None:
+        self.hashers = hashers
+
+    def update(self, b) -> None:
+        for h in self.hashers:
+            h.update(b)
+
+
+def _size(segments: tuple[Segment, ...]) -> int:
+    return sum(len(s) if isinstance(s, bytes) else s.length for s in segments)
+
+
+def _file_tar(path: Path, arcname: str, mode: Optional[int], with_parents: bool) -> tuple[Segment, ...]:
+    """The segments of a one-file tar at `arcname` (its parents added as 0755 dirs)."""
+    entries = [TarEntry(d, "dir") for d in parent_dirs(arcname)] if with_parents else []
+    entries.append(TarEntry(arcname.strip("/"), "file", source=path.resolve(), mode=mode))
+    return tar_segments(entries)
 
 
 @dataclass(frozen=True)
@@ -254,29 +340,53 @@ class Layer:
         `digester` replaces the plain hash pass (a layout sink writes its blob while hashing);
         `have(digest)` says whether a cached digest's blob is already where it is needed.
         """
-        size = sum(len(s) if isinstance(s, bytes) else s.length for s in segments)
+        size = _size(segments)
         if progress is not None and hasattr(progress, "resize"):
             progress.resize(size)  # the bar was opened with the file's size; the tar stream is a little longer
-        digest = None
-        key = _cache_key(segments, media_type) if cache and any(isinstance(s, FileRange) for s in segments) else None
-        cpath = _cache_dir() / "layer-digests" / key if key else None
-        if cpath and cpath.is_file():
-            cached = cpath.read_text().strip()
-            if V.is_digest(cached) and (have is None or have(cached)):
-                digest = cached
-                if progress:
-                    progress(size)
-        if digest is None:
+        key = DigestCache.key(segments, media_type) if cache else None
+        digest = DigestCache.get(key) if key else None
+        if digest is not None and (have is None or have(digest)):
+            if progress:
+                progress(size)
+        else:
             digest = (digester or hash_segments)(segments, progress)
-            if cpath:
-                try:
-                    cpath.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cpath.with_suffix(f".{os.getpid()}.tmp")
-                    tmp.write_text(digest)
-                    os.replace(tmp, cpath)
-                except OSError:
-                    pass  # the cache only saves time
+            if key:
+                DigestCache.put(key, digest)
         return cls(media_type, digest, size, digest, dict(annotations or {}), segments)
+
+    @classmethod
+    def from_file_variants(
+        cls,
+        path: Union[str, Path],
+        variants: list[tuple[str, Optional[Mapping]]],
+        *,
+        progress: ProgressFn = None,
+        cache: bool = True,
+    ) -> list["Layer"]:
+        """One file as several tar layers, one per (arcname, annotations), the file read once for all.
+
+        For a build that writes the same weights into two images (the preset image and its
+        ModelPack artifact): without this each would hash the file separately.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidInput(f"layer source {path} is not a file")
+        segs = [_file_tar(path, arc, None, True) for arc, _ in variants]
+        keys = [DigestCache.key(sg, V.OCI_LAYER) if cache else None for sg in segs]
+        digests = [DigestCache.get(k) if k else None for k in keys]
+        todo = [i for i, d in enumerate(digests) if d is None]
+        if progress is not None and hasattr(progress, "resize"):
+            progress.resize(_size(segs[0]))
+        if todo:
+            for i, d in zip(todo, hash_variants([segs[i] for i in todo], progress)):
+                digests[i] = d
+                if keys[i]:
+                    DigestCache.put(keys[i], d)
+        elif progress:
+            progress(_size(segs[0]))
+        return [
+            cls(V.OCI_LAYER, d, _size(sg), d, dict(ann or {}), sg) for (_, ann), sg, d in zip(variants, segs, digests)
+        ]
 
     @classmethod
     def from_file(
@@ -294,9 +404,7 @@ class Layer:
         path = Path(path)
         if not path.is_file():
             raise InvalidInput(f"layer source {path} is not a file")
-        entries = [TarEntry(d, "dir") for d in parent_dirs(arcname)] if with_parents else []
-        entries.append(TarEntry(arcname.strip("/"), "file", source=path.resolve(), mode=mode))
-        return cls.from_segments(tar_segments(entries), V.OCI_LAYER, annotations, progress, **kw)
+        return cls.from_segments(_file_tar(path, arcname, mode, with_parents), V.OCI_LAYER, annotations, progress, **kw)
 
     @classmethod
     def from_entries(

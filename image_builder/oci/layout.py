@@ -2,7 +2,9 @@
 
 Blobs are written beside their final name and renamed into place only after
 their digest is verified, so a killed write leaves nothing half-valid;
-index.json updates hold a lock. Writing a blob hashes and writes in parallel
+index.json (rewritten whole through `kaito.presets.fsio`) updates hold a lock.
+Blobs keep their own temporary name because their final name is their digest,
+known only once written. Writing a blob hashes and writes in parallel
 (hashlib and file writes both release the GIL). Called by build, pull and the CLI.
 """
 
@@ -31,6 +33,7 @@ from kaito.image_builder.oci.layer import (
     hash_file_range,
     stream_segments,
 )
+from kaito.presets.fsio import atomic_write_bytes, atomic_write_json
 
 _seq = itertools.count()
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
@@ -75,7 +78,7 @@ class Layout(BlobSource):
         (self.path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
         marker = self.path / "oci-layout"
         if not marker.exists():
-            marker.write_bytes(LAYOUT_VERSION)
+            atomic_write_bytes(marker, LAYOUT_VERSION)
         if not (self.path / "index.json").exists():
             self._write_index({"schemaVersion": 2, "mediaType": V.OCI_INDEX, "manifests": []})
 
@@ -191,9 +194,7 @@ class Layout(BlobSource):
         return index
 
     def _write_index(self, index: dict) -> None:
-        tmp = self.path / f".index.json.{os.getpid()}"
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-        os.replace(tmp, self.path / "index.json")
+        atomic_write_json(self.path / "index.json", index, indent=2, sort_keys=True)
 
     def tags(self) -> list[str]:
         return [

@@ -3,9 +3,13 @@
 Each blob streams from its source through a hasher into PATCH requests of
 `chunk_size` bytes (memory stays at a few MiB whatever the file size); after
 every accepted chunk the upload URL and offset go to a state file, so a
-killed push resumes from the registry's reported offset. Blobs go up in
-parallel (bounded); the manifest is PUT only when every blob is present.
-No HTTP here: calls go through `remote.Registry`. Called by build and the CLI.
+killed push resumes from the registry's reported offset; a chunk cut by a
+dropped connection or a 5xx is retried with `kaito.presets.retry`'s policy,
+each try resuming the same way. The bytes are hashed as they are sent and
+checked against the layer's digest before the commit: a file is never pre-read
+to verify it. Blobs go up in parallel (bounded); the manifest is PUT only when
+every blob is present. No HTTP here: calls go through `remote.Registry`.
+Called by build and the CLI.
 """
 
 from __future__ import annotations
@@ -26,15 +30,26 @@ from kaito.image_builder.oci.image import Image
 from kaito.image_builder.oci.layer import Layer, PipelinedSha256, _cache_dir
 from kaito.image_builder.oci.progress import NULL, Progress
 from kaito.image_builder.oci.remote import Registry
+from kaito.presets import retry
+from kaito.presets.fsio import atomic_write_json
 
 # Resume granularity: a rerun asks the registry where the session stands (GET on the upload
 # URL -> `Range: 0-N`, distribution spec) and sends from N+1, so a kill between chunks costs
 # nothing and a registry that keeps a cut PATCH's bytes costs nothing either. Distribution
-# (Docker's registry, Harbor) instead refuses a session whose last PATCH was cut (its state
-# token's offset no longer matches the stored bytes: registry/handlers/blobupload.go), and the
-# blob restarts. 64 MiB keeps the between-chunk loss small for multi-GB weight files while a
+# (Docker's registry, Harbor) instead refuses every request on a session whose last PATCH was
+# cut (404 BLOB_UPLOAD_INVALID: its signed state's offset no longer matches the stored bytes,
+# registry/handlers/blobupload.go), and no request tells the stored size, so the blob restarts
+# (tests/image_builder/test_push_midchunk.py). 64 MiB keeps the between-chunk loss small for multi-GB weight files while a
 # PATCH per 64 MiB still streams at >= 0.9x a single raw PUT (bench/image_push.py).
 DEFAULT_CHUNK = int(os.environ.get("KAITO_IMAGE_CHUNK_SIZE") or 64 << 20)
+
+
+class _Interrupted(retry.TransientError):
+    """A blob upload cut by a dropped connection or a retryable status; carries the error to report."""
+
+    def __init__(self, error: RegistryError) -> None:
+        super().__init__(str(error), status=error.status)
+        self.error = error
 
 
 @dataclass
@@ -97,9 +112,11 @@ class Pusher:
     def _save(self, digest: str, location: str, offset: int) -> None:
         p = self._state_path(digest)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(f".{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"location": location, "offset": offset, "digest": digest}))
-        os.replace(tmp, p)
+        # No fsync: losing the state costs a re-send, while a sync per 64 MiB chunk costs every push.
+        atomic_write_json(p, {"location": location, "offset": offset, "digest": digest}, fsync=False)
+
+    def _forget(self, digest: str) -> None:
+        self._state_path(digest).unlink(missing_ok=True)
 
     def _load(self, digest: str) -> Optional[dict]:
         try:
@@ -112,7 +129,7 @@ class Pusher:
         """Make `layer`'s blob present in the repository; returns skipped, mounted, resumed or uploaded."""
         name = layer.annotations.get("org.cncf.model.filepath") or layer.digest[7:19]
         if self.registry.head_blob(self.repo, layer.digest) is not None:
-            self._state_path(layer.digest).unlink(missing_ok=True)  # killed after the commit: nothing to resume
+            self._forget(layer.digest)  # killed after the commit: nothing to resume
             self.stats.add("skipped", layer.digest)
             self.progress.finish(layer.digest, "exists")
             return "skipped"
@@ -130,39 +147,47 @@ class Pusher:
         return outcome
 
     def _upload(self, layer: Layer, location: Optional[str], advance) -> str:
-        attempts, outcome = 0, "uploaded"
-        while True:
-            offset = 0
-            st = self._load(layer.digest) if location is None else None
-            if st:
-                got = self.registry.upload_offset(self.repo, st["location"])
-                if got is not None and got[1] <= layer.size:
-                    location, offset = got
-                    outcome = "resumed" if offset else outcome
-            if location is None:
-                location, _ = self.registry.start_upload(self.repo)
-            try:
-                self._send(layer, location, offset, advance)
-                self._state_path(layer.digest).unlink(missing_ok=True)
-                self.stats.add(outcome, layer.digest)
-                return outcome
-            except VerificationError:
-                self._state_path(layer.digest).unlink(missing_ok=True)
-                self.registry.cancel_upload(self.repo, location)
-                raise
-            except RegistryError as e:
-                if outcome == "resumed" and e.status in (400, 404, 416):
-                    # The session we resumed was refused after all (distribution settles a killed
-                    # PATCH late, then drops the session): start this blob afresh, once.
-                    self._state_path(layer.digest).unlink(missing_ok=True)
-                    location, outcome = None, "uploaded"
-                    continue
-                # Connection lost or 5xx mid-chunk: ask the registry where it stands and go on from there.
-                attempts += 1
-                if attempts > self.registry.retries or (e.status is not None and e.status < 500):
-                    raise
-                location = None
-                time.sleep(self.registry.backoff * 2 ** (attempts - 1))
+        """Upload with the project's retry policy; each retry resumes from where the registry stands."""
+        first = [location]  # a session the refused mount opened: used by the first attempt only
+
+        def attempt() -> str:
+            return self._attempt(layer, first.pop() if first else None, advance)
+
+        try:
+            return retry.call(attempt, policy=self.registry.policy, transient=(_Interrupted,))
+        except _Interrupted as e:
+            raise e.error from None
+
+    def _session(self, layer: Layer, location: Optional[str]) -> tuple[str, int, str]:
+        """(upload URL, offset, outcome): the saved session where the registry still holds it, else a new one."""
+        if location is None:
+            st = self._load(layer.digest)
+            got = self.registry.upload_offset(self.repo, st["location"]) if st else None
+            if got is not None and got[1] <= layer.size:
+                return got[0], got[1], "resumed" if got[1] else "uploaded"
+            location, _ = self.registry.start_upload(self.repo)
+        return location, 0, "uploaded"
+
+    def _attempt(self, layer: Layer, location: Optional[str], advance) -> str:
+        location, offset, outcome = self._session(layer, location)
+        try:
+            self._send(layer, location, offset, advance)
+        except VerificationError:
+            self._forget(layer.digest)
+            self.registry.cancel_upload(self.repo, location)
+            raise
+        except RegistryError as e:
+            if outcome == "resumed" and e.status in (400, 404, 416):
+                # The session we resumed was refused after all (distribution settles a killed
+                # PATCH late, then drops the session): start this blob afresh, once.
+                self._forget(layer.digest)
+                return self._attempt(layer, None, advance)
+            if e.status is None or retry.retryable_status(e.status):
+                raise _Interrupted(e) from None  # connection lost or 5xx mid-chunk: the next try resumes
+            raise
+        self._forget(layer.digest)
+        self.stats.add(outcome, layer.digest)
+        return outcome
 
     def _send(self, layer: Layer, location: str, offset: int, advance) -> None:
         h = V.new_hash(layer.digest)

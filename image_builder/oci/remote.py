@@ -1,20 +1,19 @@
-"""The one module that speaks HTTP: the OCI distribution API over httpx.
+"""The OCI distribution API on top of the layered transports of `oci/transport.py`.
 
-`Registry` is one host: auth challenges (anonymous, Basic, Bearer token with
-realm/service/scope), retries with backoff on 5xx/429 and connection errors,
-and the blob and manifest calls push and pull are made of. `RemoteRepo` is a
-repository as a blob source. Callers: kaito.image_builder.oci.push (upload
-orchestration) and kaito.image_builder.pull. Errors carry method, redacted
-URL and the registry's diagnostics; credentials never appear in them.
+`Registry` is one host: it builds the transport stack (HTTP -> scheme ->
+auth -> retry; no network I/O until the first call) and offers the blob and
+manifest calls push and pull are made of, mapping unexpected statuses to
+`RegistryError`/`AuthError`. `RemoteRepo` is a repository as a blob source.
+Callers: kaito.image_builder.oci.push (upload orchestration),
+kaito.image_builder.transfer and pull. Errors carry method, redacted URL and
+the registry's diagnostics; credentials never appear in them.
 """
 
 from __future__ import annotations
 
-import random
-import re
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional
 
 import httpx
 
@@ -22,32 +21,26 @@ from kaito.image_builder.oci import values as V
 from kaito.image_builder.oci.auth import Credential, credential_for
 from kaito.image_builder.oci.errors import AuthError, OCIError, RegistryError
 from kaito.image_builder.oci.layer import BlobSource
+from kaito.image_builder.oci.transport import (
+    AuthTransport,
+    Body,
+    HTTPTransport,
+    Request,
+    RetryTransport,
+    SchemeTransport,
+    TransportFailure,
+    diagnostics,
+    parse_challenge,
+)
+from kaito.presets import retry
 from kaito.presets.validate import is_loopback, redact
 
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-Body = Union[None, bytes, Callable[[], Iterable[bytes]]]
-
-
-def _diagnostics(r: httpx.Response) -> str:
-    """The registry's own error codes and messages (distribution's `errors` list), else a short body excerpt."""
-    try:
-        errs = r.json().get("errors") or []
-        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errs)[:500]
-    except Exception:
-        try:
-            return (r.text or "")[:200].strip()
-        except Exception:
-            return ""
-
-
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.strip().partition(" ")
-    params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-    return scheme.lower(), params
+__all__ = ["Registry", "RemoteRepo", "parse_challenge"]
+_UNSET = object()
 
 
 class Registry:
-    """A registry host and its auth state; safe to share between threads."""
+    """A registry host and its auth state; safe to share between threads. Constructing it does no I/O."""
 
     def __init__(
         self,
@@ -59,110 +52,47 @@ class Registry:
         retries: int = 4,
         backoff: float = 0.5,
         timeout: float = 120.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.host = host
-        loopback = is_loopback(host)
-        self.credential = credential if credential is not None else credential_for(host, auth_file)
         self.retries, self.backoff = retries, backoff
-        self._client_args = dict(
-            timeout=httpx.Timeout(timeout, connect=15.0),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
-            verify=not insecure,
-        )
-        self._client: Optional[httpx.Client] = None
-        self._lock = threading.Lock()
-        self._auth_lock = threading.Lock()
-        self._auth: dict[tuple[str, ...], str] = {}
-        if loopback and insecure is None:
-            self.scheme = "http"
-        elif insecure:
-            # Like docker's insecure registries: https without verification, else plain http.
-            self.scheme = "https"
-            try:
-                self.client.get(f"https://{host}/v2/", timeout=5)
-            except httpx.TransportError:
-                self.scheme = "http"
-        else:
-            self.scheme = "https"
+        self.policy = retry.Backoff(attempts=retries + 1, base=backoff)
+        self._auth_file = auth_file
+        self._credential = credential if credential is not None else _UNSET
+        if auth_file is not None and credential is None:
+            # A file the user named is read now, so a wrong path fails before any work; the
+            # default files (and credential helpers, which may be slow) wait for a challenge.
+            self._credential = credential_for(host, auth_file)
+        self._cred_lock = threading.Lock()
+        self._http = HTTPTransport(timeout=timeout, verify=not insecure)
+        self._scheme = SchemeTransport(self._http, host, insecure, is_loopback(host))
+        self._transport = RetryTransport(AuthTransport(self._scheme, host, lambda: self.credential), self.policy, sleep)
 
     def __repr__(self) -> str:
         return f"Registry({self.host!r})"
 
     @property
+    def credential(self) -> Optional[Credential]:
+        """Credentials for this host, looked up on first need (a credential helper may be slow)."""
+        with self._cred_lock:
+            if self._credential is _UNSET:
+                self._credential = credential_for(self.host, self._auth_file)
+            return self._credential
+
+    @property
     def client(self) -> httpx.Client:
-        """The HTTP client, reopened on demand: Image values read earlier may stream after a close."""
-        with self._lock:
-            if self._client is None or self._client.is_closed:
-                self._client = httpx.Client(**self._client_args)
-            return self._client
+        return self._http.client
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme.scheme
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        self._http.close()
 
     def url(self, path: str) -> str:
-        return f"{self.scheme}://{self.host}{path}"
+        return self._scheme.url(path)
 
-    # --- auth --------------------------------------------------------------------------------
-    def _authenticate(self, challenge: str, scope: tuple[str, ...], doing: str, url: str) -> None:
-        scheme, params = parse_challenge(challenge or "")
-        cred = self.credential
-        if scheme == "basic":
-            if not cred:
-                raise AuthError(
-                    doing,
-                    "GET",
-                    redact(url),
-                    401,
-                    f"{self.host} requires credentials; pass --auth-file (docker config.json) or run docker login",
-                )
-            header = cred.basic_header()
-        elif scheme == "bearer":
-            realm = params.get("realm")
-            if not realm:
-                raise AuthError(doing, "GET", redact(url), 401, "bearer challenge without a realm")
-            q = [("service", params["service"])] if params.get("service") else []
-            q += [("scope", s) for s in (scope or ((params["scope"],) if params.get("scope") else ()))]
-            try:
-                if cred and cred.identity_token:
-                    data = {
-                        "grant_type": "refresh_token",
-                        "refresh_token": cred.identity_token,
-                        "service": params.get("service", ""),
-                        "scope": " ".join(scope),
-                        "client_id": "kaito",
-                    }
-                    r = self.client.post(realm, data=data)
-                else:
-                    r = self.client.get(realm, params=q, headers={"Authorization": cred.basic_header()} if cred else {})
-            except httpx.TransportError as e:
-                raise RegistryError(
-                    f"{doing}: fetching a token", "GET", redact(realm), None, type(e).__name__
-                ) from None
-            if r.status_code in (401, 403):
-                who = f"as {cred.username!r} (from {cred.source})" if cred else "anonymously"
-                raise AuthError(
-                    f"{doing}: fetching a token",
-                    "GET",
-                    redact(realm),
-                    r.status_code,
-                    f"the token server refused {who}; check the credentials in the auth file",
-                )
-            if r.status_code != 200:
-                raise RegistryError(f"{doing}: fetching a token", "GET", redact(realm), r.status_code, _diagnostics(r))
-            body = r.json()
-            token = body.get("token") or body.get("access_token")
-            if not token:
-                raise AuthError(
-                    f"{doing}: fetching a token", "GET", redact(realm), 200, "the token server sent no token"
-                )
-            header = f"Bearer {token}"
-        else:
-            raise AuthError(doing, "GET", redact(url), 401, f"unsupported auth challenge {scheme!r}")
-        with self._lock:
-            self._auth[scope] = header
-
-    # --- requests ----------------------------------------------------------------------------
     def request(
         self,
         method: str,
@@ -177,68 +107,27 @@ class Registry:
         retry: bool = True,
         ok: Iterable[int] = (200, 201, 202, 204, 206),
     ) -> httpx.Response:
-        """Send with auth, re-authenticating once on 401 and retrying transient failures with backoff."""
-        ok = tuple(ok)
-        reauthed = False
-        attempt = 0
-        while True:
-            hdrs = dict(headers or {})
-            with self._lock:
-                if scope in self._auth:
-                    hdrs["Authorization"] = self._auth[scope]
-            content = body() if callable(body) else body
-            try:
-                req = self.client.build_request(method, url, headers=hdrs, content=content, params=params)
-                r = self.client.send(req, stream=stream)
-            except httpx.TransportError as e:
-                if retry and attempt < self.retries:
-                    attempt += 1
-                    time.sleep(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
-                    continue
-                raise RegistryError(
-                    doing, method, redact(url), None, f"{type(e).__name__}: {e}".replace(str(url), redact(url))
-                ) from None
-            except httpx.HTTPError as e:  # bad URL, bad header values: not worth retrying
-                raise RegistryError(doing, method, redact(url), None, type(e).__name__) from None
-            if r.status_code == 401 and not reauthed:
-                challenge = r.headers.get("www-authenticate", "")
-                r.close()
-                sent_with = hdrs.get("Authorization")
-                with self._auth_lock:  # parallel blob threads share one token fetch per scope
-                    if self._auth.get(scope) == sent_with:
-                        self._authenticate(challenge, scope, doing, url)
-                reauthed = True
-                continue
-            if r.status_code in (401, 403):
-                diag = _diagnostics(r) if not stream else ""
-                r.close()
-                who = (
-                    f"as {self.credential.username!r} (credentials from {self.credential.source})"
-                    if self.credential
-                    else "anonymously"
-                )
-                raise AuthError(
-                    doing,
-                    method,
-                    redact(url),
-                    r.status_code,
-                    f"the registry refused access {who}; check the auth file or run docker login. {diag}".strip(),
-                )
-            if r.status_code in RETRY_STATUS and retry and attempt < self.retries:
-                r.close()
-                attempt += 1
-                delay = float(r.headers.get("retry-after", 0) or 0) or self.backoff * 2 ** (attempt - 1) * (
-                    0.5 + random.random()
-                )
-                time.sleep(min(delay, 30))
-                continue
-            if r.status_code not in ok:
-                if stream:
-                    r.read()
-                diag = _diagnostics(r)
-                r.close()
-                raise RegistryError(doing, method, redact(url), r.status_code, diag)
+        """Send through the transport stack; a status outside `ok` becomes a `RegistryError` (`AuthError` for 401/403)."""
+        req = Request(method, url, scope, doing, dict(headers or {}), body, params, stream, retry)
+        r = self._transport.send(req)
+        if r.status_code in tuple(ok):
             return r
+        if stream:
+            r.read()
+        diag = diagnostics(r)
+        r.close()
+        shown = redact(str(r.request.url))
+        if r.status_code in (401, 403):
+            cred = self.credential
+            who = f"as {cred.username!r} (credentials from {cred.source})" if cred else "anonymously"
+            raise AuthError(
+                doing,
+                method,
+                shown,
+                r.status_code,
+                f"the registry refused access {who}; check the auth file or run docker login. {diag}".strip(),
+            )
+        raise RegistryError(doing, method, shown, r.status_code, diag)
 
     # --- blobs -------------------------------------------------------------------------------
     def head_blob(self, repo: str, digest: str) -> Optional[int]:
@@ -267,7 +156,11 @@ class Registry:
         if r.status_code in (302, 303, 307):
             loc = r.headers["location"]
             r.close()
-            r = self.client.send(self.client.build_request("GET", loc, headers=hdrs), stream=True)
+            # Storage (S3, Azure blob) gets a signed URL, never our registry credentials.
+            try:
+                r = self._http.send(Request("GET", loc, (), doing, hdrs, stream=True))
+            except TransportFailure as e:  # the pull's own retry resumes the blob from its offset
+                raise e.error from None
             if r.status_code not in (200, 206):
                 r.close()
                 raise RegistryError(doing, "GET", redact(loc), r.status_code)
