@@ -18,16 +18,18 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from kaito.presets.errors import validation_problem
 from kaito.runtime import kaito_chat as kchat
 from kaito.runtime import openai_serving as oai
 from kaito.runtime import responses as resp
 from kaito.runtime.metrics import system_info
+from kaito.runtime.plan import StepPlan
 from kaito.runtime.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -108,16 +110,35 @@ class GuardMiddleware:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The request's first schema errors as `field.path: message` (the project's one formatter), and the
+    top-level field for OpenAI's `param`."""
     parts, param = [], None
     for e in exc.errors()[:10]:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        param = param or (loc[0] if loc else None)
-        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")  # pydantic's prefix for our own checks
-        parts.append(f"{'.'.join(loc) or 'body'}: {msg}")
+        loc = [x for x in e.get("loc", ()) if x != "body"]
+        param = param or (str(loc[0]) if loc else None)
+        parts.append(validation_problem({**e, "loc": loc}, root="body"))
     return "; ".join(parts) or "invalid request body", param
 
 
-def build_app(settings: RuntimeSettings, broadcast: Callable[[dict], None] | None = None,
+def health_routes(health: Callable[[], Awaitable[tuple[int, dict]]]) -> APIRouter:
+    """GET / and GET /health (alias /healthz) as Kaito's server answers them, for this server and for a
+    torchrun worker's probe server (`kaito.runtime.distributed.health_app`); `health()` gives (status, body)."""
+    router = APIRouter()
+
+    @router.get("/")
+    async def root():
+        return {"message": "Server is running"}
+
+    @router.get("/health")
+    @router.get("/healthz")
+    async def check():
+        status, body = await health()
+        return body if status == 200 else JSONResponse(body, status_code=status)
+
+    return router
+
+
+def build_app(settings: RuntimeSettings, broadcast: Callable[[StepPlan], None] | None = None,
               runtime: Runtime | None = None, load_in_background: bool = True) -> FastAPI:
     """The server for these settings; loading starts at startup (503 on /health until done)."""
     rt = runtime or Runtime(settings, broadcast=broadcast)
@@ -137,6 +158,15 @@ def build_app(settings: RuntimeSettings, broadcast: Callable[[dict], None] | Non
     app = FastAPI(title="kaito runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = rt
     app.add_middleware(GuardMiddleware, settings=settings)
+    _error_handlers(app)
+    app.include_router(health_routes(_runtime_health(rt)))
+    app.include_router(_info_routes(rt, settings))
+    app.include_router(_inference_routes(rt))
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every failure as OpenAI's envelope under /v1 and `{"detail": ...}` elsewhere, never a stack trace."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -158,23 +188,25 @@ def build_app(settings: RuntimeSettings, broadcast: Callable[[dict], None] | Non
         log.exception("unhandled error on %s", request.url.path)
         return error_response(request.url.path, 500, "internal error; see the server log", "InternalServerError")
 
-    @app.get("/")
-    async def root():
-        return {"message": "Server is running"}
 
-    @app.get("/health")
-    @app.get("/healthz")
-    async def health():
+def _runtime_health(rt: Runtime) -> Callable[[], Awaitable[tuple[int, dict]]]:
+    async def health() -> tuple[int, dict]:
         if rt.status == "ready" and (rt.engine is None or rt.engine.error is None):
-            return {"status": "Healthy"}
+            return 200, {"status": "Healthy"}
         detail = "model is loading" if rt.status == "loading" else f"unhealthy: {rt.error or rt.engine.error}"
-        return JSONResponse({"status": "Unhealthy" if rt.status != "loading" else "Loading", "detail": detail}, status_code=503)
+        return 503, {"status": "Unhealthy" if rt.status != "loading" else "Loading", "detail": detail}
+    return health
 
-    @app.get("/metrics")
+
+def _info_routes(rt: Runtime, settings: RuntimeSettings) -> APIRouter:
+    """Metrics (Prometheus and Kaito's JSON) and the model list."""
+    router = APIRouter()
+
+    @router.get("/metrics")
     async def metrics():
         return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/kaito/metrics")
+    @router.get("/kaito/metrics")
     async def kaito_metrics():
         return await asyncio.to_thread(system_info)
 
@@ -185,11 +217,11 @@ def build_app(settings: RuntimeSettings, broadcast: Callable[[dict], None] | Non
         return [base] + [{"id": n, "object": "model", "created": 0, "owned_by": "kaito", "root": n,
                           "parent": rt.model_name, "strength": s} for n, s in sorted(rt.strengths.items())]
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     async def models():
         return {"object": "list", "data": model_cards()}
 
-    @app.get("/v1/models/{model_id:path}")
+    @router.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         cards = model_cards()
         if oai.is_base_path(rt, model_id) or model_id in rt.base_names():
@@ -199,30 +231,37 @@ def build_app(settings: RuntimeSettings, broadcast: Callable[[dict], None] | Non
                 return card
         raise not_found(model_id)
 
-    @app.post("/v1/chat/completions")
+    return router
+
+
+def _inference_routes(rt: Runtime) -> APIRouter:
+    """Generation (OpenAI and Kaito's /chat) and adapters at run time, each delegated to its serving module."""
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await oai.chat_completions(rt, req, request)
 
-    @app.post("/v1/completions")
+    @router.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         return await oai.completions(rt, req, request)
 
-    @app.post("/v1/responses")
+    @router.post("/v1/responses")
     async def responses(req: ResponsesRequest, request: Request):
         return await resp.create(rt, req, request)
 
-    @app.post("/chat")
+    @router.post("/chat")
     async def chat(req: KaitoChatRequest, request: Request):
         return await kchat.kaito_chat(rt, req, request)
 
-    @app.post("/v1/load_lora_adapter")
+    @router.post("/v1/load_lora_adapter")
     async def load_lora(req: LoadLoraRequest):
         rt.require_ready()
         return await rt.load_adapter(req.lora_name, req.lora_path, req.image, req.strength)
 
-    @app.post("/v1/unload_lora_adapter")
+    @router.post("/v1/unload_lora_adapter")
     async def unload_lora(req: UnloadLoraRequest):
         rt.require_ready()
         return await rt.unload_adapter(req.lora_name)
 
-    return app
+    return router

@@ -5,7 +5,8 @@ server and the engine, whose `broadcast` hook sends every step's plan (rows
 kept, tokens decoded, prompts prefilled, adapter changes) before running it;
 worker ranks run `worker_loop`, executing the same forwards so a tensor-parallel
 model (CUDA, transformers tp_plan) computes collectively, or a replica stays in
-step. Plans travel as JSON bytes (no pickle). Workers with LOCAL_RANK also
+step. Plans (`kaito.runtime.plan.StepPlan`) travel as versioned JSON bytes (no pickle); a worker that
+receives another version than its own exits naming both. Workers with LOCAL_RANK also
 answer GET /health on 5000 + LOCAL_RANK so each pod's probe passes (and GET
 /worker with their rank, replayed step count and adapters, for checks).
 
@@ -21,7 +22,6 @@ the worker process non-zero, and torchrun then ends the whole group.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -30,6 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from kaito.runtime.faults import env_fault, is_device_fault
+from kaito.runtime.plan import PlanVersionError, StepPlan
 from kaito.runtime.settings import RuntimeSettings, listen_port
 
 log = logging.getLogger("kaito.runtime.distributed")
@@ -54,11 +55,12 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def broadcast_plan(plan: dict | None) -> dict:
-    """Rank 0 passes the plan; others pass None and get it back."""
+def broadcast_plan(plan: StepPlan | None) -> StepPlan:
+    """Rank 0 passes the plan; others pass None and get it back (JSON bytes, never pickle).
+    PlanVersionError on a worker when rank 0 speaks another plan version."""
     dev = _device()
     if dist.get_rank() == 0:
-        data = json.dumps(plan).encode()
+        data = plan.to_json()
         size = torch.tensor([len(data)], dtype=torch.long, device=dev)
     else:
         size = torch.zeros(1, dtype=torch.long, device=dev)
@@ -68,7 +70,7 @@ def broadcast_plan(plan: dict | None) -> dict:
     else:
         buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
     dist.broadcast(buf, src=0)
-    return plan if dist.get_rank() == 0 else json.loads(bytes(buf.cpu().tolist()))
+    return plan if dist.get_rank() == 0 else StepPlan.from_json(buf.cpu().numpy().tobytes())
 
 
 def tp_plan_for(settings: RuntimeSettings) -> str | None:
@@ -95,28 +97,23 @@ def health_app(ready: threading.Event, stats: dict, rank0: str):
     is loaded and rank 0's /health (at `rank0`) says so; a worker never says Healthy next to a dead rank 0."""
     import httpx
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from kaito.runtime.api import health_routes
 
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/")
-    async def root():
-        return {"message": "Server is running"}
-
-    @app.get("/health")
-    @app.get("/healthz")
-    async def health():
+    async def health() -> tuple[int, dict]:
         if not ready.is_set():
-            return JSONResponse({"status": "Loading"}, status_code=503)
+            return 503, {"status": "Loading"}
         try:
             async with httpx.AsyncClient(timeout=2) as client:
                 r = await client.get(rank0)
         except httpx.HTTPError as e:
-            return JSONResponse({"status": "Unhealthy", "detail": f"rank 0 does not answer at {rank0}: {e!r}"}, status_code=503)
+            return 503, {"status": "Unhealthy", "detail": f"rank 0 does not answer at {rank0}: {e!r}"}
         if r.status_code != 200:
-            return JSONResponse({"status": "Unhealthy" if r.status_code != 503 or "Loading" not in r.text else "Loading",
-                                 "detail": f"rank 0 answers {r.status_code} at {rank0}"}, status_code=503)
-        return {"status": "Healthy"}
+            return 503, {"status": "Unhealthy" if r.status_code != 503 or "Loading" not in r.text else "Loading",
+                         "detail": f"rank 0 answers {r.status_code} at {rank0}"}
+        return 200, {"status": "Healthy"}
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(health_routes(health))
 
     @app.get("/worker")
     async def worker():
@@ -143,41 +140,44 @@ class Replayer:
         self.failed: BaseException | None = None  # this rank's last forward raised (not a device fault)
         self.decoded = 0  # rows the last plan decoded here
 
-    def replay(self, plan: dict) -> None:
-        if self.failed is not None and not plan.get("after_fault"):
+    def replay(self, plan: StepPlan) -> None:
+        if self.failed is not None and not plan.after_fault:
             raise SystemExit(f"rank {self.rank}: a forward failed here ({self.failed!r}) but not on rank 0; "
                              "the ranks left lock-step")
-        if plan.get("after_fault") and self.decoded:  # rank 0's decode failed, this one did not
+        if plan.after_fault and self.decoded:  # rank 0's decode failed, this one did not
             self.ex.undo_decode(self.decoded)
         self.failed, self.decoded = None, 0
-        for op in plan.get("ops", []):
-            if op[0] == "load":
-                from kaito.runtime.lora import read_adapter
-
-                self.ex.lora.add(read_adapter(op[2], op[1], self.ex.model))
-            else:
-                self.ex.lora.remove(op[1])
-        self.ex.evict(plan["keep"])
-        self.prompts = [self.prompts[i] for i in plan["keep"]]
-        if plan.get("probe"):  # rank 0's check that the device still works: a failure here ends this rank too
-            self.ex.prefill_forward(plan["probe"], [()])
+        self._adapters(plan.ops)
+        self.ex.evict(list(plan.keep))
+        self.prompts = [self.prompts[i] for i in plan.keep]
+        if plan.probe:  # rank 0's check that the device still works: a failure here ends this rank too
+            self.ex.prefill_forward([list(p) for p in plan.probe], [()])
         try:
-            if plan["prefill"]:
-                prompts = [p for p, _ in plan["prefill"]]
+            if plan.prefill:
+                prompts = plan.prompts
                 if self.fault is not None:
                     self.fault("prefill", prompts)
-                self.ex.prefill(prompts, [tuple(tuple(x) for x in r) for _, r in plan["prefill"]])
+                self.ex.prefill(prompts, plan.loras)
                 self.prompts += prompts
-            if plan["decode"]:
+            if plan.decode:
                 if self.fault is not None:
-                    self.fault("decode", self.prompts[:len(plan["decode"])])
-                self.ex.decode(plan["decode"])
-                self.decoded = len(plan["decode"])
+                    self.fault("decode", self.prompts[:len(plan.decode)])
+                self.ex.decode(list(plan.decode))
+                self.decoded = len(plan.decode)
         except Exception as e:
             if is_device_fault(e):
                 raise
             log.warning("rank %d: a forward failed (%r); waiting for rank 0's retries", self.rank, e)
             self.failed = e
+
+    def _adapters(self, ops) -> None:
+        for op in ops:
+            if op.kind == "load":
+                from kaito.runtime.lora import read_adapter
+
+                self.ex.lora.add(read_adapter(op.path, op.name, self.ex.model))
+            else:
+                self.ex.lora.remove(op.name)
 
 
 def worker_loop(settings: RuntimeSettings) -> None:
@@ -194,12 +194,15 @@ def worker_loop(settings: RuntimeSettings) -> None:
     ready.set()
     log.info("rank %d ready, replaying rank 0's steps", dist.get_rank())
     while True:
-        plan = broadcast_plan(None)
-        if plan.get("stop"):
-            if plan.get("error"):  # rank 0 failed: this rank's process must fail too (torchrun then ends the group)
-                raise SystemExit(f"rank 0 stopped after an error: {plan['error']}")
+        try:
+            plan = broadcast_plan(None)
+        except PlanVersionError as e:
+            raise SystemExit(f"rank {dist.get_rank()}: {e}") from None
+        if plan.stop:
+            if plan.error:  # rank 0 failed: this rank's process must fail too (torchrun then ends the group)
+                raise SystemExit(f"rank 0 stopped after an error: {plan.error}")
             break
-        if plan.get("noop"):
+        if plan.noop:
             continue
         replayer.replay(plan)
         stats["steps"] += 1

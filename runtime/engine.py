@@ -1,28 +1,19 @@
-"""The continuous-batching scheduler: admits, prefills, decodes, samples and stops sequences.
+"""The engine loop: continuous batching glued from a scheduler, the executor and an output processor.
 
-Called by the serving layer (`kaito.runtime.serving`): `submit()` queues
-sequences (QueueFull beyond `max_waiting`, the API turns it into 429),
-`cancel()` frees a sequence's slot (client disconnects), and each sequence's
-`events` asyncio queue receives `Token`s and one `Finished` (types and text
-handling in `kaito.runtime.sequence`). Forwards never run on the event loop:
-the engine thread evicts finished/cancelled rows and decodes the running batch
-by one token per step; the prefill thread prefills arrivals meanwhile (one
-prompt per forward while the batch decodes, chunks of at most
-`prefill_chunk_tokens` into an idle batch), sends their first tokens at once,
-and hands the rows over to be merged between two decode steps. Without the
-prefill thread (under torchrun, where every rank replays one serial plan
-broadcast before each forward, or for rotary embeddings that rescale by length)
-a step decodes first and then admits arrivals, prefilling at most
-`prefill_step_ratio` times the decode's time. The hot path stays lean:
-all-greedy batches take one argmax, and detokenization calls the Rust
-tokenizer directly.
+Called by the serving layer (`kaito.runtime.serving`) with plain data: `submit()` queues sequences
+(QueueFull beyond `max_waiting`: 429), `cancel()` frees a sequence's slot (client disconnects),
+`add_adapter()`/`remove_adapter()` change adapters between forwards and raise when the change did not happen,
+and each sequence's `events` queue receives `Token`s and one `Finished` (`kaito.runtime.sequence`).
 
-No request can stop the engine (`kaito.runtime.faults`): a forward over
-several rows that fails is retried row by row, so only the rows that fail
-alone end with "error"; sampling is isolated the same way, and under torchrun
-every rank runs the same retries (rank 0 broadcasts them). Only a fault of the
-device or of the torchrun group stops the engine, and then `on_fatal` lets the
-server process exit non-zero.
+Each step of the engine thread asks the scheduler (`kaito.runtime.scheduler`) what to evict and decode, runs
+that plan (`kaito.runtime.plan.StepPlan`) on the executor through the fault guard
+(`kaito.runtime.faults.ForwardGuard`: a forward over several rows that fails is retried row by row, only a
+device or torchrun group fault stops the engine and calls `on_fatal`), and hands the sampled tokens to the
+output processor (`kaito.runtime.output`). With the prefill thread, arrivals are prefilled on it while the
+batch decodes and get their first tokens at once; the engine thread merges their rows between two decode
+steps. Without it (under torchrun, where every rank replays rank 0's plans one forward at a time, or for
+rotary embeddings that rescale by length) a step admits arrivals after its decode, prefilling for at most
+`prefill_step_ratio` times the decode's time. Forwards never run on the event loop.
 """
 
 from __future__ import annotations
@@ -32,99 +23,96 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
-import torch
 from kaito.runtime.executor import BatchExecutor
-from kaito.runtime.faults import ContainedForwards, FaultHook, env_fault_hook, is_device_fault, sample_rows
+from kaito.runtime.faults import ForwardGuard, env_fault_hook, is_device_fault, sample_rows
 from kaito.runtime.lora import LoraAdapter
+from kaito.runtime.output import OutputProcessor
+from kaito.runtime.plan import NOOP, AdapterOp, StepPlan
 from kaito.runtime.sampling import SamplingParams
-from kaito.runtime.sequence import (
-    EngineDead,
-    Finished,
-    NeverFits,
-    QueueFull,
-    Sequence,
-    Token,
-    fast_decode,
-    check_stop,
-    detok,
-    flush,
-    release,
-)
+from kaito.runtime.scheduler import Scheduler
+from kaito.runtime.scheduler import chunks as _chunks  # noqa: F401  (tests/runtime/test_fastpath.py)
+from kaito.runtime.scheduler import fill_holes as _fill_holes  # noqa: F401  (tests/runtime/test_fastpath.py)
+from kaito.runtime.sequence import EngineDead, Finished, NeverFits, QueueFull, Sequence, Token, flush
 
 log = logging.getLogger("kaito.runtime.engine")
 
-
-def _chunks(lengths: list[int], budget: int) -> list[int]:
-    """Split admitted prompts (in order) into prefill forwards of at most `budget` tokens (one prompt at least)."""
-    sizes: list[int] = []
-    used = budget
-    for n in lengths:
-        if sizes and used + n <= budget:
-            sizes[-1] += 1
-            used += n
-        else:
-            sizes.append(1)
-            used = n
-    return sizes
+OP_TIMEOUT_S = 60.0  # an adapter change the engine thread has not taken by then is withdrawn and reported
 
 
-def _fill_holes(alive: list[bool]) -> list[int]:
-    """New batch order after evictions: survivors stay in place and the last survivors move into the
-    holes, so the executor copies one cache row per evicted row instead of shifting every later row."""
-    n = sum(alive)
-    keep = [i if i < n and alive[i] else -1 for i in range(n)]
-    tail = iter(i for i in range(n, len(alive)) if alive[i])
-    return [i if i >= 0 else next(tail) for i in keep]
+@dataclass(eq=False)
+class _AdapterRequest:
+    """An adapter change waiting for the engine thread; `error` is what its caller raises."""
+    op: AdapterOp
+    adapter: LoraAdapter | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
-class Engine(ContainedForwards):
+class _Prefilled(NamedTuple):
+    """Rows the prefill thread prefilled, waiting for the engine thread to merge them into the batch."""
+    rows: list[Sequence]
+    kv: Any
+    mask: Any
+    pos: Any
+
+
+class _Delegate:
+    """An engine attribute that is a component's (`engine.tok` is `engine.output.tok`)."""
+    def __init__(self, component: str, name: str):
+        self.component, self.name = component, name
+
+    def __get__(self, engine, owner=None):
+        return self if engine is None else getattr(getattr(engine, self.component), self.name)
+
+    def __set__(self, engine, value) -> None:
+        setattr(getattr(engine, self.component), self.name, value)
+
+
+class Engine:
+    """The loop and its queues; `scheduler`, `output` and `guard` are its parts (see the module docstring)."""
+
     def __init__(self, executor: BatchExecutor, tokenizer, *, eos_ids: list[int], max_model_len: int,
                  max_batch_size: int = 32, max_waiting: int = 256, metrics=None,
-                 broadcast: Callable[[dict], None] | None = None, max_prefill_tokens: int = 4096,
+                 broadcast: Callable[[StepPlan], None] | None = None, max_prefill_tokens: int = 4096,
                  prefill_chunk_tokens: int = 128, prefill_step_ratio: float = 1.0, prefill_thread: bool = False):
         self.ex = executor
-        self.tok = tokenizer
-        self.eos_ids = list(eos_ids)
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
-        self.max_waiting = max_waiting
-        self.max_prefill_tokens = max_prefill_tokens
-        self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.prefill_step_ratio = prefill_step_ratio
-        self._prefill_s_per_token: float | None = None  # learned from this engine's own prefills
         self.metrics = metrics
         self.broadcast = broadcast
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_waiting=max_waiting,
+                                   max_prefill_tokens=max_prefill_tokens, prefill_chunk_tokens=prefill_chunk_tokens,
+                                   prefill_step_ratio=prefill_step_ratio)
+        self.output = OutputProcessor(tokenizer, eos_ids=eos_ids, max_model_len=max_model_len, metrics=metrics)
+        self._model_lock = threading.Lock()  # adapter (un)loading vs a prefill forward on the other thread
+        self.guard = ForwardGuard(executor, broadcast=broadcast, fail_rows=self._fail_rows, model_lock=self._model_lock,
+                                  hook=env_fault_hook(tokenizer), probe_token=eos_ids[0] if eos_ids else 0)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._ops: deque[tuple] = deque()
+        self._ops: deque[_AdapterRequest] = deque()
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.step_failures = 0
         self._admitting: list[Sequence] = []  # taken from `waiting`, not yet in `running` (failure cleanup)
-        self._outbox: list = []  # events of the current step, flushed at its end
+        self._outbox: list = []  # events of the engine thread's current step, flushed at its end
         self.error: BaseException | None = None
-        # The prefill thread (see `_prefill_loop`): sequences it is prefilling, and prefilled groups
-        # (seqs, kv, mask, pos) waiting for the engine thread to merge them into the batch.
+        # The prefill thread (`_prefill_loop`): sequences it is prefilling, and prefilled rows to merge.
         self.prefill_thread = prefill_thread and broadcast is None
         self._prefiller: threading.Thread | None = None
         self._inflight: list[Sequence] = []
-        self._ready: list[tuple] = []
-        self._model_lock = threading.Lock()  # adapter (un)loading vs a prefill forward on the other thread
+        self._ready: list[_Prefilled] = []
         self._merging = 0  # rows taken from `_ready` and not yet in `running` (counted as busy meanwhile)
-        self.fault_hook: FaultHook | None = env_fault_hook(tokenizer)  # tests: make chosen rows' forwards fail
         self.on_fatal: Callable[[BaseException], None] | None = None  # the server: exit the process
 
-    @property
-    def tok(self):
-        return self._tok
-
-    @tok.setter
-    def tok(self, tokenizer) -> None:
-        self._tok, self._decode = tokenizer, fast_decode(tokenizer)
+    # The tokenizer, the EOS rule and the fault hook (tests) live in the components that use them.
+    tok = _Delegate("output", "tok")
+    eos_ids = _Delegate("output", "eos_ids")
+    fault_hook = _Delegate("guard", "hook")
 
     # ---- called from the event loop -------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
@@ -138,8 +126,8 @@ class Engine(ContainedForwards):
                 raise EngineDead(f"the engine stopped after {self.error!r}")
             # Rows that finished in the last step still sit in `running` until the next evicts them.
             busy = sum(1 for s in self.running if s.finish_reason is None) + self._pending_rows()
-            if len(self.waiting) + len(seqs) > self.max_waiting + max(0, self.max_batch_size - busy):
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.max_waiting})")
+            if not self.scheduler.accepts(len(self.waiting), len(seqs), busy):
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.scheduler.max_waiting})")
             self.waiting.extend(seqs)
             self._cv.notify_all()
         self._gauges()
@@ -147,10 +135,7 @@ class Engine(ContainedForwards):
     def check_fits(self, rows: int) -> None:
         """NeverFits when one request's `rows` sequences could never be held at once, however long they waited
         (the serving layer checks a multi-prompt request as a whole with this before submitting any prompt)."""
-        if rows > self.max_batch_size + self.max_waiting:
-            raise NeverFits(f"this request needs {rows} sequences at once (prompts x n), over this server's limit of "
-                            f"max_batch_size + max_waiting = {self.max_batch_size} + {self.max_waiting}; "
-                            "send fewer prompts or a smaller n per request")
+        self.scheduler.check_fits(rows)
 
     def cancel(self, seqs: list[Sequence]) -> None:
         with self._cv:
@@ -160,25 +145,35 @@ class Engine(ContainedForwards):
             self._cv.notify_all()
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
-        """Install an adapter between steps (workers re-read it from the same path)."""
-        self._run_op(("load", adapter))
+        """Install an adapter between forwards (workers re-read it from the same path); raises when it was not."""
+        self._run_op(_AdapterRequest(AdapterOp("load", adapter.name, str(adapter.path)), adapter))
 
     def remove_adapter(self, name: str) -> None:
-        self._run_op(("unload", name))
+        """Drop an adapter between forwards; raises when it was not dropped."""
+        self._run_op(_AdapterRequest(AdapterOp("unload", name)))
 
-    def _run_op(self, op: tuple) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._apply_ops([op])
-            return
-        done, error = threading.Event(), []
+    def _run_op(self, req: _AdapterRequest) -> None:
+        """Run an adapter change on the engine thread (or here before it started) and raise its failure: the
+        caller records the change only when this returns."""
+        what = f"adapter {req.op.kind} of {req.op.name}"
         with self._cv:
-            self._ops.append((op, done, error))
-            self._cv.notify_all()
-        # The caller records the adapter as loaded only when this returns: a failure or a stuck engine must say so.
-        if not done.wait(timeout=60):
-            raise RuntimeError(f"adapter {op[0]} of {getattr(op[1], 'name', op[1])}: the engine did not run it within 60 s")
-        if error:
-            raise error[0]
+            if self.error is not None or self._stop:
+                raise EngineDead(f"{what}: the engine is stopped" + (f" after {self.error!r}" if self.error else ""))
+            threaded = self._thread is not None and self._thread.is_alive()
+            if threaded:
+                self._ops.append(req)
+                self._cv.notify_all()
+        if not threaded:
+            self._apply_ops([req])
+        elif not req.done.wait(timeout=OP_TIMEOUT_S):
+            with self._cv:
+                if req in self._ops:  # never taken: withdraw it, nothing changed
+                    self._ops.remove(req)
+                    raise RuntimeError(f"{what}: the engine did not run it within {OP_TIMEOUT_S:g} s; nothing changed")
+            if not req.done.wait(timeout=OP_TIMEOUT_S):
+                raise RuntimeError(f"{what}: the engine took it but did not finish within {2 * OP_TIMEOUT_S:g} s")
+        if req.error is not None:
+            raise req.error
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="kaito-engine", daemon=True)
@@ -194,8 +189,9 @@ class Engine(ContainedForwards):
         for t in (self._thread, self._prefiller):
             if t is not None:
                 t.join(timeout=30)
+        self._fail_ops(EngineDead("the engine stopped before running it"))
         if self.broadcast is not None:  # after a fatal error the workers exit non-zero too
-            self.broadcast({"stop": True, **({"error": repr(self.error)} if self.error is not None else {})})
+            self.broadcast(StepPlan(stop=True, error=None if self.error is None else repr(self.error)))
 
     @property
     def num_running(self) -> int:
@@ -204,7 +200,7 @@ class Engine(ContainedForwards):
 
     def _pending_rows(self) -> int:
         """Sequences holding a batch slot outside `running`: being prefilled, or prefilled and not yet merged."""
-        return len(self._inflight) + sum(len(g[0]) for g in self._ready) + self._merging
+        return len(self._inflight) + sum(len(g.rows) for g in self._ready) + self._merging
 
     @property
     def num_waiting(self) -> int:
@@ -213,73 +209,96 @@ class Engine(ContainedForwards):
     # ---- the engine thread ----------------------------------------------------------
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.record_scheduler(self.num_running, self.running, self.waiting, self.max_batch_size * self.max_model_len)
-
-    def _apply_ops(self, ops: list) -> list:
-        wire = []
-        for op in ops:
-            with self._model_lock:  # never while the prefill thread runs a forward through the hooks
-                if op[0] == "load":
-                    self.ex.lora.add(op[1])
-                    wire.append(("load", op[1].name, str(op[1].path)))
-                else:
-                    self.ex.lora.remove(op[1])
-                    wire.append(("unload", op[1]))
-        return wire
+            capacity = self.max_batch_size * self.max_model_len
+            self.metrics.record_scheduler(self.num_running, self.running, self.waiting, capacity)
 
     def _loop(self) -> None:
         failures = 0
         try:
-            while True:
-                with self._cv:
-                    idle = False
-                    while not (self._stop or self.running or self._ready or self._ops
-                               or (self.waiting and self._prefiller is None)):
-                        # Idle workers block in a collective; a periodic no-op keeps it under its timeout.
-                        if not self._cv.wait(timeout=30 if self.broadcast else None):
-                            idle = True
-                            break
-                    if self._stop:
-                        break
-                if idle:
-                    self._send({"noop": True})
-                    continue
-                with self._cv:
-                    ops = list(self._ops)
-                    self._ops.clear()
-                if ops:
-                    wire = []
-                    for op, _, error in ops:
-                        try:
-                            wire += self._apply_ops([op])
-                        except Exception as e:  # a bad adapter fails its own load request, not the engine
-                            error.append(e)
-                    self._send({"keep": list(range(len(self.running))), "decode": [], "prefill": [], "ops": wire})
-                    for _, done, _ in ops:
-                        done.set()
+            while self._wait_for_work():
+                if ops := self._take_ops():
+                    self._apply_ops(ops)
                 try:
                     self.step()
                     failures = 0
                 except EngineDead:
                     raise
                 except Exception as e:
-                    # Forwards and sampling contain their own faults (see _contain); what lands here is a fault
-                    # outside them: it fails the running batch, not the server, unless it repeats or is the device's.
+                    # Forwards and sampling contain their own faults (faults.ForwardGuard); what lands here is a
+                    # fault outside them: it fails the running batch, not the server, unless it repeats or is
+                    # the device's (or the workers' copies can no longer be trusted to match).
                     failures += 1
                     log.exception("engine step failed (%d in a row); aborting the running batch", failures)
                     if failures >= 3 or self.broadcast is not None or is_device_fault(e):
                         raise
-                    self.step_failures += 1
-                    with self._cv:
-                        for s in list(self.running) + self._admitting:
-                            if s.finish_reason is None:
-                                self._finish(s, "error")
-                        self.running, self._admitting = [], []
-                    self.ex.reset()
-                    flush(self._outbox)
+                    self._abort_batch()
         except BaseException as e:  # the server must report, not hang, if a forward fails
             log.exception("engine loop failed")
             self._fail_all(e)
+
+    def _wait_for_work(self) -> bool:
+        """Block until there is work (True) or the engine stops (False); idle torchrun workers block in a
+        collective, so a periodic no-op plan keeps it under its timeout."""
+        while True:
+            with self._cv:
+                while not (self._stop or self._has_work()):
+                    if not self._cv.wait(timeout=30 if self.broadcast else None):
+                        break
+                if self._stop:
+                    return False
+                if self._has_work():
+                    return True
+            self.guard.send(NOOP)
+
+    def _has_work(self) -> bool:
+        return bool(self.running or self._ready or self._ops or (self.waiting and self._prefiller is None))
+
+    def _take_ops(self) -> list[_AdapterRequest]:
+        with self._cv:
+            reqs = list(self._ops)
+            self._ops.clear()
+        return reqs
+
+    def _apply_ops(self, reqs: list[_AdapterRequest]) -> None:
+        """Apply adapter changes here, then send the ones that worked to the workers; a change that fails
+        fails its own caller only. Every caller is answered, whatever happens."""
+        applied = []
+        try:
+            for req in reqs:
+                try:
+                    with self._model_lock:  # never while the prefill thread runs a forward through the hooks
+                        if req.op.kind == "load":
+                            self.ex.lora.add(req.adapter)
+                        else:
+                            self.ex.lora.remove(req.op.name)
+                    applied.append(req.op)
+                except Exception as e:  # a bad adapter fails its own load request, not the engine
+                    req.error = e
+            if applied:
+                self.guard.send(StepPlan(keep=tuple(range(self.ex.batch_size)), ops=tuple(applied)))
+        except BaseException as e:  # the broadcast failed: the workers' adapters are unknown, the engine ends
+            for req in reqs:
+                req.error = req.error or EngineDead(f"adapter {req.op.kind} of {req.op.name}: {e!r}")
+            raise
+        finally:
+            for req in reqs:
+                req.done.set()
+
+    def _fail_ops(self, error: BaseException) -> None:
+        for req in self._take_ops():
+            req.error = error
+            req.done.set()
+
+    def _abort_batch(self) -> None:
+        """After a step failed outside the guarded forwards: the running and admitted rows end with "error"."""
+        self.step_failures += 1
+        with self._cv:
+            for s in list(self.running) + self._admitting:
+                if s.finish_reason is None:
+                    self.output.finish(s, "error", self._outbox)
+            self.running, self._admitting = [], []
+        self.ex.reset()
+        flush(self._outbox)
 
     def _fail_all(self, e: BaseException) -> None:
         """The engine cannot go on: every sequence it holds ends with an error, and both threads stop."""
@@ -287,115 +306,119 @@ class Engine(ContainedForwards):
             self.error, self._stop = e, True
             self._cv.notify_all()
             stuck = list(self.running) + self._admitting + list(self.waiting) + self._inflight
-            stuck += [s for g in self._ready for s in g[0]]
+            stuck += [s for g in self._ready for s in g.rows]
         flush(self._outbox)
+        self._fail_ops(EngineDead(f"the engine stopped after {e!r}"))
         for s in stuck:
             if s.finish_reason is None:
                 s.finish_reason = "error"
-                s._push(Finished("error", len(s.prompt_ids), len(s.output_ids)))
+                s.push(Finished("error", len(s.prompt_ids), len(s.output_ids)))
         if self.on_fatal is not None:
             self.on_fatal(e)
 
-    def step(self) -> None:
-        """One scheduling step: evict, decode the running rows by one token, then admit and prefill arrivals.
+    def _fail_rows(self, rows: list[Sequence], outbox: list | None = None) -> None:
+        """The guard's verdict: these rows' forward failed alone; they end with "error"."""
+        self.step_failures += 1
+        for s in rows:
+            if s.finish_reason is None:
+                self.output.finish(s, "error", self._outbox if outbox is None else outbox)
 
-        Decoding first means a request that arrived during the decode is admitted at the end of the same
-        step (not one whole step later), and running streams get their token before any prefill work.
-        While rows are decoding, the admissions' estimated prefill time is held to `prefill_step_ratio`
-        times this step's decode time (one prompt at least): a burst is admitted over a few steps, running
-        streams keep their pace, and clients that arrived together stop moving in lock-step, so later
-        arrivals find a short queue instead of a whole burst ahead of them (Sarathi-style stall-free batching).
-        """
+    def _advance(self, seqs: list[Sequence], logits, outbox: list | None = None) -> None:
+        """Sample the rows' next tokens (a row whose sampling fails alone ends with "error") and hand them on."""
+        outbox = self._outbox if outbox is None else outbox
+        tokens, infos, failed = sample_rows(logits, seqs, self.output.eos_ids)
+        for i in failed:
+            self.step_failures += 1
+            self.output.finish(seqs[i], "error", outbox)
+        self.output.append(seqs, tokens, infos, outbox)
+
+    def step(self) -> None:
+        """One step: merge what the prefill thread prefilled, evict, decode the running rows by one token,
+        then (without the prefill thread) admit arrivals. Decoding first: a request that arrived during the
+        decode is admitted in the same step, and running streams get their token before any prefill work."""
+        self._merge_ready()
+        decode_s = self._evict_and_decode()
+        if self._prefiller is None:  # else admissions are the prefill thread's job
+            self._admit_inline(decode_s)
+        self._gauges()
+
+    def _merge_ready(self) -> None:
         with self._cv:
             # Rows being merged stay counted as busy (`_merging`): the prefill thread must not see their slots free.
             ready, self._ready = self._ready, []
-            self._merging = sum(len(g[0]) for g in ready)
-        for group, kv, mask, pos in ready:
+            self._merging = sum(len(g.rows) for g in ready)
+        for g in ready:
             try:
-                self.ex.merge(kv, mask, pos, [s.lora for s in group])
-                merged = group
+                self.ex.merge(g.kv, g.mask, g.pos, [s.lora for s in g.rows])
+                merged = g.rows
             except Exception as e:  # e.g. no memory for a bigger cache: these rows fail, the batch goes on
                 merged = []
-                self._contain(e, group)
+                self.guard.contain(e, g.rows)
             with self._cv:
                 self.running = self.running + merged
-                self._merging -= len(group)
+                self._merging -= len(g.rows)
+
+    def _evict_and_decode(self) -> float | None:
+        """Run the scheduler's evictions and decode; returns the decode's seconds (None: nothing decoded)."""
         with self._cv:
-            keep = _fill_holes([s.finish_reason is None and not s.cancelled for s in self.running])
-            for s in self.running:
-                if s.cancelled and s.finish_reason is None:
-                    self._finish(s, "abort")
-            freed = len(self.running) > len(keep)
-            self.running = [self.running[i] for i in keep]
+            ev = self.scheduler.evictions(self.running, self.ex.batch_size)
+            for i in ev.aborted:
+                self.output.finish(self.running[i], "abort", self._outbox)
+            freed = len(self.running) > len(ev.keep)
+            self.running = [self.running[i] for i in ev.keep]
             if freed and self.waiting and self._prefiller is not None:
                 self._cv.notify_all()  # the prefill thread may have been waiting for room
             self._drop_cancelled_waiting(self._outbox)
-        decoding = self.running
         self.steps += 1
-        decode_s = 0.0
-        if decoding or keep != list(range(len(keep))) or self.ex.batch_size != len(keep):
-            # The same order as worker ranks replay it (`distributed.Replayer`): evict, then decode.
-            plan = {"keep": keep, "decode": [s.pending for s in decoding], "prefill": []}
-            self._send(plan)
-            self.ex.evict(keep)
-            if decoding:
-                t0 = time.perf_counter()
-                self._decode_step(decoding, plan["decode"])
-                decode_s = time.perf_counter() - t0
-                flush(self._outbox)
-        if self._prefiller is not None:  # admissions are the prefill thread's job
-            self._gauges()
-            return
-        # While rows decode, prefill may take `prefill_step_ratio` x this decode's time; the queue is looked at
-        # again after each admission, so requests that arrive during a prefill still get in this step.
-        deadline = time.perf_counter() + self.prefill_step_ratio * decode_s if decoding and self.prefill_step_ratio > 0 else None
+        if ev.plan is None:
+            flush(self._outbox)
+            return None
+        t0 = time.perf_counter()
+        self.guard.decode(ev.plan, self.running, self._advance)
+        decode_s = time.perf_counter() - t0
+        flush(self._outbox)
+        return decode_s if ev.plan.decode else None
+
+    def _admit_inline(self, decode_s: float | None) -> None:
+        """Admit and prefill arrivals on the engine thread, within the scheduler's budget; the queue is looked at
+        again after each admission, so requests that arrive during a prefill still get in this step."""
+        tokens, seconds = self.scheduler.inline_budget(decode_s)
+        deadline = None if seconds is None else time.perf_counter() + seconds
         first = True
-        while admitted := self._admit(self._room(), self.max_prefill_tokens,
+        while admitted := self._admit(self._room(), tokens,
                                       None if deadline is None else deadline - time.perf_counter(), first):
             first = False
             self._prefill(admitted)
             if deadline is None:
                 break
         flush(self._outbox)
-        self._gauges()
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        chunks = _chunks([len(s.prompt_ids) for s in admitted], self.prefill_chunk_tokens)
+        """Prefill admitted rows chunk by chunk; each chunk's first tokens go out as soon as it is prefilled, so
+        a burst of arrivals is served in order instead of everyone waiting for the whole burst."""
         self._admitting = admitted
         done = 0
-        for size in chunks:
-            # Each chunk's first tokens go out as soon as it is prefilled: a burst of arrivals is served
-            # in order instead of everyone waiting for the whole burst. Under torchrun, one plan per forward.
-            group = admitted[done:done + size]
-            self._send(self._prefill_plan(group))
+        for group in self.scheduler.chunks(admitted):
             t0 = time.perf_counter()
-            try:
-                pre = self._guarded("prefill", group, lambda g=group: self.ex.prefill([s.prompt_ids for s in g], [s.lora for s in g]))
-            except Exception as e:
-                self._prefill_alone(group, e)  # the group stays in `_admitting` meanwhile (cleanup on EngineDead)
-                pre = None
-            if pre is not None:
-                if self.metrics is not None:
-                    self.metrics.record_prefill(group)
-                self.running.extend(group)
-            self._admitting = admitted[done + size:]
-            done += size
-            if pre is not None:
-                self._advance(group, pre)
-            self._learn_prefill(sum(len(s.prompt_ids) for s in group), time.perf_counter() - t0)
+            self.guard.prefill(group, self._join)  # the group stays in `_admitting` meanwhile (cleanup on failure)
+            done += len(group)
+            self._admitting = admitted[done:]
+            self.scheduler.learn_prefill(sum(len(s.prompt_ids) for s in group), time.perf_counter() - t0)
             flush(self._outbox)
         self._admitting = []
 
+    def _join(self, rows: list[Sequence], logits) -> None:
+        """Rows prefilled into the batch on the engine thread: they run from now on."""
+        if self.metrics is not None:
+            self.metrics.record_prefill(rows)
+        self.running.extend(rows)
+        self._advance(rows, logits)
+
     # ---- the prefill thread -----------------------------------------------------------
     def _prefill_loop(self) -> None:
-        """Prefill arrivals while the engine thread decodes, and send their first tokens at once.
-
-        Why: on a busy batch an arrival would otherwise wait for the decode step under way and then add its
-        prefill to the next one, for every running stream. Here it waits only for its own forward (the
-        prompt's forward reads the weights and no batch state), and the engine thread merges the prefilled
-        rows between two decode steps. Prompts are taken in arrival order, one chunk of at most
-        `prefill_chunk_tokens` per forward, while the batch has room.
-        """
+        """Prefill arrivals while the engine thread decodes, and send their first tokens at once: an arrival
+        waits only for its own forward (which reads the weights and no batch state) instead of the decode
+        under way, and adds no prefill to every running stream's next step."""
         outbox: list = []
         while True:
             with self._cv:
@@ -404,17 +427,13 @@ class Engine(ContainedForwards):
                 if self._stop:
                     return
                 self._drop_cancelled_waiting(outbox)
-                # While the batch decodes, one prompt per forward: an arrival's first token waits for no other
-                # prompt, and arrivals spread over decode steps instead of moving in lock-step. Into an idle
-                # batch a burst goes in chunks, sharing each forward's fixed cost.
-                group = self._admit(self._room() if not self.running else 1,
-                                    min(self.prefill_chunk_tokens, self.max_prefill_tokens))
+                group = self._admit(*self.scheduler.apart_budget(self._room(), bool(self.running)))
                 self._inflight = group
             flush(outbox)
             if not group:
                 continue
             try:
-                self._prefill_group(group, outbox)
+                self.guard.prefill_apart(group, lambda rows, out: self._hand_over(rows, out, outbox), outbox)
             except EngineDead as e:
                 flush(outbox)
                 self._fail_all(e)
@@ -423,35 +442,35 @@ class Engine(ContainedForwards):
                 log.exception("prefill bookkeeping failed; failing its %d requests", len(group))
                 for s in group:
                     if s.finish_reason is None:
-                        self._finish(s, "error", outbox)
+                        self.output.finish(s, "error", outbox)
             flush(outbox)
             with self._cv:
                 self._inflight = []
                 self._cv.notify_all()
             self._gauges()
 
+    def _hand_over(self, rows: list[Sequence], out, outbox: list) -> None:
+        """Rows the prefill thread prefilled: first tokens out now, rows queued for the engine thread's merge."""
+        logits, kv, mask, pos = out
+        if self.metrics is not None:
+            self.metrics.record_prefill(rows)
+        self._advance(rows, logits, outbox)
+        flush(outbox)
+        with self._cv:  # one lock: the rows never count twice (in-flight and ready) for the gauges
+            self._ready.append(_Prefilled(rows, kv, mask, pos))
+            self._inflight = [s for s in self._inflight if s not in rows]
+            self._cv.notify_all()
+
+    # ---- shared by both threads -------------------------------------------------------
     def _room(self) -> int:
-        return self.max_batch_size - len(self.running) - self._pending_rows()
+        return self.scheduler.room(len(self.running) + self._pending_rows())
 
-    def _learn_prefill(self, tokens: int, seconds: float) -> None:
-        """Running estimate of prefill seconds per prompt token (forward, sampling and delivery included)."""
-        per = seconds / max(1, tokens)
-        self._prefill_s_per_token = per if self._prefill_s_per_token is None else 0.8 * self._prefill_s_per_token + 0.2 * per
-
-    def _admit(self, max_rows: int, max_tokens: int, time_left: float | None = None, first: bool = True) -> list[Sequence]:
-        """Take waiting sequences in arrival order: at most `max_rows` rows and `max_tokens` prompt tokens and,
-        when `time_left` is given, that much estimated prefill time; with `first` one is taken regardless."""
-        per = self._prefill_s_per_token or 0.0
-        admitted: list[Sequence] = []
+    def _admit(self, max_rows: int, max_tokens: int, time_left: float | None = None,
+               first: bool = True) -> list[Sequence]:
+        """Take the scheduler's admissions from the front of the queue."""
         with self._cv:
-            while self.waiting and len(admitted) < max_rows:
-                n = len(self.waiting[0].prompt_ids)
-                if not (first and not admitted) and (n > max_tokens or (time_left is not None and n * per > time_left)):
-                    break
-                max_tokens -= n
-                if time_left is not None:
-                    time_left -= n * per
-                admitted.append(self.waiting.popleft())
+            n = self.scheduler.admissions(self.waiting, max_rows, max_tokens, time_left, first)
+            admitted = [self.waiting.popleft() for _ in range(n)]
         if self.metrics is not None:
             self.metrics.record_scheduled(admitted)
         return admitted
@@ -460,53 +479,7 @@ class Engine(ContainedForwards):
         """Sequences cancelled while waiting never run (caller holds the lock)."""
         for s in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(s)
-            self._finish(s, "abort", outbox)
-
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, outbox: list | None = None) -> None:
-        outbox = self._outbox if outbox is None else outbox
-        tokens, infos, failed = sample_rows(logits, seqs, [] if not self.eos_ids else self.eos_ids)
-        for i in failed:
-            self.step_failures += 1
-            self._finish(seqs[i], "error", outbox)
-        now = time.monotonic()
-        for s, t, info in zip(seqs, tokens, infos):
-            if s.finish_reason is not None or s.cancelled:
-                continue
-            if self.metrics is not None:
-                self.metrics.record_token(s, now)
-            if s.first_token_at is None:
-                s.first_token_at = now
-            s.last_token_at = now
-            s.output_ids.append(t)
-            reason = None
-            stopped_by_string = False
-            if t in self.eos_ids and not s.params.ignore_eos:
-                reason = "stop"
-            else:
-                detok(s, self._decode, final=False)
-                if s.params.stop:
-                    reason = check_stop(s)
-                    stopped_by_string = reason is not None
-            if reason is None and len(s.output_ids) >= s.params.max_tokens:
-                reason = "length"
-            if reason is None and len(s.prompt_ids) + len(s.output_ids) >= self.max_model_len:
-                reason = "length"
-            if reason is not None:
-                if not stopped_by_string and s._read < len(s.output_ids):
-                    detok(s, self._decode, final=True)  # flush bytes held back for an unfinished character
-                    if s.params.stop:
-                        check_stop(s)
-                s._push(Token(t, release(s, final=True), info), outbox)
-                self._finish(s, reason, outbox)
-            else:
-                s.pending = t
-                s._push(Token(t, release(s, final=False), info), outbox)
-
-    def _finish(self, s: Sequence, reason: str, outbox: list | None = None) -> None:
-        s.finish_reason = reason
-        if self.metrics is not None:
-            self.metrics.record_finished(s, reason)
-        s._push(Finished(reason, len(s.prompt_ids), len(s.output_ids)), self._outbox if outbox is None else outbox)
+            self.output.finish(s, "abort", outbox)
 
 
 def run_to_completion(engine: Engine, seqs: list[Sequence]) -> list[tuple[list[int], str, str]]:
@@ -517,4 +490,4 @@ def run_to_completion(engine: Engine, seqs: list[Sequence]) -> list[tuple[list[i
     return [(s.output_ids, s.text, s.finish_reason) for s in seqs]
 
 
-__all__ = ["Any", "Engine", "Finished", "QueueFull", "SamplingParams", "Sequence", "Token", "flush", "run_to_completion"]
+__all__ = ["Engine", "Finished", "QueueFull", "SamplingParams", "Sequence", "Token", "flush", "run_to_completion"]

@@ -10,13 +10,16 @@ that is the device's or the process group's (`is_device_fault`) raises
 `EngineDead`: the engine stops and the server process exits non-zero so
 Kubernetes restarts it. `sample_rows` gives sampling the same per-row isolation.
 
-Under torchrun the same policy holds on every rank: rank 0 broadcasts a plan
-before each forward (`_send`), the retries and the probe included, and the plan
-that follows a failed forward says so (`after_fault`), so worker ranks
-(`kaito.runtime.distributed.Replayer`) run the same forwards in the same order,
-drop what their own copy of the failed forward did, and go on.
+`ForwardGuard` applies this policy to the engine's forwards: the engine hands
+it the rows and what to do with the rows that succeed. Under torchrun the same
+policy holds on every rank: rank 0 broadcasts a plan
+(`kaito.runtime.plan.StepPlan`) before each forward (`ForwardGuard.send`), the
+retries and the probe included, and the plan that follows a failed forward says
+so (`after_fault`), so worker ranks (`kaito.runtime.distributed.Replayer`) run
+the same forwards in the same order, drop what their own copy of the failed
+forward did, and go on.
 
-`FaultHook` is the test-only injection point at this boundary: the engine
+`FaultHook` is the test-only injection point at this boundary: the guard
 calls it with the rows of each forward just before running it. `env_fault`
 builds one from KAITO_TEST_FAULT that every rank reads alike (torchrun tests).
 """
@@ -27,11 +30,13 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
+from kaito.runtime.plan import StepPlan, prefill_plan
 from kaito.runtime.sampling import sample
-from kaito.runtime.sequence import EngineDead, Sequence, flush
+from kaito.runtime.sequence import EngineDead, Sequence
 
 log = logging.getLogger("kaito.runtime.faults")
 
@@ -102,121 +107,112 @@ def run_alone(rows: Iterable[Sequence], forward: Callable[[Sequence], Any], acce
         accept(s, out)
 
 
-class ContainedForwards:
-    """The engine's forwards with containment (a mixin of `kaito.runtime.engine.Engine`, kept here with the
-    policy it applies). Uses the engine's executor `ex`, `running`, `broadcast`, `eos_ids`, `fault_hook`,
-    `step_failures`, `metrics`, `_cv`, `_ready`, `_inflight`, `_model_lock`, `_advance` and `_finish`."""
+class ForwardGuard:
+    """The engine's forwards with containment, kept here with the policy it applies.
 
-    _faulted = False  # rank 0's last forward failed: the next plan tells the workers (`after_fault`)
+    Owned by the engine (`kaito.runtime.engine`), which gives it the executor `ex`, `broadcast` (rank 0's plan
+    broadcast, None in one process), `fail_rows(rows, outbox)` (end these rows with "error"), the lock that
+    keeps adapter changes away from a forward on the prefill thread, and `hook` (tests). The engine passes
+    each call the rows to run and `accept(rows, logits)`, which takes the rows of a forward that succeeded
+    (alone or all together); rows that fail alone go to `fail_rows`. Every forward is preceded by its plan
+    (`send`), so under torchrun the worker ranks run the same forwards, retries and probes included."""
 
-    def _send(self, plan: dict) -> None:
+    def __init__(self, ex, *, broadcast: Callable[[StepPlan], None] | None,
+                 fail_rows: Callable[[list[Sequence], list | None], None], model_lock, hook: FaultHook | None = None,
+                 probe_token: int = 0):
+        self.ex, self.broadcast, self.fail_rows, self.model_lock = ex, broadcast, fail_rows, model_lock
+        self.hook, self.probe_token = hook, probe_token
+        self.faulted = False  # rank 0's last forward failed: the next plan tells the workers (`after_fault`)
+
+    def send(self, plan: StepPlan) -> None:
         """Under torchrun: broadcast the plan of the next forward(s) (or a no-op) to the worker ranks."""
         if self.broadcast is None:
             return
-        if self._faulted:
-            plan, self._faulted = {**plan, "after_fault": True}, False
+        if self.faulted:
+            plan, self.faulted = replace(plan, after_fault=True), False
         self.broadcast(plan)
 
-    def _prefill_plan(self, rows: list[Sequence]) -> dict:
-        return {"keep": list(range(len(self.running))), "decode": [],
-                "prefill": [(s.prompt_ids, [list(x) for x in s.lora]) for s in rows]}
-
-    def _guarded(self, kind: str, rows: list[Sequence], forward: Callable[[], Any]) -> Any:
+    def run(self, kind: str, rows: list[Sequence], forward: Callable[[], Any]) -> Any:
+        """One forward over `rows` (`kind`: prefill or decode), remembering a failure for the next plan."""
         try:
-            if self.fault_hook is not None:
-                self.fault_hook(kind, rows)
+            if self.hook is not None:
+                self.hook(kind, rows)
             return forward()
         except Exception:
-            self._faulted = True
+            self.faulted = True
             raise
 
-    def _contain(self, e: BaseException, rows: list[Sequence], outbox: list | None = None) -> None:
+    def contain(self, e: BaseException, rows: list[Sequence], outbox: list | None = None) -> None:
         """A forward over only these rows failed: their requests fail, the engine goes on. EngineDead instead
         when the fault is the device's or the group's, or when a one-token probe forward (on every rank) fails too."""
         if is_device_fault(e):
             raise EngineDead(f"unrecoverable forward failure: {e!r}") from e
         log.error("a forward failed for %d request row(s) alone; failing only them: %r", len(rows), e)
-        self.step_failures += 1
-        for s in rows:
-            if s.finish_reason is None:
-                self._finish(s, "error", outbox)
+        self.fail_rows(rows, outbox)
 
         def one_token():
-            tokens = [[self.eos_ids[0] if self.eos_ids else 0]]
-            self._send({"keep": list(range(self.ex.batch_size)), "decode": [], "prefill": [], "probe": tokens})
-            with self._model_lock:
-                self.ex.prefill_forward(tokens, [()])
+            tokens = ((self.probe_token,),)
+            self.send(StepPlan(keep=tuple(range(self.ex.batch_size)), probe=tokens))
+            with self.model_lock:
+                self.ex.prefill_forward([list(t) for t in tokens], [()])
         probe(one_token)
 
-    def _prefill_alone(self, group: list[Sequence], e: BaseException) -> None:
-        """The inline path's prefill of `group` failed: each row alone joins the batch or fails by itself."""
-        if len(group) == 1:
-            return self._contain(e, group)
-        log.warning("prefill of %d prompts failed (%r); prefilling each alone", len(group), e)
-
-        def forward(s: Sequence):
-            self._send(self._prefill_plan([s]))
-            return self._guarded("prefill", [s], lambda: self.ex.prefill([s.prompt_ids], [s.lora]))
-
-        def accept(s: Sequence, logits) -> None:
-            self.running.append(s)
-            self._advance([s], logits)
-        run_alone(group, forward, accept, self._contain)
-
-    def _decode_step(self, rows: list[Sequence], tokens: list[int]) -> None:
-        """Decode the running rows by one token; when the batch's forward fails, each row alone."""
+    def _contained(self, kind: str, rows: list[Sequence], forward: Callable[[list[Sequence]], Any],
+                   accept: Callable[[list[Sequence], Any], None], outbox: list | None, alone=None) -> None:
+        """forward(rows), then accept; when that forward fails, each row alone (`alone(row)`, default
+        forward([row])), so only the rows that fail alone fail."""
         try:
-            logits = self._guarded("decode", rows, lambda: self.ex.decode(tokens))
+            out = forward(rows)
         except Exception as e:
             if len(rows) == 1:
-                return self._contain(e, rows)
-            log.warning("decode of %d rows failed (%r); decoding each alone", len(rows), e)
-            run_alone(rows, self._decode_one, lambda s, logits: self._advance([s], logits), self._contain)
+                return self.contain(e, rows, outbox)
+            noun, gerund = {"prefill": ("prompts", "prefilling"), "decode": ("rows", "decoding")}[kind]
+            log.warning("%s of %d %s failed (%r); %s each alone", kind, len(rows), noun, e, gerund)
+            run_alone(rows, alone or (lambda s: forward([s])), lambda s, out: accept([s], out),
+                      lambda e, r: self.contain(e, r, outbox))
             return
-        self._advance(rows, logits)
+        accept(rows, out)
 
-    def _decode_one(self, s: Sequence):
+    def prefill(self, group: list[Sequence], accept: Callable[[list[Sequence], Any], None]) -> None:
+        """The engine thread's prefill of `group` into the batch (one plan per forward)."""
+        def forward(rows: list[Sequence]):
+            plan = prefill_plan(self.ex.batch_size, [(s.prompt_ids, s.lora) for s in rows])
+            self.send(plan)
+            return self.run("prefill", rows, lambda: self.ex.prefill(plan.prompts, plan.loras))
+        self._contained("prefill", group, forward, accept, None)
+
+    def decode(self, plan: StepPlan, batch: list[Sequence], accept: Callable[[list[Sequence], Any], None]) -> None:
+        """Rank 0's run of a decode plan: evict (`keep`), then decode the first len(decode) rows of `batch`,
+        the engine's running rows after eviction. A retry row by row reorders `batch` in place, as it
+        reorders the executor's rows."""
+        self.send(plan)
+        self.ex.evict(list(plan.keep))
+        if not plan.decode:
+            return
+        rows = batch[:len(plan.decode)]
+        tokens = list(plan.decode)
+        self._contained("decode", rows, lambda r: self.run("decode", r, lambda: self.ex.decode(tokens)), accept, None,
+                        alone=lambda s: self._decode_one(batch, s))
+
+    def _decode_one(self, batch: list[Sequence], s: Sequence):
         """Decode one running row alone: it moves to the batch's front (a permutation of the cache rows)
         and the executor decodes that prefix of one; the other rows get a padding column."""
-        i = self.running.index(s)
-        order = [i] + [j for j in range(len(self.running)) if j != i]
-        self._send({"keep": order, "decode": [s.pending], "prefill": []})
+        i = batch.index(s)
+        order = [i] + [j for j in range(len(batch)) if j != i]
+        plan = StepPlan(keep=tuple(order), decode=(s.pending,))
+        self.send(plan)
         self.ex.evict(order)
-        self.running = [self.running[j] for j in order]
-        return self._guarded("decode", [s], lambda: self.ex.decode([s.pending]))
+        batch[:] = [batch[j] for j in order]
+        return self.run("decode", [s], lambda: self.ex.decode(list(plan.decode)))
 
-    def _prefill_group(self, group: list[Sequence], outbox: list) -> None:
-        """The prefill thread's forward of one group, its first tokens, and the hand-over to the engine thread;
-        when the group's forward fails, each prompt alone."""
+    def prefill_apart(self, group: list[Sequence], accept: Callable[[list[Sequence], Any], None], outbox: list) -> None:
+        """The prefill thread's forward of `group` (no batch state: `accept` gets (logits, kv, mask, pos))."""
         def forward(rows: list[Sequence]):
             def run():
-                with self._model_lock:
+                with self.model_lock:
                     return self.ex.prefill_forward([s.prompt_ids for s in rows], [s.lora for s in rows])
-            return self._guarded("prefill", rows, run)
-
-        def accept(rows: list[Sequence], out) -> None:
-            logits, kv, mask, pos = out
-            if self.metrics is not None:
-                self.metrics.record_prefill(rows)
-            self._advance(rows, logits, outbox)
-            flush(outbox)
-            with self._cv:  # one lock: the rows never count twice (in-flight and ready) for the gauges
-                self._ready.append((rows, kv, mask, pos))
-                self._inflight = [s for s in self._inflight if s not in rows]
-                self._cv.notify_all()
-
-        def contain(e: BaseException, rows: list[Sequence]) -> None:
-            self._contain(e, rows, outbox)
-
-        try:
-            out = forward(group)
-        except Exception as e:
-            if len(group) == 1:
-                return contain(e, group)
-            log.warning("prefill of %d prompts failed (%r); prefilling each alone", len(group), e)
-            run_alone(group, lambda s: forward([s]), lambda s, o: accept([s], o), contain)
-            return
-        accept(group, out)
+            return self.run("prefill", rows, run)
+        self._contained("prefill", group, forward, accept, outbox)
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> tuple[list, list, list[int]]:

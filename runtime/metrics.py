@@ -2,8 +2,9 @@
 
 Created once per app by `Runtime` (`kaito.runtime.serving`; its own CollectorRegistry, so several apps
 in one process never collide) and bound to the served model name once it is loaded (`bind`). The
-engine (`kaito.runtime.engine`) calls the `record_*` methods at its few points (admission, prefill,
-each token, finish, each step's gauges); the serving layer counts adapters and refusals. Exposed by the
+engine (`kaito.runtime.engine`: admission, prefill, each step's gauges) and its output processor
+(`kaito.runtime.output`: each token, finish) call the `record_*` methods; the serving layer counts
+adapters and refusals. Exposed by the
 api at GET /metrics (Prometheus text) and GET /kaito/metrics (Kaito's JSON `{"gpu_info", "cpu_info"}`).
 
 Names follow vLLM's v1 Prometheus logger (vllm/v1/metrics/loggers.py): every series carries
@@ -139,7 +140,7 @@ class Metrics:
         self.prompt_tokens.inc(sum(len(s.prompt_ids) for s in seqs))
 
     def record_token(self, s, now: float) -> None:
-        """One generated token of `s`, before the engine updates its first/last token times."""
+        """One generated token of `s`, before the output processor updates its first/last token times."""
         if s.first_token_at is None:
             self.ttft.observe(now - s.arrival)
         else:

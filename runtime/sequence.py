@@ -1,9 +1,9 @@
-"""One generation's state and its text side: Sequence, the events it sends, incremental detokenization
-and stop strings.
+"""One generation's state and the events it sends: Sequence, Token, Finished, and their delivery.
 
-Used by the engine (`kaito.runtime.engine`), which re-exports the types the serving layer imports:
-`Token` and `Finished` events reach each request's asyncio queue through `flush()`, one wake-up per
-event loop per engine step. The text functions run on whichever engine thread advances the sequence.
+Created by the serving layer (`kaito.runtime.serving`), one per choice of a request, and advanced by the
+engine's threads (`kaito.runtime.engine`, text and stop handling in `kaito.runtime.output`). `Token` and
+`Finished` events reach each request's asyncio queue through `flush()`, one wake-up per event loop per
+engine step. The admission errors the engine raises to the serving layer live here too.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
-from kaito.runtime.lora import RowSpec
-from kaito.runtime.sampling import SamplingParams
+if TYPE_CHECKING:
+    from kaito.runtime.sampling import SamplingParams
 
 _ids = itertools.count()
 
@@ -52,7 +51,7 @@ class Finished:
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    lora: RowSpec = ()
+    lora: tuple[tuple[str, float], ...] = ()  # kaito.runtime.lora.RowSpec
     loop: asyncio.AbstractEventLoop | None = None
     index: int = 0  # choice index within its request
     queue: asyncio.Queue | None = None  # shared by the choices of one request
@@ -63,21 +62,23 @@ class Sequence:
     pending: int | None = None  # sampled token not yet fed to the model
     finish_reason: str | None = None
     cancelled: bool = False
-    generator: torch.Generator | None = None
+    generator: Any = None  # torch.Generator of a seeded request
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
     scheduled_at: float | None = None  # left the queue for a prefill (metrics: queue and prefill time)
-    _prefix: int = 0
-    _read: int = 0
+    detok_prefix: int = 0  # incremental detokenization offsets into output_ids (kaito.runtime.output.detok)
+    detok_read: int = 0
 
     def __post_init__(self):
         self.events: asyncio.Queue = self.queue if self.queue is not None else asyncio.Queue()
         if self.params.seed is not None:
+            import torch  # only seeded requests need it; the scheduler's tests build sequences without torch
+
             # manual_seed takes [-2**63, 2**64); any integer seed maps into that range instead of overflowing.
             self.generator = torch.Generator().manual_seed(int(self.params.seed) % (1 << 64))
 
-    def _push(self, item, outbox: list | None = None) -> None:
+    def push(self, item, outbox: list | None = None) -> None:
         """Deliver (choice index, Token | Finished) to the request's queue on its event loop.
 
         With an outbox the delivery waits for `flush()`, so one engine step wakes the loop once, not per row.
@@ -106,47 +107,3 @@ def flush(outbox: list) -> None:
         except RuntimeError:  # that loop is closed (server shutting down): nobody is listening
             pass
     outbox.clear()
-
-
-def fast_decode(tok) -> Callable[[list[int]], str]:
-    """decode(ids, skip_special_tokens=True), straight to the Rust tokenizer when that gives the same text.
-
-    transformers' wrapper (type conversion, kwargs) costs several times the decode itself, once per row
-    and token; it only adds work when clean_up_tokenization_spaces is set.
-    """
-    backend = getattr(tok, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "decode") and not getattr(tok, "clean_up_tokenization_spaces", False):
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tok.decode(ids, skip_special_tokens=True)
-
-
-def detok(s: Sequence, decode: Callable[[list[int]], str], final: bool) -> str:
-    """Incremental detokenization (prefix/read offsets) so multi-byte characters are never split."""
-    ids = s.output_ids
-    prev = decode(ids[s._prefix:s._read])
-    new = decode(ids[s._prefix:])
-    if len(new) > len(prev) and (final or not new.endswith("\ufffd")):
-        delta = new[len(prev):]
-        s.text += delta
-        s._prefix, s._read = s._read, len(ids)
-        return delta
-    return ""
-
-def check_stop(s: Sequence) -> str | None:
-    """Cut the text at the first stop string found near the unsent end; "stop" when one was."""
-    longest = max(len(x) for x in s.params.stop)
-    window_start = max(0, s.emitted - longest)
-    hits = [(s.text.find(x, window_start), x) for x in s.params.stop]
-    hits = [(i, x) for i, x in hits if i >= 0]
-    if hits:
-        s.text = s.text[: min(i for i, _ in hits)]
-        return "stop"
-    return None
-
-def release(s: Sequence, final: bool) -> str:
-    """Text safe to send now: hold back what could still become a stop string."""
-    hold = 0 if final or not s.params.stop else max(len(x) for x in s.params.stop) - 1
-    upto = max(s.emitted, len(s.text) - hold)
-    out = s.text[s.emitted:upto]
-    s.emitted = upto
-    return out

@@ -29,11 +29,12 @@ from pathlib import Path
 
 from kaito.presets.contract import ADAPTER_CONFIG_FILE
 from kaito.presets.errors import KaitoError
-from kaito.runtime.engine import Engine, Finished, QueueFull, Sequence, Token
-from kaito.runtime.sequence import EngineDead, NeverFits
+from kaito.runtime.engine import Engine
 from kaito.runtime.lora import RowSpec, discover_adapters, read_adapter
 from kaito.runtime.metrics import Metrics
+from kaito.runtime.plan import AdapterOp, StepPlan
 from kaito.runtime.sampling import SamplingParams
+from kaito.runtime.sequence import EngineDead, Finished, NeverFits, QueueFull, Sequence, Token
 from kaito.runtime.settings import RuntimeSettings, adapter_strength
 
 log = logging.getLogger("kaito.runtime")
@@ -53,7 +54,7 @@ def not_found(model: str) -> ApiError:
 class Runtime:
     """The server's state: settings, metrics, and (once loaded) model, engine and adapters."""
 
-    def __init__(self, settings: RuntimeSettings, broadcast: Callable[[dict], None] | None = None):
+    def __init__(self, settings: RuntimeSettings, broadcast: Callable[[StepPlan], None] | None = None):
         self.settings = settings
         self.metrics = Metrics()
         self.broadcast = broadcast
@@ -95,8 +96,8 @@ class Runtime:
                 metrics=self.metrics, broadcast=self.broadcast,
             )
             if self.broadcast is not None:
-                self.broadcast({"keep": [], "decode": [], "prefill": [],
-                                "ops": [("load", n, str(a.path)) for n, a in executor.lora.adapters.items()]})
+                startup = tuple(AdapterOp("load", n, str(a.path)) for n, a in executor.lora.adapters.items())
+                self.broadcast(StepPlan(ops=startup))  # the workers read the same adapters from the same paths
             self.engine.on_fatal = lambda e: self._fatal(f"the engine stopped: {e!r}")
             self.engine.start()
             self.status = "ready"
@@ -106,7 +107,7 @@ class Runtime:
             self.status, self.error = "failed", str(e)
             if self.broadcast is not None:
                 try:
-                    self.broadcast({"stop": True, "error": str(e)})  # worker ranks exit non-zero too
+                    self.broadcast(StepPlan(stop=True, error=str(e)))  # worker ranks exit non-zero too
                 except Exception:
                     log.exception("could not tell worker ranks to stop")
             self._fatal(f"loading the model failed: {e}")
@@ -215,9 +216,12 @@ class Runtime:
         async with self._adapter_lock:
             if name not in self.strengths:
                 raise ApiError(404, f"adapter {name!r} is not loaded", "NotFoundError", "lora_name")
-            del self.strengths[name]
-            await asyncio.to_thread(self.engine.remove_adapter, name)
+            del self.strengths[name]  # no new request resolves it, whatever the engine answers
             self.metrics.adapters_loaded.set(len(self.strengths))
+            try:
+                await asyncio.to_thread(self.engine.remove_adapter, name)
+            except Exception as e:  # the engine did not drop its weights (stopped, or timed out)
+                raise ApiError(503, f"unloading adapter {name}: {e}", type="ServiceUnavailableError") from None
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     # ---- generation ------------------------------------------------------------------

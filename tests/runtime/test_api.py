@@ -158,6 +158,28 @@ async def test_load_and_unload_adapters(client, spare_adapter, tmp_path):
     assert after["choices"][0]["text"] == before["choices"][0]["text"]  # merged set is back to alpha+beta
 
 
+async def test_adapter_changes_the_engine_did_not_make_are_503_and_not_recorded(client, spare_adapter):
+    """The engine raises for an adapter change it did not make (stopped, timed out): the API says 503 and never
+    lists a load that did not happen."""
+    from kaito.runtime.sequence import EngineDead
+
+    engine = client.app.state.runtime.engine
+
+    def dead(*args):
+        raise EngineDead("the engine is stopped")
+    engine.add_adapter, engine.remove_adapter = dead, dead
+    try:
+        r = await client.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(spare_adapter)})
+        assert r.status_code == 503 and "loading adapter gamma: the engine is stopped" in r.json()["error"]["message"]
+        assert "gamma" not in [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+        r = await client.post("/v1/unload_lora_adapter", json={"lora_name": "alpha"})
+        assert r.status_code == 503 and "unloading adapter alpha" in r.json()["error"]["message"]
+        # No new request resolves an adapter being unloaded, whatever the engine answered.
+        assert (await client.post("/v1/completions", json={"prompt": "hi", "model": "alpha"})).status_code == 404
+    finally:
+        del engine.add_adapter, engine.remove_adapter
+
+
 async def test_lora_loading_can_be_disabled(tiny_model_dir, spare_adapter):
     async with asgi_client(settings_for(tiny_model_dir, enable_lora_loading=False)) as c:
         r = await c.post("/v1/load_lora_adapter", json={"lora_name": "g", "lora_path": str(spare_adapter)})

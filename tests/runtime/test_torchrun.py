@@ -182,15 +182,16 @@ def test_a_worker_replays_rank_0s_retries_whatever_its_own_forward_did(tiny_mode
     from kaito.runtime.distributed import Replayer
     from kaito.runtime.executor import BatchExecutor
     from kaito.runtime.loader import load
+    from kaito.runtime.plan import StepPlan, prefill_plan
     from kaito.runtime.settings import RuntimeSettings
 
     loaded = load(RuntimeSettings(model_dir=tiny_model_dir, preset="tiny-phi-3"))
     rank0, worker = BatchExecutor(loaded.model), Replayer(BatchExecutor(loaded.model))
     prompts = [loaded.tokenizer(p)["input_ids"] for p in ("What is a GPU?", "hi", "Numbers 0 1 2 3")]
     rank0.prefill(prompts, [()] * 3)
-    worker.replay({"keep": [], "decode": [], "prefill": [(p, []) for p in prompts]})
-    worker.replay({"keep": [0, 1, 2], "decode": [5, 6, 7], "prefill": []})  # rank 0's copy of this decode failed
-    worker.replay({"keep": [1, 0, 2], "decode": [6], "prefill": [], "after_fault": True})  # its retry of row 1 alone
+    worker.replay(prefill_plan(0, [(p, ()) for p in prompts]))
+    worker.replay(StepPlan(keep=(0, 1, 2), decode=(5, 6, 7)))  # rank 0's copy of this decode failed
+    worker.replay(StepPlan(keep=(1, 0, 2), decode=(6,), after_fault=True))  # its retry of row 1 alone
     rank0.evict([1, 0, 2])
     rank0.decode([6])
     assert (worker.ex.width, worker.ex.pos.tolist()) == (rank0.width, rank0.pos.tolist())
@@ -199,9 +200,9 @@ def test_a_worker_replays_rank_0s_retries_whatever_its_own_forward_did(tiny_mode
     def fault(kind, rows):
         raise RuntimeError("only on this rank")
     worker.fault = fault
-    worker.replay({"keep": [0, 1, 2], "decode": [1, 2, 3], "prefill": []})  # fails here, swallowed for now
+    worker.replay(StepPlan(keep=(0, 1, 2), decode=(1, 2, 3)))  # fails here, swallowed for now
     with pytest.raises(SystemExit, match="failed here .* but not on rank 0"):
-        worker.replay({"keep": [0, 1, 2], "decode": [1, 2, 3], "prefill": []})  # rank 0's had succeeded
+        worker.replay(StepPlan(keep=(0, 1, 2), decode=(1, 2, 3)))  # rank 0's had succeeded
 
 
 async def test_a_worker_reports_rank_0s_health(tmp_path):
