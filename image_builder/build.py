@@ -138,21 +138,46 @@ def _modelpack_media_type(rel: str) -> str:
     return V.MODEL_WEIGHT_CONFIG_TAR
 
 
+def _arcname(prefix: str, f: str) -> str:
+    return f"{prefix}/{f}" if prefix else f
+
+
+def _file_annotations(arc: str) -> dict[str, str]:
+    """A file layer's annotations: its `org.cncf.model.filepath` is its path in the tar."""
+    return {V.MODEL_FILEPATH: arc, V.ANN_TITLE: f"{arc}.tar"}
+
+
 def _file_layers(wdir: Path, files: list[str], prefix: str, hook: dict, progress: Progress) -> list[Layer]:
-    """One uncompressed tar layer per file at `<prefix>/<file>`; its `org.cncf.model.filepath` is that tar path."""
+    """One uncompressed tar layer per file at `<prefix>/<file>`."""
     out = []
     for f in files:
-        arc = f"{prefix}/{f}" if prefix else f
+        arc = _arcname(prefix, f)
         out.append(
             Layer.from_file(
                 wdir / f,
                 arc,
-                annotations={V.MODEL_FILEPATH: arc, V.ANN_TITLE: f"{arc}.tar"},
+                annotations=_file_annotations(arc),
                 progress=progress.task(f"hash:{arc}", f"hash {arc}", (wdir / f).stat().st_size),
                 **hook,
             )
         )
     return out
+
+
+def _shared_file_layers(wdir: Path, files: list[str], prefixes: list[str], progress: Progress) -> list[list[Layer]]:
+    """Each file as one tar layer per prefix, the file read once for all of them; one list per prefix.
+
+    The same layers `_file_layers` gives for each prefix alone (same digests, same cache entries).
+    """
+    per_file = [
+        Layer.from_file_variants(
+            wdir / f,
+            [(_arcname(p, f), _file_annotations(_arcname(p, f))) for p in prefixes],
+            progress=progress.task(f"hash:{f}", f"hash {f}", (wdir / f).stat().st_size),
+        )
+        for f in files
+    ]
+    return [list(column) for column in zip(*per_file, strict=True)] if per_file else [[] for _ in prefixes]
 
 
 def _modelpack(spec, tag: str, layers: list[Layer], annotations: dict) -> Image:
@@ -210,6 +235,17 @@ class _Output:
         self.written += written[0]
         return layers
 
+    def file_layers_for(self, targets: list[tuple[Reference, str]], wdir: Path, files: list[str]) -> list[list[Layer]]:
+        """The file layers for several images, one list per (ref, prefix) target.
+
+        Bound for registries, each file is hashed once for every image: the
+        image's tar and the ModelPack's differ only in their headers. A layout sink instead
+        writes each image's blobs while hashing them, so each target keeps its own pass.
+        """
+        if any(ref.is_layout for ref, _ in targets):
+            return [self.file_layers(ref, wdir, files, prefix) for ref, prefix in targets]
+        return _shared_file_layers(wdir, files, [prefix for _, prefix in targets], self.progress)
+
     def write(self, img: Image, ref: Reference) -> PushResult:
         return write_image(img, ref, self.conn, jobs=self.jobs, progress=self.progress, **self.push_kw)
 
@@ -256,13 +292,11 @@ def _preset_image(spec, tag: str, layers: list[Layer], base_img: Image, annotati
     )
 
 
-def _write_modelpack(out: _Output, spec, registry: str, tag: str, wdir: Path, files: list[str], annotations: dict):
-    """Write the weights-only ModelPack artifact; returns its PushResult.
+def _write_modelpack(out: _Output, spec, ref: Reference, tag: str, layers: list[Layer], annotations: dict):
+    """Write the weights-only ModelPack artifact of `layers` (the files at their model-relative paths).
 
     It carries the preset image's annotations less those about a filesystem (content root, base).
     """
-    ref = image_ref_for(registry, modelpack_repository(spec.name), tag)
-    layers = out.file_layers(ref, wdir, files, "")
     keep = {k: v for k, v in annotations.items() if k != V.ANN_CONTENT_ROOT and ".base." not in k}
     return out.write(_modelpack(spec, tag, layers, keep), ref)
 
@@ -289,14 +323,16 @@ def build_preset(
     wdir = preset_weights(spec.name, weights_dir)
     weights, other = _split_files(wdir)
     files = weights + other
+    mp_ref = image_ref_for(registry, modelpack_repository(spec.name), tag) if modelpack else None
+    targets = [(ref, WEIGHTS_ROOT)] + ([(mp_ref, "")] if mp_ref else [])
     with Connection(auth_file, insecure) as conn:
         out = _Output(conn, jobs, progress, push_kw)
-        layers = out.file_layers(ref, wdir, files, WEIGHTS_ROOT)
+        layers, *mp_layers = out.file_layers_for(targets, wdir, files)
         base_img = read_image(as_ref(base, "base"), conn) if base else empty_image()
         annotations = _preset_annotations(spec, tag, base, base_img)
         img = _preset_image(spec, tag, layers, base_img, annotations, serves=bool(base))
         res = out.write(img, ref)
-        mres = _write_modelpack(out, spec, registry, tag, wdir, files, annotations) if modelpack else None
+        mres = _write_modelpack(out, spec, mp_ref, tag, mp_layers[0], annotations) if mp_ref else None
     summary = tuple({"file": f, "digest": x.digest, "size": x.size} for f, x in zip(files, layers, strict=True))
     uploaded = res.bytes_uploaded + (mres.bytes_uploaded if mres else 0) + out.written
     mp_ref, mp_digest = (mres.ref, mres.digest) if mres else (None, None)

@@ -186,13 +186,12 @@ def download(
     if dest.exists():
         return dest
     own = client is None
-    if own:
-        client = httpx.Client(follow_redirects=True, timeout=60)
+    http = httpx.Client(follow_redirects=True, timeout=60) if client is None else client
     job = _Job(
         url,
         dest.with_name(dest.name + ".part"),
         what or redact(url),
-        client,
+        http,
         dict(headers or {}),
         expected_size,
         sha256,
@@ -209,6 +208,6 @@ def download(
         raise
     finally:
         if own:
-            client.close()
+            http.close()
     _finish(job, dest)
     return dest

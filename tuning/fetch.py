@@ -131,8 +131,7 @@ def pull_image(ref: str, dest: Path, auth_file: Optional[Path] = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=dest))
     try:
-        kwargs = {"auth_file": auth_file} if auth_file else {}
-        pull(ref, tmp, **kwargs)
+        pull(ref, tmp, auth_file=auth_file)
         root = tmp / "data" if (tmp / "data").is_dir() else tmp
         for p in root.iterdir():
             if not p.name.startswith(".kaito"):  # the pull's own bookkeeping stays behind

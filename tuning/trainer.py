@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 from kaito.presets import PresetSpec, contract, get_preset
 from kaito.presets.errors import InvalidInput
@@ -119,7 +119,7 @@ def _make_trainer_class():
 
         def _prepare_inputs(self, inputs):
             n = inputs.pop("num_tokens", None)
-            if n is not None and self.model.training:
+            if n is not None and self.model is not None and self.model.training:
                 if not self._last_log[1]:  # the first batch starts the tokens/s clock
                     self._last_log = (self._tokens, time.monotonic())
                 self._tokens += int(n)
@@ -214,7 +214,8 @@ def load_model(cfg: TuningConfig, preset: PresetSpec, model_dir: Path, gradient_
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"loading the model from {model_dir} with training_config.ModelConfig: {e}") from None
     if cfg.loading_info:
-        model, info = model
+        # transformers types from_pretrained as returning the model; output_loading_info makes it (model, info)
+        model, info = cast("tuple[Any, dict]", model)
         log.info("model loading info (ModelConfig.output_loading_info): %s", info)
     # A KV cache is useless in training and would stop transformers from
     # building the block-diagonal mask that packing relies on.
@@ -236,7 +237,9 @@ def _check_push_ref(push: str) -> None:
     try:
         parse_reference(push, "--push")
     except InvalidInput as e:
-        raise InvalidInput(f"{e} (the adapter image to push, e.g. myregistry.azurecr.io/adapters/phi-3:0.0.1)") from None
+        raise InvalidInput(
+            f"{e} (the adapter image to push, e.g. myregistry.azurecr.io/adapters/phi-3:0.0.1)"
+        ) from None
 
 
 def run_tuning(
@@ -268,9 +271,13 @@ def run_tuning(
         except OSError as e:  # a parent directory this user may not enter
             raise InvalidInput(f"--push-secret {push_secret}: cannot be read ({e.strerror})") from None
         if not readable:
-            raise InvalidInput(f"--push-secret {push_secret}: no such file, or not readable (the mounted dockerconfigjson)")
+            raise InvalidInput(
+                f"--push-secret {push_secret}: no such file, or not readable (the mounted dockerconfigjson)"
+            )
     output = Path(output).absolute()
-    cfg = parse_config(config if config is not None else default_config_path(method), method=method, results_root=output)
+    cfg = parse_config(
+        config if config is not None else default_config_path(method), method=method, results_root=output
+    )
     out_dir = cfg.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"output_dir": str(out_dir), "resumed_from": None}
@@ -319,12 +326,22 @@ def _train(cfg, spec, data, output, out_dir, model_dir, fetch_kwargs) -> dict:
     model = load_model(cfg, spec, mdir, bool(args.gradient_checkpointing))
     if state.is_main_process:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("training %d examples (%s, packing=%s); %d trainable parameters", len(train), cfg.method,
-                 cfg.dataset.packing, trainable)
+        log.info(
+            "training %d examples (%s, packing=%s); %d trainable parameters",
+            len(train),
+            cfg.method,
+            cfg.dataset.packing,
+            trainable,
+        )
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator,
-        processing_class=tok, callbacks=_callbacks(),
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evals,
+        data_collator=collator,
+        processing_class=tok,
+        callbacks=_callbacks(),
     )
     ckpts = complete_checkpoints(out_dir)
     resume = str(ckpts[-1]) if ckpts else None

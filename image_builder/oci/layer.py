@@ -20,7 +20,7 @@ import json
 import os
 import tarfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
@@ -67,7 +67,13 @@ class TarEntry:
     def size(self) -> int:
         if self.kind != "file":
             return 0
-        return len(self.data) if self.data is not None else self.source.stat().st_size
+        return len(self.data) if self.data is not None else self.file().stat().st_size
+
+    def file(self) -> Path:
+        """The file a file entry without `data` is read from."""
+        if self.source is None:
+            raise InvalidInput(f"tar entry {self.path}: a file entry needs `source` (a path) or `data` (bytes)")
+        return self.source
 
 
 def _header(e: TarEntry, size: int) -> bytes:
@@ -96,7 +102,7 @@ def tar_segments(entries: Iterable[TarEntry]) -> tuple[Segment, ...]:
             else:
                 segs.append(pending)
                 pending = b""
-                segs.append(FileRange(e.source, 0, size))
+                segs.append(FileRange(e.file(), 0, size))
             pad = -size % 512
             pending += b"\0" * pad
     segs.append(pending + b"\0" * 1024)
@@ -142,7 +148,7 @@ class PipelinedSha256:
     def __init__(self, h=None) -> None:
         self.h = h if h is not None else hashlib.sha256()
         self.ex = ThreadPoolExecutor(1, thread_name_prefix="kaito-hash")
-        self.pending = None
+        self.pending: Optional[Future[None]] = None
 
     def update(self, b) -> None:
         fut = self.ex.submit(self.h.update, b)
@@ -255,10 +261,13 @@ def hash_variants(variants: list[tuple[Segment, ...]], progress: ProgressFn = No
     cursors = [0] * len(variants)
     for r in ranges + [None]:
         for i, v in enumerate(variants):  # literal bytes up to the next shared file range
-            while cursors[i] < len(v) and isinstance(v[cursors[i]], bytes):
-                hashers[i].update(v[cursors[i]])
+            while cursors[i] < len(v):
+                seg = v[cursors[i]]
+                if not isinstance(seg, bytes):
+                    break
+                hashers[i].update(seg)
                 if progress and i == 0:
-                    progress(len(v[cursors[i]]))
+                    progress(len(seg))
                 cursors[i] += 1
             cursors[i] += 1  # past the file range itself
         if r is not None:
@@ -373,17 +382,18 @@ class Layer:
             raise InvalidInput(f"layer source {path} is not a file")
         segs = [_file_tar(path, arc, None, True) for arc, _ in variants]
         keys = [DigestCache.key(sg, V.OCI_LAYER) if cache else None for sg in segs]
-        digests = [DigestCache.get(k) if k else None for k in keys]
-        todo = [i for i, d in enumerate(digests) if d is None]
+        cached = [DigestCache.get(k) if k else None for k in keys]
+        todo = [i for i, d in enumerate(cached) if d is None]
         if progress is not None and hasattr(progress, "resize"):
             progress.resize(_size(segs[0]))
-        if todo:
-            for i, d in zip(todo, hash_variants([segs[i] for i in todo], progress)):
-                digests[i] = d
-                if keys[i]:
-                    DigestCache.put(keys[i], d)
-        elif progress:
+        fresh = dict(zip(todo, hash_variants([segs[i] for i in todo], progress))) if todo else {}
+        for i, d in fresh.items():
+            key = keys[i]
+            if key:
+                DigestCache.put(key, d)
+        if not todo and progress:
             progress(_size(segs[0]))
+        digests = [fresh[i] if d is None else d for i, d in enumerate(cached)]
         return [
             cls(V.OCI_LAYER, d, _size(sg), d, dict(ann or {}), sg) for (_, ann), sg, d in zip(variants, segs, digests)
         ]

@@ -229,6 +229,11 @@ class Layout(BlobSource):
             desc = V.pick_platform(m)
             raw = self.read_blob(desc.digest)
             m = V.parse_manifest(raw, desc.media_type)
+            if isinstance(m, V.Index):
+                raise OCIError(
+                    f"reading oci:{self.path}:{target or 'latest'}: the index entry {desc.digest} is itself "
+                    "an index; name an image manifest"
+                )
         return image_from_manifest(m, self.read_blob(m.config.digest), self)
 
     def write_image(self, image: Image, tag: Optional[str], progress_for=None) -> int:
@@ -264,7 +269,7 @@ class Layout(BlobSource):
 def image_from_manifest(m: V.Manifest, config: bytes, source: BlobSource) -> Image:
     """An Image whose layers stream from `source` (digests as the manifest says; checked when read)."""
     V.verify_bytes(config, m.config.digest, "image config")
-    cfg_diff = []
+    cfg_diff: list[str] = []
     try:
         cfg_diff = (json.loads(config).get("rootfs") or {}).get("diff_ids") or []
     except (ValueError, AttributeError):

@@ -136,8 +136,8 @@ class Pusher:
         mount = getattr(layer.source, "mount_from", None) if layer.source else None
         location = None
         if mount and mount[0] == self.registry.host and mount[1] != self.repo:
-            location, mounted = self.registry.start_upload(self.repo, mount=(layer.digest, mount[1]))
-            if mounted:
+            location = self.registry.mount_blob(self.repo, layer.digest, mount[1])
+            if location is None:
                 self.stats.add("mounted", layer.digest)
                 self.progress.finish(layer.digest, f"mounted from {mount[1]}")
                 return "mounted"
@@ -165,7 +165,7 @@ class Pusher:
             got = self.registry.upload_offset(self.repo, st["location"]) if st else None
             if got is not None and got[1] <= layer.size:
                 return got[0], got[1], "resumed" if got[1] else "uploaded"
-            location, _ = self.registry.start_upload(self.repo)
+            location = self.registry.start_upload(self.repo)
         return location, 0, "uploaded"
 
     def _attempt(self, layer: Layer, location: Optional[str], advance) -> str:
@@ -202,7 +202,7 @@ class Pusher:
             advance(offset)
         while offset < layer.size:  # an empty blob needs no PATCH, only the final PUT
             n = min(self.chunk, layer.size - offset)
-            sent = {}
+            sent: dict[str, PipelinedSha256] = {}
 
             def body(start=offset, n=n, base=h, sent=sent) -> Iterator[bytes]:
                 # Each attempt hashes from the same starting state; hashing overlaps the send.

@@ -36,7 +36,6 @@ from kaito.presets import retry
 from kaito.presets.validate import is_loopback, redact
 
 __all__ = ["Registry", "RemoteRepo", "parse_challenge"]
-_UNSET = object()
 
 
 class Registry:
@@ -58,11 +57,12 @@ class Registry:
         self.retries, self.backoff = retries, backoff
         self.policy = retry.Backoff(attempts=retries + 1, base=backoff)
         self._auth_file = auth_file
-        self._credential = credential if credential is not None else _UNSET
+        self._credential = credential
+        self._looked_up = credential is not None
         if auth_file is not None and credential is None:
             # A file the user named is read now, so a wrong path fails before any work; the
             # default files (and credential helpers, which may be slow) wait for a challenge.
-            self._credential = credential_for(host, auth_file)
+            self._credential, self._looked_up = credential_for(host, auth_file), True
         self._cred_lock = threading.Lock()
         self._http = HTTPTransport(timeout=timeout, verify=not insecure)
         self._scheme = SchemeTransport(self._http, host, insecure, is_loopback(host))
@@ -75,8 +75,8 @@ class Registry:
     def credential(self) -> Optional[Credential]:
         """Credentials for this host, looked up on first need (a credential helper may be slow)."""
         with self._cred_lock:
-            if self._credential is _UNSET:
-                self._credential = credential_for(self.host, self._auth_file)
+            if not self._looked_up:
+                self._credential, self._looked_up = credential_for(self.host, self._auth_file), True
             return self._credential
 
     @property
@@ -180,24 +180,35 @@ class Registry:
 
         return gen()
 
-    def start_upload(self, repo: str, mount: Optional[tuple[str, str]] = None) -> tuple[Optional[str], bool]:
-        """POST an upload session; with `mount=(digest, from_repo)` try a cross-repo mount first.
+    def start_upload(self, repo: str) -> str:
+        """POST a new upload session; returns its location."""
+        location = self._post_upload(repo, None)
+        if location is None:
+            raise RegistryError(
+                f"starting an upload to {self.host}/{repo}",
+                "POST",
+                redact(self.url(f"/v2/{repo}/blobs/uploads/")),
+                201,
+                "the registry answered 201 Created to a request that sent no blob; expected 202 Accepted",
+            )
+        return location
 
-        Returns (location, mounted): mounted=True means the blob is already there.
-        """
+    def mount_blob(self, repo: str, digest: str, from_repo: str) -> Optional[str]:
+        """Cross-repo mount `digest` from `from_repo`: None when mounted, else the upload session opened instead."""
+        return self._post_upload(repo, (digest, from_repo))
+
+    def _post_upload(self, repo: str, mount: Optional[tuple[str, str]]) -> Optional[str]:
+        """POST an upload session (trying the mount `(digest, from_repo)` first): its location, None when created."""
         scope = (f"repository:{repo}:pull,push",) + ((f"repository:{mount[1]}:pull",) if mount else ())
         params = {"mount": mount[0], "from": mount[1]} if mount else None
-        r = self.request(
-            "POST",
-            self.url(f"/v2/{repo}/blobs/uploads/"),
-            scope=scope,
-            params=params,
-            doing=f"starting an upload to {self.host}/{repo}",
-            ok=(201, 202),
-        )
+        doing = f"starting an upload to {self.host}/{repo}"
+        url = self.url(f"/v2/{repo}/blobs/uploads/")
+        r = self.request("POST", url, scope=scope, params=params, doing=doing, ok=(201, 202))
         if r.status_code == 201:
-            return None, True
-        return str(httpx.URL(self.url("/")).join(r.headers["location"])), False
+            return None
+        if "location" not in r.headers:
+            raise RegistryError(doing, "POST", redact(url), r.status_code, "the answer has no Location header")
+        return str(httpx.URL(self.url("/")).join(r.headers["location"]))
 
     def upload_offset(self, repo: str, location: str) -> Optional[tuple[str, int]]:
         """Where an interrupted upload stands: (location, bytes the registry holds), None when it is gone."""

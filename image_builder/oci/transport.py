@@ -75,11 +75,8 @@ class HTTPTransport:
     """The httpx client, opened on demand (Image values read earlier may stream after a close)."""
 
     def __init__(self, *, timeout: float = 120.0, verify: bool = True) -> None:
-        self._args = dict(
-            timeout=httpx.Timeout(timeout, connect=15.0),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
-            verify=verify,
-        )
+        self._timeout = httpx.Timeout(timeout, connect=15.0)
+        self._verify = verify
         self._client: Optional[httpx.Client] = None
         self._lock = threading.Lock()
 
@@ -87,7 +84,11 @@ class HTTPTransport:
     def client(self) -> httpx.Client:
         with self._lock:
             if self._client is None or self._client.is_closed:
-                self._client = httpx.Client(**self._args)
+                self._client = httpx.Client(
+                    timeout=self._timeout,
+                    limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+                    verify=self._verify,
+                )
             return self._client
 
     def close(self) -> None:
@@ -215,7 +216,7 @@ class AuthTransport:
             else:
                 q = [("service", params["service"])] if params.get("service") else []
                 q += [("scope", s) for s in scopes]
-                r = client.get(realm, params=q, headers={"Authorization": cred.basic_header()} if cred else {})
+                r = client.get(realm, params=tuple(q), headers={"Authorization": cred.basic_header()} if cred else {})
         except httpx.TransportError as e:
             raise TransportFailure(RegistryError(doing, "GET", redact(realm), None, type(e).__name__)) from None
         if r.status_code in (401, 403):

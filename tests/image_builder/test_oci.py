@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import subprocess
 import tarfile
 
@@ -13,9 +14,9 @@ from hypothesis import given, settings, strategies as st
 
 from kaito.image_builder.oci import Layer, append, empty_image, parse_reference
 from kaito.image_builder.oci import values as V
-from kaito.image_builder.oci.errors import BadReference, OCIError
+from kaito.image_builder.oci.errors import BadReference, InvalidInput, OCIError
 from kaito.image_builder.oci.image import validate
-from kaito.image_builder.oci.layer import stream_segments
+from kaito.image_builder.oci.layer import TarEntry, stream_segments
 from kaito.image_builder.oci.layout import Layout
 
 
@@ -182,6 +183,27 @@ def test_layout_ingest_verifies_expected_digest(tmp_path):
     with pytest.raises(OCIError, match="expected"):
         lay.ingest([b"abc"], expect="sha256:" + "0" * 64)
     assert not any((tmp_path / "l" / "blobs" / "sha256").iterdir())  # nothing half-valid left
+
+
+def test_a_file_entry_with_no_content_is_named():
+    with pytest.raises(InvalidInput, match="tar entry data/x: a file entry needs `source`"):
+        Layer.from_entries([TarEntry("data/x", "file")])
+
+
+def test_a_layout_index_entry_that_is_itself_an_index_is_refused(tmp_path):
+    lay = Layout(tmp_path / "l")
+    inner = json.dumps({"schemaVersion": 2, "mediaType": V.OCI_INDEX, "manifests": []}).encode()
+    platform = {"os": "linux", "architecture": V.host_arch()}
+    entry = {"mediaType": V.OCI_MANIFEST, "digest": lay.ingest([inner]), "size": len(inner), "platform": platform}
+    outer = json.dumps({"schemaVersion": 2, "mediaType": V.OCI_INDEX, "manifests": [entry]}).encode()
+    top = {"mediaType": V.OCI_INDEX, "digest": lay.ingest([outer]), "size": len(outer)}
+    (tmp_path / "l" / "index.json").write_text(
+        json.dumps({"schemaVersion": 2, "manifests": [{**top, "annotations": {V.ANN_REF_NAME: "t"}}]})
+    )
+    with pytest.raises(
+        OCIError, match=re.escape(f"oci:{tmp_path / 'l'}:t: the index entry {entry['digest']} is itself an index")
+    ):
+        lay.read_image("t")
 
 
 def test_stream_segments_detects_shrinking_source(tmp_path):

@@ -52,7 +52,7 @@ def test_a_cut_patch_cancels_the_session_and_the_rerun_restarts_that_blob(regist
     reg = Registry(registry.host)
     repo = "pin/cut"
     try:
-        location, _ = reg.start_upload(repo)
+        location = reg.start_upload(repo)
         first = layer.read_bytes()[:CHUNK]
         location = reg.patch(repo, location, 0, CHUNK, lambda: [first])  # chunk 1 accepted
         assert reg.upload_offset(repo, location)[1] == CHUNK  # between chunks the session resumes

@@ -76,6 +76,19 @@ def test_build_and_push_reads_each_weight_file_once_to_hash_and_once_to_send(emp
     assert sum(got.values()) == 0, dict(got)
 
 
+def test_build_with_the_modelpack_hashes_each_file_once_for_both_images(empty_registry, weights_dir, monkeypatch):
+    got = _spy(monkeypatch, weights_dir.resolve())
+    res = build_preset("tiny-phi-3", empty_registry.host, tag="reads", weights_dir=weights_dir)
+    assert res.modelpack_digest is not None
+    sizes = {p.name: p.stat().st_size for p in weights_dir.iterdir()}
+    assert res.bytes_uploaded >= 2 * sizes["model.safetensors"]  # both images really went up
+    for name, size in sizes.items():
+        assert 2 * size <= got[name] <= 3 * size, (name, got[name], size)  # one hash pass + one send per image
+    # the digests of describing each image on its own (what a build into a layout does)
+    solo = build_preset("tiny-phi-3", str(weights_dir.parent / "layout"), tag="reads", weights_dir=weights_dir)
+    assert (solo.digest, solo.modelpack_digest) == (res.digest, res.modelpack_digest)
+
+
 def test_one_file_as_two_tar_layers_is_read_once(weights_dir, monkeypatch):
     got = _spy(monkeypatch, weights_dir.resolve())
     f = weights_dir / "model.safetensors"

@@ -53,6 +53,8 @@ def scripted():
             self.end_headers()
             self.wfile.write(body)
 
+        do_POST = do_GET
+
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     script.host = f"127.0.0.1:{httpd.server_address[1]}"
@@ -141,6 +143,21 @@ def test_construction_does_no_io_and_the_scheme_probe_runs_once(scripted):
         assert [p for _, p, _ in scripted.requests] == ["/v2/r/x/manifests/v1", "/v2/r/x/manifests/v2"]
     finally:
         reg.close()
+
+
+@pytest.mark.parametrize(
+    "status, why", [(201, "201 Created to a request that sent no blob"), (202, "no Location header")]
+)
+def test_an_upload_session_without_a_location_is_a_named_registry_error(scripted, status, why):
+    scripted.answers = [(status, {})]
+    reg = _registry(scripted.host, [])
+    try:
+        with pytest.raises(RegistryError, match=why) as e:
+            reg.start_upload("r/x")
+    finally:
+        reg.close()
+    assert e.value.status == status and "starting an upload to" in str(e.value)
+    assert scripted.requests[0][:2] == ("POST", "/v2/r/x/blobs/uploads/")
 
 
 def test_parse_challenge():
