@@ -240,7 +240,7 @@ def _check_adapters(adapters: list[schema.AdapterSpec], errors: list[str]) -> No
     seen: set[str] = set()
     for i, adapter in enumerate(adapters):
         field = f"inference.adapters[{i}]"
-        name = adapter.source.name
+        name = adapter.source.name or ""  # "" fails the label check as "is required"
         # Each adapter's init container is named adapter-<name>, a DNS-1123 label itself.
         problem = dns_label_problem(name, LABEL_MAX - len(render_inference.ADAPTER_INIT_PREFIX))
         if problem:

@@ -34,7 +34,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if "default" in node and node["default"] is not None:
             out["default"] = node["default"]
         return out
-    out: dict[str, Any] = {}
+    out = {}
     if "const" in node:
         node = {**node, "enum": [node["const"]]}
     if "enum" in node and "type" not in node:

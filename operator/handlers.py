@@ -29,7 +29,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import kopf
 from kaito.operator import admission, reconcile, schema
@@ -38,7 +38,17 @@ from kaito.operator.settings import OperatorSettings
 from kaito.presets.skus import DEFAULT_MAX_REPLICAS
 
 FINALIZER = "workspace.finalizer.kaito.sh"
-WORKSPACES = {"group": schema.GROUP, "version": schema.STORAGE_VERSION, "plural": schema.PLURAL}
+
+
+class _ResourceKwargs(TypedDict):
+    """Kopf's resource selector as keywords, typed so `**WORKSPACES` checks against each decorator."""
+
+    group: str
+    version: str
+    plural: str
+
+
+WORKSPACES: _ResourceKwargs = {"group": schema.GROUP, "version": schema.STORAGE_VERSION, "plural": schema.PLURAL}
 CHILD_LABELS = {schema.LABEL_WORKSPACE: kopf.PRESENT}
 log = logging.getLogger("kaito.operator")
 
@@ -80,7 +90,7 @@ class OperatorState:
 
 
 async def _pass(
-    state: OperatorState, body: dict[str, Any], logger: logging.Logger, old: dict[str, Any] | None = None
+    state: OperatorState, body: dict[str, Any], logger: kopf.Logger, old: dict[str, Any] | None = None
 ) -> reconcile.Outcome:
     meta = body["metadata"]
     key = (meta.get("namespace") or "default", meta["name"])
@@ -161,7 +171,7 @@ def _on_workspace(registry: kopf.OperatorRegistry, state: OperatorState) -> None
     """Reconcile on create, update and resume, and re-check every resync period."""
     settings = state.settings
 
-    async def handle(body: Any, logger: logging.Logger, old: Any = None, reason: str = "", **_: Any) -> None:
+    async def handle(body: Any, logger: kopf.Logger, old: Any = None, reason: str = "", **_: Any) -> None:
         # Only updates carry an old spec to check immutability against (Kaito enforces it in the webhook).
         previous = dict(old) if reason == "update" and old and old.get("resource") else None
         try:
@@ -177,7 +187,7 @@ def _on_workspace(registry: kopf.OperatorRegistry, state: OperatorState) -> None
         decorator(**WORKSPACES, registry=registry, id="reconcile")(handle)
 
     @kopf.timer(**WORKSPACES, registry=registry, interval=settings.resync_seconds, idle=settings.resync_seconds)
-    async def resync(body: Any, logger: logging.Logger, **_: Any) -> None:
+    async def resync(body: Any, logger: kopf.Logger, **_: Any) -> None:
         try:
             await _pass(state, dict(body), logger)
         except APIError as e:
@@ -187,7 +197,7 @@ def _on_workspace(registry: kopf.OperatorRegistry, state: OperatorState) -> None
 def _on_children(registry: kopf.OperatorRegistry, state: OperatorState) -> None:
     """Reconcile a workspace when one of its children (or its nodes) changes."""
 
-    async def child_event(body: Any, logger: logging.Logger, type: str | None, **_: Any) -> None:
+    async def child_event(body: Any, logger: kopf.Logger, type: str | None, **_: Any) -> None:
         labels = body.get("metadata", {}).get("labels") or {}
         name, ns = labels.get(schema.LABEL_WORKSPACE), labels.get(schema.LABEL_WORKSPACE_NS)
         if not name or not ns or state.api is None:
@@ -214,7 +224,7 @@ def _on_delete(registry: kopf.OperatorRegistry, state: OperatorState) -> None:
     settings = state.settings
 
     @kopf.on.delete(**WORKSPACES, registry=registry, id="finalize")
-    async def on_delete(body: Any, logger: logging.Logger, **_: Any) -> None:
+    async def on_delete(body: Any, logger: kopf.Logger, **_: Any) -> None:
         assert state.api is not None
         try:
             await reconcile.write_status(
@@ -230,7 +240,8 @@ def _on_validate(registry: kopf.OperatorRegistry, settings: OperatorSettings) ->
     """The validating webhook, with this operator's replica cap."""
 
     @kopf.on.validate(**WORKSPACES, registry=registry, id="validate-workspace")
-    def on_validate(body: Any, old: Any, operation: str | None, **_: Any) -> None:
+    # Kopf passes `old` and `operation` to admission handlers through **kwargs (WebhookFn leaves them out).
+    def on_validate(body: Any, old: Any = None, operation: str | None = None, **_: Any) -> None:
         validate_webhook(body, old, operation, max_replicas=settings.max_replicas)
 
 

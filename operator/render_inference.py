@@ -59,7 +59,7 @@ def _adapter_parts(
     inits, env, volumes = [], [], []
     for adapter in ws.inference.adapters or []:
         name = adapter.source.name or ""
-        mounts = [{"name": "adapter", "mountPath": contract.ADAPTERS_DIR}]
+        mounts: list[dict[str, Any]] = [{"name": "adapter", "mountPath": contract.ADAPTERS_DIR}]
         secrets = adapter.source.image_pull_secrets or []
         container: dict[str, Any] = {
             "name": f"{ADAPTER_INIT_PREFIX}{name}",  # admission keeps names short enough

@@ -14,15 +14,16 @@ rounds to 0, typical_p other than 1 are refused before anything runs); tokenizat
 from __future__ import annotations
 
 from fastapi import Request
-from kaito.runtime.engine import Token
+from kaito.runtime.openai_serving import ready_model, ready_tokenizer
 from kaito.runtime.protocol import KaitoChatRequest
 from kaito.runtime.sampling import SamplingParams
+from kaito.runtime.sequence import Token
 from kaito.runtime.serving import ApiError, Runtime
 
 
 async def kaito_chat(rt: Runtime, req: KaitoChatRequest, request: Request) -> dict:
     rt.require_ready()
-    tok = rt.loaded.tokenizer
+    model, tok = ready_model(rt), ready_tokenizer(rt)
     gk = req.generate_kwargs
     if req.prompt is not None:
         text = (req.prefix or "") + req.prompt
@@ -43,12 +44,12 @@ async def kaito_chat(rt: Runtime, req: KaitoChatRequest, request: Request) -> di
                 add_generation_prompt=True, tokenize=True, return_dict=False))
         except Exception as e:  # the template's own checks (role order, unknown role)
             raise ApiError(400, f"the chat template rejected these messages: {e}") from None
-    elif rt.loaded.pipeline == "conversational":
+    elif model.pipeline == "conversational":
         raise ApiError(400, "Conversational parameter messages required")
     else:
         raise ApiError(400, "Text generation parameter prompt required")
 
-    limit = rt.loaded.max_model_len
+    limit = model.max_model_len
     new_tokens = gk.max_new_tokens if gk.max_new_tokens is not None else gk.max_length - len(ids)
     if new_tokens < 1 or len(ids) + new_tokens > limit:
         if req.handle_long_generation == "hole":

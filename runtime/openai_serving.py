@@ -11,31 +11,56 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from kaito.runtime import logits
-from kaito.runtime.engine import Token
 from kaito.runtime.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
 )
 from kaito.runtime.sampling import SamplingParams
+from kaito.runtime.sequence import Finished, Token
 from kaito.runtime.serving import ApiError, Runtime, new_id, now
+
+if TYPE_CHECKING:
+    from kaito.runtime.loader import Loaded
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # OpenAI options this server does not implement: a request using one is refused by name, never half-served.
 UNSUPPORTED = {"tools": "no tool calling", "tool_choice": "no tool calling", "functions": "no function calling",
                "function_call": "no function calling", "audio": "text only", "modalities": "text only"}
 # Values of those options that ask for nothing beyond plain text.
-HARMLESS = (None, [], "none", ["text"])
+HARMLESS: tuple[object, ...] = (None, [], "none", ["text"])
 
 
 def reject_unsupported(req) -> None:
     for name, why in UNSUPPORTED.items():
         if getattr(req, name, None) not in HARMLESS:
             raise ApiError(400, f"`{name}` is not supported by this server ({why}); leave it out", param=name)
+
+
+def ready_model(rt: Runtime) -> Loaded:
+    """The loaded model of a runtime that passed `require_ready()` (ready means loaded; it is never unloaded)."""
+    model = rt.loaded
+    if model is None:
+        raise ApiError(503, "the model is not loaded; retry when GET /health says Healthy", "ServiceUnavailableError")
+    return model
+
+
+def ready_tokenizer(rt: Runtime) -> PreTrainedTokenizerBase:
+    # Loaded.tokenizer is typed `object` in runtime/loader.py; load() puts AutoTokenizer's tokenizer there.
+    return cast("PreTrainedTokenizerBase", ready_model(rt).tokenizer)
+
+
+def vocab_size(model: Loaded) -> int:
+    """Rows of the model's logits (may exceed the tokenizer's length: padded embeddings)."""
+    # Loaded.model is typed nn.Module in runtime/loader.py; load() puts an AutoModelForCausalLM there.
+    return cast("PreTrainedModel", model.model).config.vocab_size
 
 
 def is_base_path(rt: Runtime, model: str | None) -> bool:
@@ -60,10 +85,11 @@ async def sampling_params(req: SamplingFields, rt: Runtime, max_tokens: int, log
     """One SamplingParams per choice, with logit_bias and the response_format grammar attached."""
     if req.n > rt.settings.max_n:
         raise ApiError(400, f"n={req.n} exceeds this server's max_n of {rt.settings.max_n}", param="n")
-    vocab = rt.loaded.model.config.vocab_size
+    model = ready_model(rt)
+    vocab = vocab_size(model)
     compiled = None
     if req.response_format is not None and req.response_format.type != "text":
-        compiled = await rt.prepare(logits.compile_format, req.response_format, rt.loaded.tokenizer, vocab, rt.loaded.eos_ids)
+        compiled = await rt.prepare(logits.compile_format, req.response_format, model.tokenizer, vocab, model.eos_ids)
     out = [SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         seed=None if req.seed is None else (req.seed + i) % 2**63,
@@ -77,24 +103,35 @@ async def sampling_params(req: SamplingFields, rt: Runtime, max_tokens: int, log
 
 def chat_prompt_ids(rt: Runtime, messages: list[dict]) -> list[int]:
     """Token ids of a conversation through the model's chat template (blocking: call in a thread)."""
-    tok = rt.loaded.tokenizer
+    tok = ready_tokenizer(rt)
     if not tok.chat_template:
         raise ApiError(400, "this model has no chat template; use /v1/completions or start with --chat-template", param="messages")
     try:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     except Exception as e:  # jinja raises for conversations the template rejects (e.g. bad role order)
         raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+    ids = out["input_ids"] if isinstance(out, Mapping) else out  # some tokenizers still give a BatchEncoding
+    # transformers types every mode's result as one union; one conversation tokenized is a list of ids.
+    return list(cast("list[int]", ids))
+
+
+def decode(tok: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    # transformers types decode as `str | list[str]` for any input; one sequence of ids gives one string.
+    return cast(str, tok.decode(ids))
 
 
 def _tok_text(rt: Runtime, token_id: int) -> str:
-    return rt.loaded.tokenizer.decode([token_id])
+    return decode(ready_tokenizer(rt), [token_id])
+
+
+def _logprob(ev: Token) -> tuple[float, list[tuple[int, float]]]:
+    """(chosen, top) of a token of a request that asked for logprobs: the engine gives every such token them."""
+    assert ev.logprob is not None, "a token of a request with logprobs came without them"
+    return ev.logprob
 
 
 def _chat_logprob(rt: Runtime, ev: Token) -> dict:
-    chosen, top = ev.logprob
+    chosen, top = _logprob(ev)
     t = _tok_text(rt, ev.token_id)
     return {"token": t, "logprob": chosen, "bytes": list(t.encode()),
             "top_logprobs": [{"token": _tok_text(rt, i), "logprob": lp, "bytes": list(_tok_text(rt, i).encode())} for i, lp in top]}
@@ -189,7 +226,7 @@ def _stream(rt: Runtime, jobs, n: int, *, obj: str, rid: str, created: int, mode
                             yield text_chunk(idx, ev.text)
                         continue
                     yield chunk([token_choice(idx, ev)])
-                else:
+                elif isinstance(ev, Finished):
                     completion += ev.completion_tokens
                     yield chunk([end_choice(idx, ev)])
         except ApiError as e:
@@ -236,7 +273,7 @@ async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Req
             texts[idx] += ev.text
             if ev.logprob is not None:
                 lps[idx].append(_chat_logprob(rt, ev))
-        else:
+        elif isinstance(ev, Finished):
             reasons[idx] = ev.reason
             completion += ev.completion_tokens
     choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -245,13 +282,17 @@ async def chat_completions(rt: Runtime, req: ChatCompletionRequest, request: Req
                          "choices": choices, "usage": usage(len(ids), completion)})
 
 
+def _token_ids(prompt: list[str] | list[int]) -> TypeGuard[list[int]]:
+    return all(isinstance(x, int) for x in prompt)
+
+
 def _completion_prompts(rt: Runtime, req: CompletionRequest) -> list[list[int]]:
     """Token ids of each prompt (blocking: call in a thread)."""
-    tok = rt.loaded.tokenizer
+    tok = ready_tokenizer(rt)
     p = req.prompt
     if isinstance(p, str):
         return [tok(p)["input_ids"]]
-    if all(isinstance(x, int) for x in p):
+    if _token_ids(p):
         vocab = len(tok)
         if any(x < 0 or x >= vocab for x in p):
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -267,8 +308,9 @@ def _lp_block(rt: Runtime, evs: list[Token], offset: int) -> dict:
         offsets.append(offset)
         offset += len(t)
         tokens.append(t)
-        token_lps.append(ev.logprob[0])
-        tops.append({_tok_text(rt, i): lp for i, lp in ev.logprob[1]})
+        chosen, top = _logprob(ev)
+        token_lps.append(chosen)
+        tops.append({_tok_text(rt, i): lp for i, lp in top})
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -303,8 +345,9 @@ async def _submit_all(rt: Runtime, req: CompletionRequest, prompts: list[list[in
         for ids, budget in zip(prompts, budgets):
             jobs.append((ids, *rt.submit(ids, await sampling_params(req, rt, budget, req.logprobs), lora)))
     except ApiError:
-        for _, seqs, _ in jobs:
-            rt.engine.cancel(seqs)
+        if rt.engine is not None:  # jobs were queued, so it is; checked for the type
+            for _, seqs, _ in jobs:
+                rt.engine.cancel(seqs)
         raise
     return jobs
 
@@ -318,14 +361,14 @@ async def completions(rt: Runtime, req: CompletionRequest, request: Request):
     prompts = await rt.prepare(_completion_prompts, rt, req)
     if any(not ids for ids in prompts):
         raise ApiError(400, "prompt is empty; give at least one token of text", param="prompt")
-    tok = rt.loaded.tokenizer
+    tok = ready_tokenizer(rt)
     budgets = [rt.check_length(len(ids), req.max_tokens, "prompt") for ids in prompts]  # refused before any work
     scored: list = [None] * len(prompts)
     if req.echo and req.logprobs is not None:
         scored = list(await asyncio.gather(*[score_prompt(rt, ids, req.logprobs, lora) for ids in prompts]))
     jobs = await _submit_all(rt, req, prompts, budgets, lora)
     rid, created, model = new_id("cmpl"), now(), model_label(rt, req.model)
-    echoes = [tok.decode(ids) if req.echo else "" for ids in prompts]
+    echoes = [decode(tok, ids) if req.echo else "" for ids in prompts]
 
     if req.stream:
         return _stream(
@@ -347,7 +390,7 @@ async def completions(rt: Runtime, req: CompletionRequest, request: Request):
         if isinstance(ev, Token):
             texts[idx] += ev.text
             evs[idx].append(ev)
-        else:
+        elif isinstance(ev, Finished):
             reasons[idx] = ev.reason
             completion += ev.completion_tokens
     choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],

@@ -285,7 +285,8 @@ class ResponseTextFormat(BaseModel):
         if self.type == "json_schema":
             if self.schema_ is None:
                 raise ValueError("text.format of type json_schema needs a `schema`")
-            return ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name=self.name, schema=self.schema_))
+            schema = JsonSchemaFormat(name=self.name, schema_=self.schema_)
+            return ResponseFormat(type="json_schema", json_schema=schema)
         return ResponseFormat(type=self.type)
 
 

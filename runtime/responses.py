@@ -16,8 +16,8 @@ import json
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from kaito.runtime import openai_serving as oai
-from kaito.runtime.engine import Token
 from kaito.runtime.protocol import ResponsesRequest
+from kaito.runtime.sequence import Finished, Token
 from kaito.runtime.serving import ApiError, Runtime, new_id, now
 
 
@@ -82,7 +82,7 @@ async def create(rt: Runtime, req: ResponsesRequest, request: Request):
     async for _, ev in rt.events(seqs, queue, oai.disconnect_check(request)):
         if isinstance(ev, Token):
             text += ev.text
-        else:
+        elif isinstance(ev, Finished):
             reason, completion = ev.reason, ev.completion_tokens
     status = _status(reason)
     return JSONResponse(shape.body(status, [_message(shape.msg_id, text, "completed")], _usage(len(ids), completion), reason))
@@ -110,7 +110,7 @@ async def _events(rt: Runtime, shape: _Shape, ids: list[int], seqs, queue):
                 if ev.text:
                     text += ev.text
                     yield event("response.output_text.delta", **where, content_index=0, delta=ev.text, logprobs=[])
-            else:
+            elif isinstance(ev, Finished):
                 reason, completion = ev.reason, ev.completion_tokens
     except ApiError as e:
         yield event("error", code=str(e.status), message=e.message, param=e.param)

@@ -339,7 +339,8 @@ def build_training_args(cfg: TuningConfig, **forced):
     """TrainingArguments with the user's fields plus what the job needs (`forced` wins)."""
     from transformers import TrainingArguments
 
-    kw = {"report_to": "none", "logging_steps": 1, "save_total_limit": 2}
+    # The user's fields are free-form; TrainingArguments itself checks them (TypeError/ValueError below).
+    kw: dict[str, Any] = {"report_to": "none", "logging_steps": 1, "save_total_limit": 2}
     kw.update(cfg.training)
     kw.update(forced)
     kw["output_dir"] = str(cfg.output_dir)

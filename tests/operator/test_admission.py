@@ -86,6 +86,7 @@ CASES = [
     (ADAPTER, _set("inference.adapters.0.source.image", "oci:/tmp/layout"), "inference.adapters[0].source.image",
      "registry reference"),
     (ADAPTER, _set("inference.adapters.0.source.name", "a" * 56), "inference.adapters[0].source.name", "at most 55"),
+    (ADAPTER, _set("inference.adapters.0.source.name", None), "inference.adapters[0].source.name", "is required"),
     (TUNE, _set("tuning.output.image", "UPPER/Case:tag!"), "tuning.output.image", "tag 'tag!'"),
     (TUNE, _set("tuning.output.image", "reg.io/a@sha256:beef"), "tuning.output.image", "digest"),
     (TUNE, _set("tuning.input.urls", ["not a url"]), "tuning.input.urls[0]", "only http:// and https://"),
