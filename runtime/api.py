@@ -54,6 +54,7 @@ def _is_openai(path: str) -> bool:
 
 def error_response(path: str, status: int, message: str, type_: str | None = None, param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
+    body: dict[str, object]
     if _is_openai(path):
         body = {"error": {"message": message, "type": type_ or _TYPES.get(status, "InternalServerError"), "param": param, "code": status}}
     else:
@@ -191,10 +192,13 @@ def _error_handlers(app: FastAPI) -> None:
 
 def _runtime_health(rt: Runtime) -> Callable[[], Awaitable[tuple[int, dict]]]:
     async def health() -> tuple[int, dict]:
-        if rt.status == "ready" and (rt.engine is None or rt.engine.error is None):
+        engine_error = rt.engine.error if rt.engine is not None else None
+        if rt.status == "ready" and engine_error is None:
             return 200, {"status": "Healthy"}
-        detail = "model is loading" if rt.status == "loading" else f"unhealthy: {rt.error or rt.engine.error}"
-        return 503, {"status": "Unhealthy" if rt.status != "loading" else "Loading", "detail": detail}
+        if rt.status == "loading":
+            return 503, {"status": "Loading", "detail": "model is loading"}
+        cause = rt.error or engine_error or "unknown error; see the server log"
+        return 503, {"status": "Unhealthy", "detail": f"unhealthy: {cause}"}
     return health
 
 
@@ -211,9 +215,9 @@ def _info_routes(rt: Runtime, settings: RuntimeSettings) -> APIRouter:
         return await asyncio.to_thread(system_info)
 
     def model_cards() -> list[dict]:
-        rt.require_ready()
+        loaded, _ = rt.ready_parts()
         base = {"id": rt.model_name, "object": "model", "created": 0, "owned_by": "kaito", "root": str(settings.model_dir),
-                "parent": None, "max_model_len": rt.loaded.max_model_len}
+                "parent": None, "max_model_len": loaded.max_model_len}
         return [base] + [{"id": n, "object": "model", "created": 0, "owned_by": "kaito", "root": n,
                           "parent": rt.model_name, "strength": s} for n, s in sorted(rt.strengths.items())]
 

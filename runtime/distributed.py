@@ -55,22 +55,30 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def broadcast_plan(plan: StepPlan | None) -> StepPlan:
-    """Rank 0 passes the plan; others pass None and get it back (JSON bytes, never pickle).
-    PlanVersionError on a worker when rank 0 speaks another plan version."""
+def send_plan(plan: StepPlan) -> None:
+    """Rank 0: broadcast the plan of the next forward(s) to every worker rank (the engine's `broadcast` hook)."""
+    _broadcast_bytes(plan.to_json())
+
+
+def receive_plan() -> StepPlan:
+    """A worker rank: the plan rank 0 sends next. PlanVersionError when rank 0 speaks another plan version."""
+    return StepPlan.from_json(_broadcast_bytes(None))
+
+
+def _broadcast_bytes(data: bytes | None) -> bytes:
+    """Rank 0 passes its bytes, the others None; every rank gets rank 0's bytes (JSON, never pickle)."""
     dev = _device()
-    if dist.get_rank() == 0:
-        data = plan.to_json()
+    if data is not None:
         size = torch.tensor([len(data)], dtype=torch.long, device=dev)
     else:
         size = torch.zeros(1, dtype=torch.long, device=dev)
     dist.broadcast(size, src=0)
-    if dist.get_rank() == 0:
+    if data is not None:
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
     else:
         buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
     dist.broadcast(buf, src=0)
-    return plan if dist.get_rank() == 0 else StepPlan.from_json(buf.cpu().numpy().tobytes())
+    return data if data is not None else buf.cpu().numpy().tobytes()
 
 
 def tp_plan_for(settings: RuntimeSettings) -> str | None:
@@ -195,12 +203,12 @@ def worker_loop(settings: RuntimeSettings) -> None:
     log.info("rank %d ready, replaying rank 0's steps", dist.get_rank())
     while True:
         try:
-            plan = broadcast_plan(None)
+            plan = receive_plan()
         except PlanVersionError as e:
             raise SystemExit(f"rank {dist.get_rank()}: {e}") from None
         if plan.stop:
-            if plan.error:  # rank 0 failed: this rank's process must fail too (torchrun then ends the group)
-                raise SystemExit(f"rank 0 stopped after an error: {plan.error}")
+            if plan.error is not None:  # rank 0 failed: this rank's process must fail too (torchrun ends the group)
+                raise SystemExit(f"rank 0 stopped after an error: {plan.error or 'no message; see its log'}")
             break
         if plan.noop:
             continue

@@ -33,8 +33,6 @@ from kaito.runtime.output import OutputProcessor
 from kaito.runtime.plan import NOOP, AdapterOp, StepPlan
 from kaito.runtime.sampling import SamplingParams
 from kaito.runtime.scheduler import Scheduler
-from kaito.runtime.scheduler import chunks as _chunks  # noqa: F401  (tests/runtime/test_fastpath.py)
-from kaito.runtime.scheduler import fill_holes as _fill_holes  # noqa: F401  (tests/runtime/test_fastpath.py)
 from kaito.runtime.sequence import EngineDead, Finished, NeverFits, QueueFull, Sequence, Token, flush
 
 log = logging.getLogger("kaito.runtime.engine")
@@ -267,10 +265,12 @@ class Engine:
             for req in reqs:
                 try:
                     with self._model_lock:  # never while the prefill thread runs a forward through the hooks
-                        if req.op.kind == "load":
-                            self.ex.lora.add(req.adapter)
-                        else:
+                        if req.op.kind == "unload":
                             self.ex.lora.remove(req.op.name)
+                        elif req.adapter is None:
+                            raise ValueError(f"adapter load of {req.op.name}: no adapter was given to install")
+                        else:
+                            self.ex.lora.add(req.adapter)
                     applied.append(req.op)
                 except Exception as e:  # a bad adapter fails its own load request, not the engine
                     req.error = e
@@ -487,7 +487,7 @@ def run_to_completion(engine: Engine, seqs: list[Sequence]) -> list[tuple[list[i
     engine.submit(seqs)
     while any(s.finish_reason is None for s in seqs):
         engine.step()
-    return [(s.output_ids, s.text, s.finish_reason) for s in seqs]
+    return [(s.output_ids, s.text, s.finish_reason or "") for s in seqs]  # all set: the loop ran until they were
 
 
 __all__ = ["Engine", "Finished", "QueueFull", "SamplingParams", "Sequence", "Token", "flush", "run_to_completion"]

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from kaito.runtime.plan import StepPlan, prefill_plan
 from kaito.runtime.sampling import sample
+from kaito.runtime.scheduler import next_token
 from kaito.runtime.sequence import EngineDead, Sequence
 
 log = logging.getLogger("kaito.runtime.faults")
@@ -199,7 +200,7 @@ class ForwardGuard:
         and the executor decodes that prefix of one; the other rows get a padding column."""
         i = batch.index(s)
         order = [i] + [j for j in range(len(batch)) if j != i]
-        plan = StepPlan(keep=tuple(order), decode=(s.pending,))
+        plan = StepPlan(keep=tuple(order), decode=(next_token(s),))
         self.send(plan)
         self.ex.evict(order)
         batch[:] = [batch[j] for j in order]
@@ -219,8 +220,8 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) 
     """sample() for the batch; when that raises, each row alone. Returns (tokens, infos, failed row indices);
     a failed row's token is None."""
     try:
-        tokens, infos = sample(logits, seqs, eos_ids)
-        return tokens, infos, []
+        batch_tokens, batch_infos = sample(logits, seqs, eos_ids)
+        return batch_tokens, batch_infos, []
     except Exception:
         log.exception("sampling a batch of %d rows failed; sampling each row alone", len(seqs))
     tokens: list = [None] * len(seqs)

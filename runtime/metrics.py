@@ -105,12 +105,15 @@ class Metrics:
         self.kv_usage, self.gpu_kv_usage = self._kv.labels(*new), self._gpu_kv.labels(*new)
         self.preemptions = self._preemptions.labels(*new)
         self.prompt_tokens, self.generation_tokens = self._prompt.labels(*new), self._generation.labels(*new)
-        for name in ("req_prompt", "req_generation", "max_tokens", "ttft", "tpot", "itl", "e2e", "queue",
-                     "inference", "prefill", "decode"):
-            setattr(self, name, getattr(self, "_" + name).labels(*new))
+        self.req_prompt, self.req_generation = self._req_prompt.labels(*new), self._req_generation.labels(*new)
+        self.max_tokens, self.queue = self._max_tokens.labels(*new), self._queue.labels(*new)
+        self.ttft, self.tpot, self.itl = self._ttft.labels(*new), self._tpot.labels(*new), self._itl.labels(*new)
+        self.e2e, self.inference = self._e2e.labels(*new), self._inference.labels(*new)
+        self.prefill, self.decode = self._prefill.labels(*new), self._decode.labels(*new)
 
-    def success(self, reason: str):
-        return self._success.labels(*self._labels, reason)
+    def success(self, reason: str) -> Counter:
+        model_name, engine = self._labels or ("", ENGINE)  # always set: __init__ binds ""
+        return self._success.labels(model_name, engine, reason)
 
     # ---- recording points, called by the engine threads --------------------------------------
     def record_scheduler(self, running: int, rows: list, queued, capacity_tokens: int) -> None:

@@ -102,6 +102,7 @@ class OutputProcessor:
 
     def _stop_reason(self, s: Sequence, t: int) -> str | None:
         """Decode the new token's text; why the row ends here, or None."""
+        reason: str | None
         if t in self.eos_ids and not s.params.ignore_eos:
             reason, by_string = "stop", False
         else:

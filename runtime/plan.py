@@ -2,7 +2,7 @@
 
 Made by the scheduler (`kaito.runtime.scheduler`) and the fault containment (`kaito.runtime.faults`, for
 its row-by-row retries and probes) on rank 0; executed there by the engine (`kaito.runtime.engine`) and,
-under torchrun, broadcast as JSON bytes by `kaito.runtime.distributed.broadcast_plan` and replayed by every
+under torchrun, broadcast as JSON bytes by `kaito.runtime.distributed.send_plan` and replayed by every
 worker rank (`distributed.Replayer`), so every rank runs the same forwards in the same order. One plan per
 forward: rows kept (evictions), then a probe, a prefill or a decode; adapter changes, an idle no-op and the
 final stop travel the same way.

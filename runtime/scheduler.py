@@ -16,8 +16,9 @@ few steps and running streams keep their pace. The estimate is learned from this
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Sequence as Rows
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from kaito.runtime.plan import Lora, StepPlan
 from kaito.runtime.sequence import NeverFits
@@ -29,6 +30,9 @@ class Row(Protocol):
     lora: Lora
     finish_reason: str | None
     cancelled: bool
+
+
+R = TypeVar("R", bound=Row)
 
 
 def chunks(lengths: list[int], budget: int) -> list[int]:
@@ -90,11 +94,11 @@ class Scheduler:
         return self.max_batch_size - busy
 
     # ---- one step ---------------------------------------------------------------------------
-    def evictions(self, running: list[Row], batch_size: int) -> Evictions:
+    def evictions(self, running: Rows[Row], batch_size: int) -> Evictions:
         """Drop finished and cancelled rows, decode the others; `batch_size`: rows the executor holds now."""
         keep = fill_holes([s.finish_reason is None and not s.cancelled for s in running])
         aborted = [i for i, s in enumerate(running) if s.cancelled and s.finish_reason is None]
-        decode = tuple(running[i].pending for i in keep)
+        decode = tuple(next_token(running[i]) for i in keep)
         moved = keep != list(range(len(keep))) or batch_size != len(keep)
         plan = StepPlan(keep=tuple(keep), decode=decode) if decode or moved else None
         return Evictions(keep, aborted, plan)
@@ -120,8 +124,9 @@ class Scheduler:
     def inline_budget(self, decode_s: float | None) -> tuple[int, float | None]:
         """Admissions after a step's decode (no prefill thread), besides the batch's room: (prompt tokens,
         seconds of prefill or None for no time bound). `decode_s`: the decode's time, None when nothing decoded."""
-        bounded = decode_s is not None and self.prefill_step_ratio > 0
-        return self.max_prefill_tokens, self.prefill_step_ratio * decode_s if bounded else None
+        if decode_s is None or self.prefill_step_ratio <= 0:
+            return self.max_prefill_tokens, None
+        return self.max_prefill_tokens, self.prefill_step_ratio * decode_s
 
     def apart_budget(self, room: int, decoding: bool) -> tuple[int, int]:
         """The prefill thread's next forward: (rows, prompt tokens). While the batch decodes, one prompt per
@@ -129,9 +134,10 @@ class Scheduler:
         instead of moving in lock-step. Into an idle batch a burst goes in chunks, sharing each forward's cost."""
         return (1 if decoding else room), min(self.prefill_chunk_tokens, self.max_prefill_tokens)
 
-    def chunks(self, admitted: list[Row]) -> list[list[Row]]:
+    def chunks(self, admitted: list[R]) -> list[list[R]]:
         """The admitted rows (in order) as prefill forwards of at most `prefill_chunk_tokens` tokens each."""
-        out, done = [], 0
+        out: list[list[R]] = []
+        done = 0
         for size in chunks([len(s.prompt_ids) for s in admitted], self.prefill_chunk_tokens):
             out.append(admitted[done:done + size])
             done += size
@@ -142,3 +148,11 @@ class Scheduler:
         per = seconds / max(1, tokens)
         old = self.prefill_s_per_token
         self.prefill_s_per_token = per if old is None else 0.8 * old + 0.2 * per
+
+
+def next_token(row: Row) -> int:
+    """The token a kept row decodes next: every unfinished row in the batch has one (set by its last sampling)."""
+    if row.pending is None:
+        raise RuntimeError("internal error: a running row has no sampled token to decode (it joined the batch "
+                           "without its prefill's token)")
+    return row.pending

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kaito.presets.contract import ADAPTER_CONFIG_FILE
 from kaito.presets.errors import KaitoError
@@ -36,6 +37,9 @@ from kaito.runtime.plan import AdapterOp, StepPlan
 from kaito.runtime.sampling import SamplingParams
 from kaito.runtime.sequence import EngineDead, Finished, NeverFits, QueueFull, Sequence, Token
 from kaito.runtime.settings import RuntimeSettings, adapter_strength
+
+if TYPE_CHECKING:
+    from kaito.runtime.loader import Loaded
 
 log = logging.getLogger("kaito.runtime")
 
@@ -54,13 +58,15 @@ def not_found(model: str) -> ApiError:
 class Runtime:
     """The server's state: settings, metrics, and (once loaded) model, engine and adapters."""
 
-    def __init__(self, settings: RuntimeSettings, broadcast: Callable[[StepPlan], None] | None = None):
+    def __init__(self, settings: RuntimeSettings, broadcast: Callable[[StepPlan], None] | None = None,
+                 tp_plan: str | None = None):
         self.settings = settings
         self.metrics = Metrics()
-        self.broadcast = broadcast
+        self.broadcast = broadcast  # under torchrun: rank 0's plan broadcast (`kaito.runtime.distributed.send_plan`)
+        self.tp_plan = tp_plan  # transformers' tensor-parallel plan under torchrun on CUDA, else None
         self.status = "loading"
         self.error: str | None = None
-        self.loaded = None
+        self.loaded: Loaded | None = None
         self.engine: Engine | None = None
         self.strengths: dict[str, float] = {}
         self.ready = threading.Event()
@@ -79,17 +85,17 @@ class Runtime:
         from kaito.runtime.loader import load
 
         try:
-            self.loaded = load(self.settings, tp_plan=getattr(self, "tp_plan", None))
-            self.metrics.bind(self.loaded.model_name)  # vLLM's model_name label on every series
-            executor = BatchExecutor(self.loaded.model)
+            self.loaded = loaded = load(self.settings, tp_plan=self.tp_plan)
+            self.metrics.bind(loaded.model_name)  # vLLM's model_name label on every series
+            executor = BatchExecutor(loaded.model)
             for name, path in discover_adapters(self.settings.adapters_dir):
-                executor.lora.add(read_adapter(path, name, self.loaded.model))
+                executor.lora.add(read_adapter(path, name, loaded.model))
                 self.strengths[name] = adapter_strength(self.settings, name)
                 self.metrics.adapter_loads.inc()
                 log.info("adapter %s loaded from %s (strength %s)", name, path, self.strengths[name])
             self.metrics.adapters_loaded.set(len(self.strengths))
-            self.engine = Engine(
-                executor, self.loaded.tokenizer, eos_ids=self.loaded.eos_ids, max_model_len=self.loaded.max_model_len,
+            self.engine = engine = Engine(
+                executor, loaded.tokenizer, eos_ids=loaded.eos_ids, max_model_len=loaded.max_model_len,
                 max_batch_size=self.settings.max_batch_size, max_waiting=self.settings.max_waiting,
                 prefill_chunk_tokens=self.settings.prefill_chunk_tokens, prefill_step_ratio=self.settings.prefill_step_ratio,
                 prefill_thread=self.settings.prefill_thread and executor.concurrent_prefill_ok(),
@@ -98,16 +104,16 @@ class Runtime:
             if self.broadcast is not None:
                 startup = tuple(AdapterOp("load", n, str(a.path)) for n, a in executor.lora.adapters.items())
                 self.broadcast(StepPlan(ops=startup))  # the workers read the same adapters from the same paths
-            self.engine.on_fatal = lambda e: self._fatal(f"the engine stopped: {e!r}")
-            self.engine.start()
+            engine.on_fatal = lambda e: self._fatal(f"the engine stopped: {e!r}")
+            engine.start()
             self.status = "ready"
-            log.info("model %s ready (max_model_len %d)", self.loaded.model_name, self.loaded.max_model_len)
+            log.info("model %s ready (max_model_len %d)", loaded.model_name, loaded.max_model_len)
         except Exception as e:  # reported by /health and the logs; the pod restarts on its probe
             log.exception("loading the model failed")
-            self.status, self.error = "failed", str(e)
+            self.status, self.error = "failed", str(e) or repr(e)  # /health shows it: never empty
             if self.broadcast is not None:
                 try:
-                    self.broadcast(StepPlan(stop=True, error=str(e)))  # worker ranks exit non-zero too
+                    self.broadcast(StepPlan(stop=True, error=self.error))  # worker ranks exit non-zero too
                 except Exception:
                     log.exception("could not tell worker ranks to stop")
             self._fatal(f"loading the model failed: {e}")
@@ -136,6 +142,14 @@ class Runtime:
         if self.engine is not None and self.engine.error is not None:
             raise ApiError(503, "the engine stopped after an internal error; the server must be restarted", "ServiceUnavailableError")
 
+    def ready_parts(self) -> tuple[Loaded, Engine]:
+        """The loaded model and its engine, for a request (require_ready's 503 while there are none)."""
+        self.require_ready()
+        if self.loaded is None or self.engine is None:  # "ready" is set only after both: never taken
+            raise ApiError(503, "the model is not loaded; retry when GET /health says Healthy",
+                           "ServiceUnavailableError", headers={"Retry-After": "5"})
+        return self.loaded, self.engine
+
     @property
     def model_name(self) -> str:
         return self.loaded.model_name if self.loaded else (self.settings.served_model_name or self.settings.preset or "")
@@ -163,25 +177,27 @@ class Runtime:
     async def load_adapter(self, name: str, path: str | None, image: str | None, strength: float | None) -> str:
         if not self.settings.enable_lora_loading:
             raise ApiError(403, "loading adapters at run time is disabled; set enable_lora_loading: true (--enable-lora-loading or KAITO_ENABLE_LORA_LOADING=true)", "PermissionDeniedError")
-        if (path is None) == (image is None):
-            raise ApiError(400, "give exactly one of lora_path (a directory) or image (an adapter image reference)", param="lora_path")
+        if bool(path) == bool(image):  # an empty lora_path would be the server's working directory
+            raise ApiError(400, "give exactly one of lora_path (a directory) or image (an adapter image reference), "
+                                "not empty", param="lora_path")
         if name in self.base_names():
             raise ApiError(400, f"lora_name {name!r} is the base model's name; choose another", param="lora_name")
         async with self._adapter_lock:
             if name in self.strengths:
                 raise ApiError(400, f"adapter {name!r} is already loaded; unload it first", param="lora_name")
-            if image is not None:
-                target = await asyncio.to_thread(self._pull, name, image)
-            else:
+            loaded, engine = self.ready_parts()
+            if path:
                 target = Path(path)
                 if not target.is_dir():
                     raise ApiError(404, f"lora_path {path!r}: no such directory on the server", "NotFoundError", "lora_path")
+            else:
+                target = await asyncio.to_thread(self._pull, name, str(image))
             try:
-                adapter = await asyncio.to_thread(read_adapter, target, name, self.loaded.model)
+                adapter = await asyncio.to_thread(read_adapter, target, name, loaded.model)
             except KaitoError as e:
                 raise ApiError(400, str(e), param="lora_path") from None
             try:
-                await asyncio.to_thread(self.engine.add_adapter, adapter)
+                await asyncio.to_thread(engine.add_adapter, adapter)
             except (ValueError, KaitoError) as e:  # the adapter does not fit this model
                 raise ApiError(400, f"loading adapter {name}: {e}", param="lora_path") from None
             except RuntimeError as e:  # the engine did not run the load: nothing was recorded
@@ -214,12 +230,13 @@ class Runtime:
         if not self.settings.enable_lora_loading:
             raise ApiError(403, "unloading adapters at run time is disabled; set enable_lora_loading: true (--enable-lora-loading or KAITO_ENABLE_LORA_LOADING=true)", "PermissionDeniedError")
         async with self._adapter_lock:
+            _, engine = self.ready_parts()
             if name not in self.strengths:
                 raise ApiError(404, f"adapter {name!r} is not loaded", "NotFoundError", "lora_name")
             del self.strengths[name]  # no new request resolves it, whatever the engine answers
             self.metrics.adapters_loaded.set(len(self.strengths))
             try:
-                await asyncio.to_thread(self.engine.remove_adapter, name)
+                await asyncio.to_thread(engine.remove_adapter, name)
             except Exception as e:  # the engine did not drop its weights (stopped, or timed out)
                 raise ApiError(503, f"unloading adapter {name}: {e}", type="ServiceUnavailableError") from None
         return f"Success: LoRA adapter '{name}' removed successfully."
@@ -227,7 +244,7 @@ class Runtime:
     # ---- generation ------------------------------------------------------------------
     def check_length(self, prompt_len: int, max_tokens: int | None, what: str = "messages") -> int:
         """Completion budget for a prompt; 400 with the token counts when it cannot fit."""
-        limit = self.loaded.max_model_len
+        limit = self.ready_parts()[0].max_model_len
         if prompt_len >= limit:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
                                 f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
@@ -246,17 +263,17 @@ class Runtime:
         """400 for a request of more sequences than the server could ever hold at once (prompts x n): waiting
         would never help, so a 429 would make clients retry forever."""
         try:
-            self.engine.check_fits(rows)
+            self.ready_parts()[1].check_fits(rows)
         except NeverFits as e:
             raise ApiError(400, str(e), param="n") from None
 
     def submit(self, prompt_ids: list[int], params: list[SamplingParams], lora: RowSpec) -> tuple[list[Sequence], asyncio.Queue]:
-        self.require_ready()
+        _, engine = self.ready_parts()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         seqs = [Sequence(list(prompt_ids), p, lora=lora, loop=loop, index=i, queue=queue) for i, p in enumerate(params)]
         try:
-            self.engine.submit(seqs)
+            engine.submit(seqs)
         except QueueFull as e:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise ApiError(429, f"the server is at capacity ({e}); retry later", "RateLimitError", headers={"Retry-After": "1"}) from None
@@ -296,7 +313,8 @@ class Runtime:
                             raise ApiError(500, "generation failed inside the engine; see the server log", "InternalServerError")
                     yield choice, item
         finally:
-            self.engine.cancel(seqs)
+            if self.engine is not None:  # sequences were submitted to it: it exists
+                self.engine.cancel(seqs)
 
 
 def _lower_priority() -> None:

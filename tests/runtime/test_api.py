@@ -69,6 +69,23 @@ async def test_health_is_503_while_loading_and_on_failure(tiny_model_dir, tmp_pa
         assert r.status_code == 503 and "config.json" in r.json()["detail"]
 
 
+async def test_health_of_a_failed_load_without_a_message_is_503_not_500(tiny_model_dir):
+    """A load that failed with an exception whose text is empty (no engine was built): /health still answers."""
+    import httpx
+
+    s = settings_for(tiny_model_dir)
+    rt = Runtime(s)
+    rt.status, rt.error = "failed", ""
+    app = build_app(s, runtime=rt)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            r = await c.get("/health")
+            assert r.status_code == 503 and r.json() == {"status": "Unhealthy",
+                                                          "detail": "unhealthy: unknown error; see the server log"}
+            r = await c.get("/v1/models")
+            assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
+
+
 async def test_kaito_chat_contract(client):
     r = await client.post("/chat", json={"prompt": "What is a GPU?", "generate_kwargs": GREEDY})
     assert r.status_code == 200
@@ -150,6 +167,9 @@ async def test_load_and_unload_adapters(client, spare_adapter, tmp_path):
     assert r.status_code == 400 and "safetensors" in r.json()["error"]["message"]
     r = await client.post("/v1/load_lora_adapter", json={"lora_name": "delta"})
     assert r.status_code == 400
+    # An empty lora_path is no path (it would resolve to the server's working directory).
+    r = await client.post("/v1/load_lora_adapter", json={"lora_name": "delta", "lora_path": ""})
+    assert r.status_code == 400 and "exactly one of lora_path" in r.json()["error"]["message"]
     r = await client.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"})
     assert r.status_code == 200
     assert (await client.post("/v1/completions", json={"prompt": "hi", "model": "gamma"})).status_code == 404

@@ -65,6 +65,9 @@ def test_evictions_fill_holes_abort_cancelled_rows_and_decode_the_rest():
     assert ev.plan == StepPlan(keep=(), decode=()) and ev.aborted == []
     # A cancelled row that finished in the same step is not aborted twice.
     assert scheduler().evictions([row(finished="stop", cancelled=True)], batch_size=1).aborted == []
+    # A running row without its next token is the engine's bug: named, not a None sent to the executor.
+    with pytest.raises(RuntimeError, match="a running row has no sampled token"):
+        scheduler().evictions([row(pending=None)], batch_size=1)
 
 
 def test_admissions_respect_rows_tokens_and_the_time_budget_in_arrival_order():
@@ -232,10 +235,30 @@ def test_a_worker_that_receives_another_plan_version_exits_naming_both(tiny_mode
 
     monkeypatch.setenv("KAITO_WORKER_HEALTH", "0")
     newer = StepPlan(decode=(1,)).to_json().replace(f'"version":{PLAN_VERSION}'.encode(), b'"version":2')
-    monkeypatch.setattr(distributed, "broadcast_plan", lambda plan: StepPlan.from_json(newer))
+    monkeypatch.setattr(distributed, "receive_plan", lambda: StepPlan.from_json(newer))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with pytest.raises(SystemExit, match=rf"rank 0: received an engine plan of version 2, this rank replays version {PLAN_VERSION}"):
             distributed.worker_loop(RuntimeSettings(model_dir=tiny_model_dir, preset="tiny-phi-3"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_worker_exits_non_zero_when_rank_0_stops_with_an_error_even_without_a_message(tiny_model_dir, monkeypatch):
+    """A stop plan carrying rank 0's error ends the worker with it; an empty message is still an error."""
+    import torch.distributed as dist
+    from kaito.runtime import distributed
+    from kaito.runtime.settings import RuntimeSettings
+
+    monkeypatch.setenv("KAITO_WORKER_HEALTH", "0")
+    settings = RuntimeSettings(model_dir=tiny_model_dir, preset="tiny-phi-3")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for error, want in (("", "no message; see its log"), ("boom", "boom")):
+            monkeypatch.setattr(distributed, "receive_plan", lambda e=error: StepPlan(stop=True, error=e))
+            with pytest.raises(SystemExit, match=f"rank 0 stopped after an error: {want}"):
+                distributed.worker_loop(settings)
+        monkeypatch.setattr(distributed, "receive_plan", lambda: StepPlan(stop=True))
+        distributed.worker_loop(settings)  # a clean stop returns (exit 0)
     finally:
         dist.destroy_process_group()

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kaito.runtime.engine import Engine, Sequence, _chunks, _fill_holes, run_to_completion
+from kaito.runtime.engine import Engine, Sequence, run_to_completion
 from kaito.runtime.executor import BatchExecutor
 from kaito.runtime.loader import load
 from kaito.runtime.sampling import SamplingParams, sample, sample_general
+from kaito.runtime.scheduler import chunks as _chunks, fill_holes as _fill_holes
 from kaito.runtime.sequence import EngineDead
 from kaito.runtime.settings import RuntimeSettings
 
