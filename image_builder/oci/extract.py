@@ -102,9 +102,9 @@ def _check_symlink(root: Path, rel: str, target: str, allow_absolute: bool, what
         raise UnsafeLayer(f"extracting {what}: symlink {name!r} -> {target!r} escapes the destination ({why})")
 
 
-def check_links(root: Path, what: str, allow_absolute: bool = False) -> None:
-    """Re-resolve every symlink under `root` against the finished tree (a link may lean on one made later)."""
-    root = Path(root)
+def _escaping_links(root: Path, what: str, allow_absolute: bool) -> list[tuple[str, UnsafeLayer]]:
+    """Every symlink under `root` that, resolved against the tree as it is now, leaves it."""
+    bad = []
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
             p = os.path.join(dirpath, n)
@@ -112,9 +112,30 @@ def check_links(root: Path, what: str, allow_absolute: bool = False) -> None:
                 rel = os.path.relpath(p, root)
                 try:
                     _check_symlink(root, rel, os.readlink(p), allow_absolute, what, rel)
-                except UnsafeLayer:
-                    os.unlink(p)  # a refused tree never keeps a door out, even before its caller cleans up
-                    raise
+                except UnsafeLayer as e:
+                    bad.append((p, e))
+    return bad
+
+
+def _remove_escaping_links(root: Path, what: str, allow_absolute: bool) -> list[UnsafeLayer]:
+    """Unlink escaping symlinks until none is left: removing one can change where another resolves."""
+    found: list[UnsafeLayer] = []
+    while bad := _escaping_links(root, what, allow_absolute):
+        for p, e in bad:
+            os.unlink(p)
+            found.append(e)
+    return found
+
+
+def check_links(root: Path, what: str, allow_absolute: bool = False) -> None:
+    """Re-resolve every symlink under `root` against the finished tree (a link may lean on one made later).
+
+    A refused tree never keeps a door out, even before its caller cleans up: every escaping
+    link is removed before the first one is reported.
+    """
+    found = _remove_escaping_links(Path(root), what, allow_absolute)
+    if found:
+        raise found[0]
 
 
 def _clean(name: str, what: str) -> Optional[str]:
@@ -249,12 +270,18 @@ def extract_tar(
     """
     root, r = Path(root), Reader(chunks, what)
     tree = _Tree(root, r, what, strip.strip("/"), allow_absolute_links, budget or Budget(ExtractLimits()))
-    for ti in members(r, what):
-        try:
-            tree.add(ti)
-        except OSError as e:
-            # e.g. a file and a directory under one name: refuse the layer, say which entry
-            raise OCIError(f"extracting {what}: entry {ti.name!r}: {e.strerror or e}") from None
+    try:
+        for ti in members(r, what):
+            try:
+                tree.add(ti)
+            except OSError as e:
+                # e.g. a file and a directory under one name: refuse the layer, say which entry
+                raise OCIError(f"extracting {what}: entry {ti.name!r}: {e.strerror or e}") from None
+    except BaseException:
+        # A link made while it pointed inside may have been turned outward by a later entry of
+        # this refused layer: take every such door out before reporting the refusal.
+        _remove_escaping_links(root, what, allow_absolute_links)
+        raise
     r.drain()  # the rest of the stream must still be hashed and verified
     check_links(root, what, allow_absolute_links)
     return tree.files

@@ -7,6 +7,7 @@ import itertools
 import os
 import tarfile
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from kaito.image_builder import Connection, Layer, OCIError, append, empty_image, pull, push, read_image
@@ -79,24 +80,53 @@ _CHAIN = [  # the escape from issue 12: each link "inside" on paper, the pair ou
     ("d/e/f", tarfile.SYMTYPE, "../.."),
     ("n", tarfile.SYMTYPE, "d/e/f/../x"),
 ]
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    entries=st.lists(
-        st.tuples(
-            st.sampled_from(["a", "b/c", "../x", "/abs", "a/../../y", "d/e/f", "l", "l/z", "./n", "n", "h"]),
-            st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]),
-            st.sampled_from(["", "a", "..", "../..", "/etc", "b", "l/../..", "d/e/f/../x", "n", "l/z"]),
-        ),
-        max_size=6,
-    )
+_LOOSE = st.tuples(  # one entry of any kind, names and targets from a small pool (collisions are the point)
+    st.sampled_from(["a", "b/c", "../x", "/abs", "a/../../y", "d/e/f", "l", "l/z", "./n", "n", "h"]),
+    st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]),
+    st.sampled_from(["", "a", "..", "../..", "/etc", "b", "l/../..", "d/e/f/../x", "n", "l/z"]),
 )
-@example(entries=_CHAIN)
-@example(entries=list(reversed(_CHAIN)))
-@example(entries=[("l", tarfile.SYMTYPE, "../root-sibling"), ("h", tarfile.LNKTYPE, "l/secret")])
-def test_random_tars_never_write_outside(tmp_path, entries):
-    n = next(_counter)
+_DIR_LINKS = ["a", "b/c", "d/e/f", "g/h"]  # no name is under another, so each one's parent is a real directory
+
+
+def _up(n: int) -> list[str]:
+    return [".."] * n
+
+
+@st.composite
+def _link_chains(draw) -> list[list[tuple[str, bytes, str]]]:
+    """Layers of tar entries built around link chains that are inside on paper and may leave the root for real.
+
+    Directory links climb with `../` runs, some through another directory link; file links (symbolic or hard)
+    are routed through them. Read alone, every target stays inside (the lexical rule); resolved through the
+    links on disk, many reach `x` beside the root or the sibling's `secret`. The entries, mixed with loose
+    ones, come in random order and are split across layers.
+    """
+    dirs = draw(st.lists(st.sampled_from(_DIR_LINKS), min_size=1, max_size=3, unique=True))
+    entries = []
+    for name in dirs:
+        depth = name.count("/")  # of the link's parent: the most `..` its text can climb on paper
+        via = draw(st.sampled_from([None] + [d for d in dirs if d != name]))
+        if via is None:
+            target = _up(draw(st.integers(0, depth))) or ["."]
+        else:  # to the root on paper, into `via`, back up at most as far as `via` went down, maybe sideways
+            target = _up(depth) + [via] + _up(draw(st.integers(0, via.count("/") + 1)))
+            target += draw(st.sampled_from([[], ["root-sibling"]]))
+        entries.append((name, tarfile.SYMTYPE, "/".join(target)))
+    for name in draw(st.lists(st.sampled_from(["n", "m", "h"]), min_size=1, max_size=2, unique=True)):
+        via, leaf = draw(st.sampled_from(dirs)), draw(st.sampled_from(["x", "root-sibling/secret"]))
+        if draw(st.integers(0, 3)):
+            target = [via] + _up(draw(st.integers(1, via.count("/") + 1))) + [leaf]
+            entries.append((name, tarfile.SYMTYPE, "/".join(target)))
+        else:  # a hard link's name may hold no `..`: it can only reach out through the directory link itself
+            entries.append((name, tarfile.LNKTYPE, f"{via}/{draw(st.sampled_from(['x', 'secret']))}"))
+    # a real `x` in the root, so that a hard link resolved inside has its file, and some noise
+    entries += [("x", tarfile.REGTYPE, "")] + draw(st.lists(_LOOSE, max_size=1))
+    entries = draw(st.permutations(entries))
+    cuts = sorted(draw(st.lists(st.integers(0, len(entries)), max_size=2)))
+    return [entries[a:b] for a, b in zip([0] + cuts, cuts + [len(entries)])]
+
+
+def _tar(entries) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
         for name, type_, link in entries:
@@ -105,6 +135,16 @@ def test_random_tars_never_write_outside(tmp_path, entries):
             data = b"x" if type_ == tarfile.REGTYPE else b""
             ti.size = len(data)
             t.addfile(ti, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layers=st.one_of(st.lists(_LOOSE, max_size=6).map(lambda e: [e]), _link_chains()))
+@example(layers=[_CHAIN])
+@example(layers=[list(reversed(_CHAIN))])
+@example(layers=[[("l", tarfile.SYMTYPE, "../root-sibling"), ("h", tarfile.LNKTYPE, "l/secret")]])
+def test_random_tars_never_write_outside(tmp_path, layers):
+    n = next(_counter)
     outer = tmp_path / f"case{n}"
     root = outer / "root"
     root.mkdir(parents=True)
@@ -113,12 +153,27 @@ def test_random_tars_never_write_outside(tmp_path, entries):
     (sibling / "secret").write_text("s")
     (outer / "x").write_text("outside")
     try:
-        extract_tar([buf.getvalue()], root, "fuzz")
+        for i, entries in enumerate(layers):  # one root, layer after layer, as a pull applies them
+            extract_tar([_tar(entries)], root, f"fuzz layer {i}")
     except OCIError:
-        pass  # refused (unsafe or conflicting entries); other exception types would be a bug
+        pass  # unsafe or conflicting entries; other exception types would be a bug
     assert sorted(os.listdir(outer)) == ["root", "root-sibling", "x"]  # nothing new beside the root
     assert os.listdir(sibling) == ["secret"] and os.stat(sibling / "secret").st_nlink == 1
+    assert os.stat(outer / "x").st_nlink == 1  # no hard link inside the root shares an outside file
+    # Accepted or refused, no entry left on disk may lead out (a refused layer's doors are removed too).
     for dirpath, dirnames, filenames in os.walk(root):
         for f in dirnames + filenames:  # every entry, symlinks included, must resolve inside
             p = os.path.join(dirpath, f)
             assert _inside(p, str(root)), f"{os.path.relpath(p, root)} -> {os.path.realpath(p)} is outside"
+
+
+def test_a_refused_layer_keeps_no_door_out(tmp_path):
+    """`m` is inside when made (`a` is no link yet); `a -> .` then sends it out; the bad hard link stops the layer."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "x").write_text("outside")
+    layer = [("m", tarfile.SYMTYPE, "a/../x"), ("a", tarfile.SYMTYPE, "."), ("h", tarfile.LNKTYPE, "a/missing")]
+    with pytest.raises(OCIError, match="hard link 'h'"):
+        extract_tar([_tar(layer)], root, "fuzz")
+    doors = [p.name for p in root.iterdir() if not _inside(str(p), str(root))]
+    assert doors == [], f"{doors} lead out of the refused tree"

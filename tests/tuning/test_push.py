@@ -4,8 +4,11 @@ Also: data from an image input, no push of an incomplete adapter, credentials ne
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,6 +18,7 @@ from kaito.presets.errors import KaitoError
 from kaito.tuning import DIGEST_FILE, SENTINEL, default_config_text
 from kaito.tuning.output import push_adapter
 from peft import PeftModel
+from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM
 
 
@@ -31,9 +35,27 @@ def test_push_pull_and_load_adapter(auth_registry, dolly_parquet, model_copy, tm
     secret = auth_registry.dockerconfig(tmp_path / "config.json")
     ref = f"{auth_registry.host}/adapters/tiny-phi-3-dolly:0.0.1"
     out = tmp_path / "results"
-    rc = kaito_main(["tune", "--config", str(short_config(tmp_path)), "--preset", "tiny-phi-3", "--method", "lora",
-                     "--data", str(dolly_parquet.parent), "--output", str(out), "--model-dir", str(model_copy),
-                     "--push", ref, "--push-secret", str(secret)])
+    rc = kaito_main(
+        [
+            "tune",
+            "--config",
+            str(short_config(tmp_path)),
+            "--preset",
+            "tiny-phi-3",
+            "--method",
+            "lora",
+            "--data",
+            str(dolly_parquet.parent),
+            "--output",
+            str(out),
+            "--model-dir",
+            str(model_copy),
+            "--push",
+            ref,
+            "--push-secret",
+            str(secret),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0
     recorded = (out / DIGEST_FILE).read_text().strip()
@@ -47,12 +69,16 @@ def test_push_pull_and_load_adapter(auth_registry, dolly_parquet, model_copy, tm
     res = image_builder.pull(ref, pulled, auth_file=secret)
     assert res.digest == digest
     assert sorted(p.name for p in pulled.iterdir() if not p.name.startswith(".")) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (pulled / name).read_bytes() == (out / name).read_bytes()
-    manifest = httpx.get(f"{auth_registry.url}/v2/adapters/tiny-phi-3-dolly/manifests/0.0.1",
-                         auth=("kaito", "s3cret-pa55word"),
-                         headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+    manifest = httpx.get(
+        f"{auth_registry.url}/v2/adapters/tiny-phi-3-dolly/manifests/0.0.1",
+        auth=("kaito", "s3cret-pa55word"),
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    ).json()
     assert manifest["annotations"]["sh.kaito.model.name"] == "tiny-phi-3"
 
     base = AutoModelForCausalLM.from_pretrained(model_copy)
@@ -77,12 +103,62 @@ def test_incomplete_adapter_is_never_pushed(registry, tmp_path):
     assert r.status_code == 404
 
 
+def test_the_same_adapter_pushed_twice_has_one_digest(registry, tmp_path):
+    """A push is reproducible: staging dir names, file times and tags never reach the manifest digest."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q"]}))
+    rng = np.random.default_rng(0)
+    save_file(
+        {
+            "base_model.model.q.lora_A.weight": rng.standard_normal((2, 8)).astype(np.float32),
+            "base_model.model.q.lora_B.weight": rng.standard_normal((8, 2)).astype(np.float32),
+        },
+        str(out / "adapter_model.safetensors"),
+    )
+    (out / SENTINEL).write_text("Fine-tuning completed\n")  # no training: push_adapter only needs a complete dir
+    first = push_adapter(out, f"{registry.host}/adapters/twice:1", preset_name="tiny-phi-3")
+    again = push_adapter(out, f"{registry.host}/adapters/twice:1", preset_name="tiny-phi-3")
+    # the same bytes from another directory, with other mtimes, to another tag
+    other = tmp_path / "elsewhere"
+    shutil.copytree(out, other, copy_function=shutil.copy)
+    for f in other.iterdir():
+        os.utime(f, (1_000_000_000, 1_000_000_000))
+    moved = push_adapter(other, f"{registry.host}/adapters/twice:2", preset_name="tiny-phi-3")
+    assert first == again == moved
+    assert (out / DIGEST_FILE).read_text().strip() == f"{registry.host}/adapters/twice@{first}"
+    for tag in ("1", "2"):
+        r = httpx.head(
+            f"{registry.url}/v2/adapters/twice/manifests/{tag}",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        )
+        assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == first
+
+
 def test_wrong_push_secret_fails_without_leaking(auth_registry, dolly_parquet, model_copy, tmp_path, capsys):
     secret = auth_registry.dockerconfig(tmp_path / "bad.json", password="wrong-password-xyz")
     out = tmp_path / "results"
-    rc = kaito_main(["tune", "--config", str(short_config(tmp_path)), "--preset", "tiny-phi-3", "--method", "lora",
-                     "--data", str(dolly_parquet.parent), "--output", str(out), "--model-dir", str(model_copy),
-                     "--push", f"{auth_registry.host}/adapters/x:1", "--push-secret", str(secret)])
+    rc = kaito_main(
+        [
+            "tune",
+            "--config",
+            str(short_config(tmp_path)),
+            "--preset",
+            "tiny-phi-3",
+            "--method",
+            "lora",
+            "--data",
+            str(dolly_parquet.parent),
+            "--output",
+            str(out),
+            "--model-dir",
+            str(model_copy),
+            "--push",
+            f"{auth_registry.host}/adapters/x:1",
+            "--push-secret",
+            str(secret),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc in (1, 2)
     assert "wrong-password-xyz" not in captured.out + captured.err
@@ -90,9 +166,27 @@ def test_wrong_push_secret_fails_without_leaking(auth_registry, dolly_parquet, m
     assert (out / SENTINEL).is_file() and not (out / DIGEST_FILE).exists()
     # a rerun with the right secret only pushes: no training again
     good = auth_registry.dockerconfig(tmp_path / "good.json")
-    rc = kaito_main(["tune", "--config", str(short_config(tmp_path)), "--preset", "tiny-phi-3", "--method", "lora",
-                     "--data", str(dolly_parquet.parent), "--output", str(out), "--model-dir", str(model_copy),
-                     "--push", f"{auth_registry.host}/adapters/x:1", "--push-secret", str(good)])
+    rc = kaito_main(
+        [
+            "tune",
+            "--config",
+            str(short_config(tmp_path)),
+            "--preset",
+            "tiny-phi-3",
+            "--method",
+            "lora",
+            "--data",
+            str(dolly_parquet.parent),
+            "--output",
+            str(out),
+            "--model-dir",
+            str(model_copy),
+            "--push",
+            f"{auth_registry.host}/adapters/x:1",
+            "--push-secret",
+            str(good),
+        ]
+    )
     assert rc == 0
     assert '"skipped_training": true' in capsys.readouterr().out and (out / DIGEST_FILE).is_file()
 
