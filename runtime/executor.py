@@ -141,6 +141,18 @@ class BatchExecutor:
             mask[:B, place - self.width:place] = self.mask
         self.bufs, self.mask_buf, self.off = bufs, mask, place - self.width
 
+    def _slide_left(self) -> None:
+        """Move the window to column 0 of the same buffers. Evictions drop columns on the left, so under a
+        steady stream of requests the window drifts right while its width stays put: sliding it back copies
+        only the batch's rows, where a regrow zeroed and copied every buffer's full capacity (measured: 9%
+        of the engine thread at 32 clients on the 88M bench model)."""
+        B, a, w = self.batch_size, self.off, self.width
+        for k, v in self.bufs:
+            k[:B, :, :w] = k[:B, :, a:a + w].clone()  # clone: the two ranges may overlap
+            v[:B, :, :w] = v[:B, :, a:a + w].clone()
+        self.mask_buf[:B, :w] = self.mask_buf[:B, a:a + w].clone()
+        self.off = 0
+
     def reset(self) -> None:
         """Drop the batch and its buffers (after a failed step, whose cache contents are suspect)."""
         self.bufs, self.rows, self.width, self.off = [], [], 0, 0
@@ -247,8 +259,11 @@ class BatchExecutor:
         Rows after them (admitted this step, already past their prompt) only get a zero padding column.
         """
         B, n = self.batch_size, len(tokens)
-        if self.off + self.width >= self.bufs[0][0].shape[2]:  # out of room: regrow (rare, amortised)
-            self._realloc(B, self.width, self.width)
+        if self.off + self.width >= self.bufs[0][0].shape[2]:  # out of room on the right
+            if self.bufs[0][0].shape[2] - self.width >= HEADROOM // 2:
+                self._slide_left()
+            else:  # regrow (rare, amortised)
+                self._realloc(B, self.width, self.width)
         col = self.off + self.width
         self.mask_buf[:n, col] = 1
         if B > n:
