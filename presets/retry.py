@@ -77,6 +77,18 @@ class Backoff:
 DEFAULT = Backoff()
 
 
+def _wait_or_raise(
+    policy: Backoff, failures: int, e: BaseException, on_retry: Optional[Callable[[BaseException, float], None]]
+) -> float:
+    """The wait before the next try, or `e` re-raised when the tries are spent."""
+    if failures >= policy.attempts:
+        raise e
+    wait = policy.delay(failures, getattr(e, "retry_after", None))
+    if on_retry is not None:
+        on_retry(e, wait)
+    return wait
+
+
 def call(
     fn: Callable[[], T],
     *,
@@ -96,12 +108,7 @@ def call(
             return fn()
         except transient as e:
             failures += 1
-            if failures >= policy.attempts:
-                raise
-            wait = policy.delay(failures, getattr(e, "retry_after", None))
-            if on_retry is not None:
-                on_retry(e, wait)
-            sleep(wait)
+            sleep(_wait_or_raise(policy, failures, e, on_retry))
 
 
 async def acall(
@@ -118,9 +125,4 @@ async def acall(
             return await fn()
         except transient as e:
             failures += 1
-            if failures >= policy.attempts:
-                raise
-            wait = policy.delay(failures, getattr(e, "retry_after", None))
-            if on_retry is not None:
-                on_retry(e, wait)
-            await asyncio.sleep(wait)
+            await asyncio.sleep(_wait_or_raise(policy, failures, e, on_retry))
