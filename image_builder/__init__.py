@@ -1,9 +1,12 @@
 """kaito.image_builder: presets packaged into OCI images and ModelPack artifacts; push, pull, inspect.
 
-Public face used by the CLI (`kaito image ...`), tuning (adapter push) and the
-runtime/init containers (pull). The OCI library underneath is
-`kaito.image_builder.oci` (values, layout, remote). Imports neither torch nor
-transformers.
+Public face used by tuning (`build_adapter` for the adapter push, `pull` for
+image data inputs) and the runtime (`pull` of adapter images). The CLI
+(`kaito image ...`, which the operator's init containers run) imports the
+modules themselves, and tuning and the operator's admission check image names
+with `oci.reference` early. The OCI library underneath is
+`kaito.image_builder.oci` (values, layout, transport, remote). Imports neither
+torch nor transformers.
 """
 
 from kaito.image_builder.build import BuildResult, build_adapter, build_preset, preset_weights

@@ -6,6 +6,7 @@ Layers (each module's docstring says who calls it):
 - `render` + `nodes`, `render_inference`, `render_tuning`: the pure
   render(workspace, settings, nodes) -> objects;
 - `kube` (the one module that talks to the API), `reconcile` (one idempotent pass),
-  `handlers` (thin Kopf handlers), `settings`, `deploy` (install manifests), `cli`.
+  `readiness` (the preset's readiness timeout), `handlers` (thin Kopf handlers),
+  `settings`, `deploy` (install manifests), `cli`.
 Imports neither torch nor transformers (nor kaito.runtime / kaito.tuning).
 """

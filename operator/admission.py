@@ -25,6 +25,7 @@ from kaito.presets.skus import DEFAULT_MAX_REPLICAS, count_problem
 from kaito.presets.errors import validation_problem
 from kaito.presets.spec import AccessMode, PresetSpec, quantization_problem
 from kaito.presets.validate import LABEL_MAX, dns_label_problem, dns_subdomain_problem, http_url_problem
+from kaito.presets.yamlio import parse_mapping
 from pydantic import ValidationError
 
 MAX_ADAPTERS = 10
@@ -265,10 +266,10 @@ def _check_adapters(adapters: list[schema.AdapterSpec], errors: list[str]) -> No
 def check_training_config(method: str, text: str, field: str = "tuning.config") -> list[str]:
     """Kaito's quantization rule (`kaito.presets.spec.quantization_problem`) on a training_config.yaml."""
     try:
-        doc = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        return [f"{field}: training_config.yaml is not valid YAML: {e}"]
-    if not isinstance(doc, dict) or not isinstance(doc.get("training_config"), dict):
+        doc = parse_mapping(text, f"{field}: training_config.yaml", "a mapping with the key training_config")
+    except InvalidInput as e:
+        return [str(e)]
+    if not isinstance(doc.get("training_config"), dict):
         return [f"{field}: training_config.yaml must have a top-level mapping 'training_config'"]
     quant = doc["training_config"].get("QuantizationConfig")
     if quant is not None and not isinstance(quant, dict):

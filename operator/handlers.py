@@ -1,6 +1,6 @@
 """Kopf handlers of the Kaito operator: thin wrappers over `kaito.operator.reconcile`.
 
-`build_registry(settings)` returns a fresh `kopf.OperatorRegistry` (no
+`build_registry(state)` returns a fresh `kopf.OperatorRegistry` (no
 module-global handlers), used by `kaito operator run`, the integration tests
 and the benchmark through `run_operator`. Handlers:
 - login: Kopf's own login (service account or kubeconfig), or the

@@ -1,7 +1,8 @@
 """GPU nodes of a Workspace: which observed nodes count, and the Karpenter NodeClaims still needed.
 
-Called by `kaito.operator.render` (NodeClaims) and `kaito.operator.reconcile`
-(matching nodes, readiness). Pure functions over plain Node / NodeClaim dicts.
+Called by `kaito.operator.render` (NodeClaims), `kaito.operator.reconcile`
+(matching nodes, readiness) and `kaito operator render` (the node label of the
+Ready nodes it pretends to observe). Pure functions over plain Node / NodeClaim dicts.
 """
 
 from __future__ import annotations

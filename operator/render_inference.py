@@ -1,6 +1,8 @@
 """Renders an inference Workspace: ConfigMap, Service, Deployment or StatefulSet + headless Service.
 
-Called by `kaito.operator.render.render`. The pod runs the runtime by its
+Called by `kaito.operator.render.render`; `is_distributed` and
+`ADAPTER_INIT_PREFIX` also by `kaito.operator.admission`, `workload_ready` by
+`kaito.operator.reconcile`. The pod runs the runtime by its
 command (`python -m kaito.runtime ...`, torchrun across nodes), adapters are
 pulled by one init container each (`kaito image pull`), and GET /health on
 port 5000 is the probe.

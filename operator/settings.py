@@ -2,7 +2,8 @@
 
 Built by `kaito operator run` and `kaito operator render` (from the environment
 the Deployment sets, through `from_env`) and by tests and the benchmark
-directly; passed to the renderers, admission, the handlers and the API client.
+directly; passed to the renderers, the reconciler, the handlers and the API
+client (`KubeAPI.from_connection_info`); admission gets its `max_replicas`.
 Each field `x` is the variable `KAITO_X`; an invalid value is one line naming
 the variable (`InvalidInput`).
 """

@@ -5,9 +5,12 @@ the tuning job (`kaito.tuning`) and the `kaito` CLI of the base image
 (`kaito presets weights`, `kaito image pull`); the image builder puts weights
 where the runtime reads them. Each of those strings is written once, here
 (Kaito's own paths, so its users' configs and volume mounts keep working).
-Called by kaito.operator's renderers, by kaito.presets.hub (the cache
-variable) and by tests that cross each seam; the runtime's and tuning's
-defaults must equal these (tests/operator/test_seams.py checks they do).
+Called by kaito.operator's renderers and admission, kaito.presets.hub (the
+cache variable), kaito.image_builder.build and kaito.tuning (adapter file
+names, weights and results paths, the training config key), the runtime's
+adapter loading (`kaito.runtime.lora`, `serving`) and tests that cross each
+seam; the defaults the runtime keeps in its own settings must equal these
+(tests/operator/test_seams.py checks they do).
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """Atomic file writes: a file appears whole under its final name or not at all.
 
-Every package writes state that a kill must not leave half-written (upload
-sessions, layouts, adapters, markers, downloaded files). They all write a
-sibling temporary file, fsync it and `os.replace` it over the final name through
-these helpers; the temporary name is unique per process and thread, so two
-writers of the same file never share one.
+For files written in one go that a kill must not leave half-written. Called
+by the image builder (push upload sessions, a layout's index.json and marker,
+the layer digest cache, pull markers and state), `kaito.presets.hub` (the
+download-complete marker) and `kaito.tuning.output` (the completion sentinel,
+the pushed digest). Each write goes to a sibling temporary file, is fsynced
+(optional for caches) and `os.replace`d over the final name; the temporary
+name is unique per process and thread, so two writers of the same file never
+share one. Whole folders (checkpoints, weights, pulled images) and streamed
+downloads are renamed into place by their owners.
 """
 
 from __future__ import annotations

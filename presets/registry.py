@@ -19,11 +19,11 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import yaml
 from pydantic import ValidationError
 
 from kaito.presets.errors import InvalidInput, UnknownPreset, field_path, validation_problem
 from kaito.presets.spec import PresetSpec
+from kaito.presets.yamlio import read_mapping
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 VALID_KEYS = sorted(PresetSpec.model_fields)
@@ -89,21 +89,22 @@ class PresetRegistry:
         return self.register(spec, source)
 
     def load_file(self, path: Path) -> list[PresetSpec]:
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise InvalidInput(f"reading preset file {path}: {e}") from None
-        if not isinstance(doc, dict):
-            raise InvalidInput(f"{path}: top level must be a mapping with keys {', '.join(FILE_KEYS)}")
+        doc = read_mapping(path, f"a mapping with keys {', '.join(FILE_KEYS)}", name=f"preset file {path}")
         unknown = set(doc) - set(FILE_KEYS)
         if unknown:
             raise InvalidInput(
                 f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; valid keys are: {', '.join(FILE_KEYS)}"
             )
-        defaults = doc.get("defaults") or {}
+        defaults, entries = doc.get("defaults") or {}, doc.get("presets") or []
+        if not isinstance(defaults, dict):
+            raise InvalidInput(f"{path}: defaults must be a mapping of preset fields, got {type(defaults).__name__}")
+        if not isinstance(entries, list):
+            raise InvalidInput(f"{path}: presets must be a list of preset mappings, got {type(entries).__name__}")
         family = doc.get("family")
         out = []
-        for entry in doc.get("presets") or []:
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise InvalidInput(f"{path}: presets[{i}] must be a mapping, got {type(entry).__name__}")
             merged = {**defaults, **({"family": family} if family else {}), **entry}
             for key in ("gpu", "run_params"):  # nested defaults merge one level deep
                 if isinstance(defaults.get(key), dict) and isinstance(entry.get(key), dict):

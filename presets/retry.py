@@ -2,10 +2,11 @@
 
 Which failures are worth another try, how long to wait between tries, and how
 a server's `Retry-After` bends that wait live here and nowhere else. Callers:
-the registry transport (`image_builder/oci/remote.py`), blob pushes and pulls
-(`oci/push.py`, `image_builder/pull.py`), the resumable downloader
-(`presets/download.py`, used by `presets/hub.py` and `tuning/fetch.py`) and the
-operator's API client (`operator/kube.py`, through `acall`).
+the registry client's retry transport (`image_builder/oci/transport.py`, its
+policy built in `oci/remote.py`), blob pushes and pulls (`oci/push.py`,
+`image_builder/pull.py`), the resumable downloader (`presets/download.py`,
+used by `presets/hub.py` and by `tuning/fetch.py`, which passes it a
+`Backoff`) and the operator's API client (`operator/kube.py`, through `acall`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""GPU SKU tables and Kaito's fit rules.
+"""GPU SKU tables, Kaito's fit rules and the `resource.count` rule.
 
-Called by the CLI (`kaito presets fit`), the operator's admission checks and
-rendering (GPU requests per node). Tables live in `sku_tables/*.yaml`.
+Called by the CLI (`kaito presets fit`: Kaito's three GPU rules), the
+operator's admission (`count_problem`: the node counts a preset can use on a
+SKU), its settings and handlers (the `KAITO_MAX_REPLICAS` default) and its
+rendering (`get_sku`: GPU requests per node). Tables live in
+`sku_tables/*.yaml`, read through `kaito.presets.yamlio`.
 """
 
 from __future__ import annotations
@@ -12,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import yaml
-
 from kaito.presets.errors import InvalidInput
 from kaito.presets.spec import PresetSpec
+from kaito.presets.yamlio import read_mapping
 
 TABLE_DIR = Path(__file__).parent / "sku_tables"
 
@@ -39,7 +41,7 @@ class GPUSku:
 def sku_table() -> dict[str, GPUSku]:
     table: dict[str, GPUSku] = {}
     for path in sorted(TABLE_DIR.glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text())
+        doc = read_mapping(path, "a mapping with keys cloud, skus", name=f"GPU SKU table {path}")
         for name, row in doc["skus"].items():
             table[name] = GPUSku(name=name, cloud=doc["cloud"], **row)
     return table

@@ -4,9 +4,9 @@ The one home of these rules (house style: one home per rule). Called by the
 preset schema (`kaito.presets.spec`, preset names and aliases) and by the
 operator's admission (`kaito.operator.admission`: workspace, adapter and
 secret names, tuning input URLs); other packages import them from here.
-`redact` (URLs in logs and errors) and `is_loopback` (registries served over
-plain http by default) are used by kaito.image_builder.oci.remote and
-kaito.tuning.fetch.
+`redact` (URLs in logs and errors) is used by kaito.image_builder.oci.remote
+and .transport, kaito.presets.download and kaito.tuning.fetch; `is_loopback`
+(registries served over plain http by default) by kaito.image_builder.oci.remote.
 Each check returns None when the value is fine, else a sentence saying what
 is wrong and how to fix it, so callers prefix it with the field name.
 """

@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from kaito.presets import get_preset
 from kaito.presets.errors import InvalidInput, KaitoError, validation_problem
+from kaito.presets.yamlio import read_mapping
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -133,14 +133,8 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInput(f"--config {path}: no such file; give the path of a YAML file with runtime settings")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InvalidInput(f"--config {path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise InvalidInput(f"--config {path}: expected a mapping of setting names to values")
+    data = read_mapping(path, "a mapping of setting names to values", name=f"--config {path}",
+                        missing="give the path of a YAML file with runtime settings")
     settings = _from_kaito(data, path)
     if "runtime" in data:
         section = data["runtime"] or {}

@@ -1,10 +1,12 @@
 """Kaito's `training_config.yaml`, section by section, mapped onto Hugging Face classes.
 
 Called by `kaito.tuning.trainer` (and tests) to turn the mounted config
-(`/mnt/config/training_config.yaml`, top key `training_config`) into validated
+(`/mnt/config/training_config.yaml`, top key `training_config`, or the whole
+ConfigMap manifest; read through `kaito.presets.yamlio`) into validated
 kwargs for `from_pretrained` (ModelConfig), `BitsAndBytesConfig`
 (QuantizationConfig), `peft.LoraConfig`, `transformers.TrainingArguments`,
-`DataCollatorForLanguageModeling` (DataCollator) and our `DatasetConfig`.
+`DataCollatorForLanguageModeling` (DataCollator) and our `DatasetConfig`
+(which `kaito.tuning.data` reads, with the file readers `READERS`).
 
 Field names are checked against the HF classes themselves, so any field those
 classes accept is accepted here (and new ones appear when the libraries
@@ -25,10 +27,10 @@ import posixpath
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
 from kaito.presets import contract
 from kaito.presets.errors import InvalidInput, validation_problem
 from kaito.presets.spec import quantization_problem
+from kaito.presets.yamlio import parse_mapping, read_mapping
 from kaito.tuning.compat import SFT_FIELDS, take_kaito_fields
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -143,18 +145,17 @@ def _read(source: Union[str, Path, dict]) -> dict:
     if isinstance(source, dict):
         return source
     path = Path(source)
-    if not path.is_file():
-        raise InvalidInput(f"--config {path}: no such file; point it at training_config.yaml (the ConfigMap mount)")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise InvalidInput(f"--config {path}: not valid YAML: {e}") from None
+    what = "a mapping with the key training_config (Kaito's format)"
+    doc = read_mapping(path, f"{what}, or a ConfigMap manifest holding one", name=f"--config {path}",
+                       missing="point it at training_config.yaml (the ConfigMap mount)")
     # A whole ConfigMap manifest is accepted too: its data key holds the file.
-    if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
-        text = (doc.get("data") or {}).get(contract.TRAINING_CONFIG_FILE)
-        if text is None:
-            raise InvalidInput(f"--config {path}: ConfigMap has no data key {contract.TRAINING_CONFIG_FILE}")
-        doc = yaml.safe_load(text)
+    if doc.get("kind") == "ConfigMap":
+        data = doc.get("data")
+        text = data.get(contract.TRAINING_CONFIG_FILE) if isinstance(data, dict) else None
+        if not isinstance(text, str):
+            raise InvalidInput(f"--config {path}: ConfigMap has no data key {contract.TRAINING_CONFIG_FILE} "
+                               "(a string holding the file)")
+        doc = parse_mapping(text, f"--config {path}: ConfigMap data {contract.TRAINING_CONFIG_FILE}", what)
     return doc
 
 

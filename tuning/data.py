@@ -1,6 +1,6 @@
 """Training data: files in the data dir -> checked rows -> token ids with loss masks -> batches.
 
-Called by `kaito.tuning.trainer` (and the benchmark). Reads csv, json, jsonl,
+Called by `kaito.tuning.trainer` (`build_features`, `Collator`) and tests. Reads csv, json, jsonl,
 parquet and arrow files with pyarrow (no pickle; DatasetConfig.dataset_extension
 picks the reader for files named otherwise), recognises Kaito's formats
 (OpenAI `messages`, context/response or prompt/completion columns, plain

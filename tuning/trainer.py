@@ -1,6 +1,6 @@
 """The tuning run: preset + config + data -> LoRA/QLoRA training with atomic checkpoints and resume.
 
-Called by `kaito.tuning.cli` (`python -m kaito.tuning`, `kaito tune`) and tests.
+Called by `kaito.tuning.cli` (`python -m kaito.tuning`, `kaito tune`), bench/tuning.py and tests.
 
     # one GPU (or CPU), the tuning Job's command:
     python -m kaito.tuning --config /mnt/config/training_config.yaml --preset phi-3-mini-4k-instruct \
@@ -55,16 +55,38 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
+    _fsync_dir(root)
+
+
+def _publish_checkpoint(run_dir: Path, name: str, save_total_limit: Optional[int]) -> None:
+    """Rename the complete staged checkpoint into place, then drop the oldest past save_total_limit."""
+    staged = run_dir / STAGING / name
+    _fsync_tree(staged)
+    final = run_dir / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        (run_dir / STAGING).rmdir()
+    except OSError:
+        pass
+    _fsync_dir(run_dir)
+    if save_total_limit:
+        for old in complete_checkpoints(run_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_trainer_class():
@@ -85,32 +107,16 @@ def _make_trainer_class():
         def _save_checkpoint(self, model, trial):
             run_dir = Path(super()._get_output_dir(trial))
             name = f"checkpoint-{self.state.global_step}"
-            staged = run_dir / STAGING / name
             if self.args.should_save:
-                shutil.rmtree(staged, ignore_errors=True)
+                shutil.rmtree(run_dir / STAGING / name, ignore_errors=True)
             self._staging = True
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self._staging = False
-            self._barrier()
+            self._barrier()  # every rank has written its part before the main one renames the folder
             if self.args.should_save:
-                _fsync_tree(staged)
-                final = run_dir / name
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(staged, final)
-                try:
-                    (run_dir / STAGING).rmdir()
-                except OSError:
-                    pass
-                fd = os.open(run_dir, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-                limit = self.args.save_total_limit
-                if limit:
-                    for old in complete_checkpoints(run_dir)[:-limit]:
-                        shutil.rmtree(old, ignore_errors=True)
+                _publish_checkpoint(run_dir, name, self.args.save_total_limit)
             self._barrier()
 
         def _barrier(self):
@@ -295,58 +301,21 @@ def run_tuning(
 def _train(cfg, spec, data, output, out_dir, model_dir, fetch_kwargs) -> dict:
     import torch
     from accelerate import PartialState
-    from kaito.tuning.data import Collator, build_features
-    from kaito.tuning.fetch import resolve_data
     from transformers import set_seed
 
     cuda = torch.cuda.is_available()
     # Under torchrun this initialises the process group (NCCL on GPUs; gloo on
     # CPU, which accelerate only picks when told cpu=True).
     state = PartialState(cpu=not cuda)
-    with state.main_process_first():
-        if state.is_main_process:
-            shutil.rmtree(out_dir / STAGING, ignore_errors=True)
-        data_dir = resolve_data(list(data), output / ".kaito-data", **fetch_kwargs)
-        mdir = _resolve_model_dir(spec, Path(model_dir) if model_dir else None, output)
-    forced = {"remove_unused_columns": False}
-    if not cuda:
-        forced["use_cpu"] = True
-        if "dataloader_pin_memory" not in cfg.training:
-            forced["dataloader_pin_memory"] = False
-    args = build_training_args(cfg, **forced)
+    data_dir, mdir = _stage_inputs(state, spec, data, output, out_dir, model_dir, fetch_kwargs)
+    args = _training_args(cfg, cuda)
     set_seed(args.seed)
-    tok = load_tokenizer(cfg, spec, mdir)
-    train, evals = build_features(tok, data_dir, cfg.dataset, max_sequence_length(cfg, spec, tok))
-    if cfg.collator.get("mlm"):
-        # Kaito's default asks for MLM; a causal LM has no mask token, so Kaito's
-        # collator fell back to next-token prediction. So do we.
-        log.info("DataCollator.mlm ignored: causal language modelling (the tokenizer has no mask token)")
-    collator = Collator(tok.pad_token_id, cfg.collator.get("pad_to_multiple_of"))
-
-    model = load_model(cfg, spec, mdir, bool(args.gradient_checkpointing))
-    if state.is_main_process:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info(
-            "training %d examples (%s, packing=%s); %d trainable parameters",
-            len(train),
-            cfg.method,
-            cfg.dataset.packing,
-            trainable,
-        )
-    trainer_cls = _make_trainer_class()
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evals,
-        data_collator=collator,
-        processing_class=tok,
-        callbacks=_callbacks(),
-    )
+    trainer = _build_trainer(cfg, spec, mdir, data_dir, args, log_summary=state.is_main_process)
     ckpts = complete_checkpoints(out_dir)
     resume = str(ckpts[-1]) if ckpts else None
     if resume:
         log.info("resuming from %s", resume)
+    model = trainer.model  # the PEFT model as built: the Trainer may wrap what it trains (DDP)
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=resume)
     summary = {
@@ -360,3 +329,57 @@ def _train(cfg, spec, data, output, out_dir, model_dir, fetch_kwargs) -> dict:
         write_adapter(trainer.model, out_dir)
     state.wait_for_everyone()
     return summary
+
+
+def _stage_inputs(state, spec, data, output, out_dir, model_dir, fetch_kwargs) -> tuple[Path, Path]:
+    """(data dir, model dir): fetched or made by the main process first, then found ready by the other ranks."""
+    from kaito.tuning.fetch import resolve_data
+
+    with state.main_process_first():
+        if state.is_main_process:
+            shutil.rmtree(out_dir / STAGING, ignore_errors=True)
+        data_dir = resolve_data(list(data), output / ".kaito-data", **fetch_kwargs)
+        mdir = _resolve_model_dir(spec, Path(model_dir) if model_dir else None, output)
+    return data_dir, mdir
+
+
+def _training_args(cfg: TuningConfig, cuda: bool):
+    """The config's TrainingArguments with what this trainer needs forced (and CPU defaults off a GPU)."""
+    forced: dict[str, Any] = {"remove_unused_columns": False}
+    if not cuda:
+        forced["use_cpu"] = True
+        if "dataloader_pin_memory" not in cfg.training:
+            forced["dataloader_pin_memory"] = False
+    return build_training_args(cfg, **forced)
+
+
+def _build_trainer(cfg: TuningConfig, spec: PresetSpec, mdir: Path, data_dir: Path, args, *, log_summary: bool):
+    """Tokenizer, features, collator and LoRA model wired into a KaitoTrainer."""
+    from kaito.tuning.data import Collator, build_features
+
+    tok = load_tokenizer(cfg, spec, mdir)
+    train, evals = build_features(tok, data_dir, cfg.dataset, max_sequence_length(cfg, spec, tok))
+    if cfg.collator.get("mlm"):
+        # Kaito's default asks for MLM; a causal LM has no mask token, so Kaito's
+        # collator fell back to next-token prediction. So do we.
+        log.info("DataCollator.mlm ignored: causal language modelling (the tokenizer has no mask token)")
+    collator = Collator(tok.pad_token_id, cfg.collator.get("pad_to_multiple_of"))
+    model = load_model(cfg, spec, mdir, bool(args.gradient_checkpointing))
+    if log_summary:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info(
+            "training %d examples (%s, packing=%s); %d trainable parameters",
+            len(train),
+            cfg.method,
+            cfg.dataset.packing,
+            trainable,
+        )
+    return _make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evals,
+        data_collator=collator,
+        processing_class=tok,
+        callbacks=_callbacks(),
+    )

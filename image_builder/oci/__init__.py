@@ -1,9 +1,12 @@
 """kaito.image_builder.oci: a small pure OCI library (values, sources, sinks).
 
 Modelled on go-containerregistry: immutable `Layer` and `Image` values with a
-functional `append`, separate sources and sinks (`layout`, `remote`), and one
-module (`remote`) that speaks HTTP. Called by kaito.image_builder's build,
-pull and CLI layers; other packages use kaito.image_builder's public face.
+functional `append`, separate sources and sinks (`layout`, `remote`), and HTTP
+in two modules only (`transport`, the layered client, and `remote`, the
+distribution API on it). Called by kaito.image_builder's build, pull, transfer
+and CLI layers; other packages use kaito.image_builder's public face, except
+`reference`/`errors.BadReference`, which tuning and the operator's admission
+use to check an image name before any work.
 """
 
 from kaito.image_builder.oci.errors import OCIError, RegistryError, AuthError, VerificationError, UnsafeLayer

@@ -1,7 +1,8 @@
 """Registry credentials: docker `config.json`, podman `auth.json` and Kubernetes dockerconfigjson Secrets.
 
-No network here: `remote` asks `credential_for(host)` when a registry
-challenges it. Credentials never reach logs or messages: `Credential`'s repr
+No network here: `remote.Registry` looks up `credential_for(host)` when the auth
+transport (`oci/transport.py`) meets a registry's challenge, or at once for an
+auth file the user named. Credentials never reach logs or messages: `Credential`'s repr
 redacts them and errors name only the user and the file they came from.
 Search order: the explicit auth file, $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json,
 ~/.docker/config.json, $XDG_RUNTIME_DIR/containers/auth.json.

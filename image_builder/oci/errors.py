@@ -1,7 +1,9 @@
 """Errors raised by kaito.image_builder.oci; all are KaitoError so the CLI maps them to exit codes.
 
-Registry errors carry the method, the redacted URL and the registry's own
-diagnostics, never credentials (callers: remote, layout, extract).
+Raised throughout kaito.image_builder (registry errors by transport and remote;
+layout, extract and tarstream errors name the blob or entry); the operator's
+admission catches `BadReference`. Registry errors carry the method, the
+redacted URL and the registry's own diagnostics, never credentials.
 """
 
 from __future__ import annotations

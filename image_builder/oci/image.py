@@ -3,7 +3,8 @@
 An Image is a config (bytes), a tuple of Layers and manifest annotations; its
 manifest is deterministic JSON, so the same inputs give the same digest.
 Nothing here does I/O: sources (layout, remote) produce Images, sinks write
-them. Called by kaito.image_builder.build and the CLI.
+them. Built by kaito.image_builder.build; read and written by layout, push,
+daemon, transfer and pull.
 """
 
 from __future__ import annotations

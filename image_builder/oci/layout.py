@@ -5,7 +5,7 @@ their digest is verified, so a killed write leaves nothing half-valid;
 index.json (rewritten whole through `kaito.presets.fsio`) updates hold a lock.
 Blobs keep their own temporary name because their final name is their digest,
 known only once written. Writing a blob hashes and writes in parallel
-(hashlib and file writes both release the GIL). Called by build, pull and the CLI.
+(hashlib and file writes both release the GIL). Called by build and transfer (which pull, inspect, copy and the CLI go through).
 """
 
 from __future__ import annotations

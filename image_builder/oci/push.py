@@ -9,7 +9,7 @@ each try resuming the same way. The bytes are hashed as they are sent and
 checked against the layer's digest before the commit: a file is never pre-read
 to verify it. Blobs go up in parallel (bounded); the manifest is PUT only when
 every blob is present. No HTTP here: calls go through `remote.Registry`.
-Called by build and the CLI.
+Called through kaito.image_builder.transfer (`Pusher`), which build, copy and the CLI use.
 """
 
 from __future__ import annotations

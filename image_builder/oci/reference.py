@@ -1,6 +1,7 @@
 """Image references: registry refs `host[:port]/repo[:tag|@digest]` and layout refs `oci:PATH[:TAG|@digest]`.
 
-Used by every entry point (build, pull, inspect, CLI). The layout syntax is
+Used by every entry point (build, pull, inspect, CLI), and by tuning (`--push`)
+and the operator's admission to check an image name before any work. The layout syntax is
 skopeo's `oci:` transport, so the same string works with skopeo. A "registry"
 argument that is a filesystem path (or `oci:PATH`) names a directory of
 layouts: image `kaito-<preset>` lives in `<dir>/kaito-<preset>`.

@@ -4,8 +4,8 @@
 auth -> retry; no network I/O until the first call) and offers the blob and
 manifest calls push and pull are made of, mapping unexpected statuses to
 `RegistryError`/`AuthError`. `RemoteRepo` is a repository as a blob source.
-Callers: kaito.image_builder.oci.push (upload orchestration),
-kaito.image_builder.transfer and pull. Errors carry method, redacted URL and
+Callers: kaito.image_builder.oci.push (upload orchestration) and
+kaito.image_builder.transfer (which build, pull, inspect and copy go through). Errors carry method, redacted URL and
 the registry's diagnostics; credentials never appear in them.
 """
 

@@ -184,3 +184,16 @@ def test_operator_configmap_is_the_tuning_default(tmp_path, method):
     rendered = parse_config(manifest, method=method, results_root=tmp_path)
     assert rendered == parse_config(default_config_path(method), method=method, results_root=tmp_path)
     assert cm["data"]["training_config.yaml"] == default_config_text(method)
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"training_config.yaml": "training_config: [unclosed"}, "ConfigMap data training_config.yaml: not valid YAML"),
+    ({"training_config.yaml": "- 1"}, "ConfigMap data training_config.yaml: the top level must be a mapping"),
+    ({"other.yaml": "x: 1"}, "ConfigMap has no data key training_config.yaml"),
+    ("not a mapping", "ConfigMap has no data key training_config.yaml"),
+])
+def test_a_configmap_with_a_bad_data_key_is_refused_naming_it(tmp_path, data, expected):
+    p = tmp_path / "cm.yaml"
+    p.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "data": data}))
+    with pytest.raises(InvalidInput, match=f"--config {p}: {expected}"):
+        parse_config(p, method="lora", results_root=tmp_path)

@@ -133,7 +133,7 @@ def test_fields_without_effect_get_one_warning(tmp_path, caplog):
     ({"TrainingArguments": {"packingg": True}}, "TrainingArguments.packingg: not a field of trl.SFTConfig; did you mean packing"),
     ({"TrainingArguments": {"packing": True}, "DatasetConfig": {"packing": False}},
      "training_config.TrainingArguments.packing (True) and training_config.DatasetConfig.packing (False)"),
-    ({"DatasetConfig": {"dataset_extension": "webdataset"}}, "DatasetConfig.dataset_extension: Value error, 'webdataset'"),
+    ({"DatasetConfig": {"dataset_extension": "webdataset"}}, "DatasetConfig.dataset_extension: 'webdataset' cannot be read here"),
     ({"ModelConfig": {"chat_template": "/nowhere/phi-3.jinja"}},
      "training_config.ModelConfig.chat_template: '/nowhere/phi-3.jinja' is no file here"),
     ({"TrainingArguments": {"pad_to_multiple_of": "eight"}}, "TrainingArguments.pad_to_multiple_of: 'eight' is not"),
