@@ -46,6 +46,15 @@ class _BufferedLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def _layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a forward left in one layer of its cache."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"reading the KV cache after a forward: a {type(layer).__name__} layer holds no keys and "
+                        "values (only attention layers fit the batch cache; this architecture is not supported)")
+    return keys, values
+
+
 class BatchExecutor:
     """The batch's KV lives in per-layer buffers [row capacity, H, column capacity, D] that are reused:
     rows 0..B-1 are the running batch, columns off..off+width its (left-padded) window. Admissions write
@@ -116,9 +125,9 @@ class BatchExecutor:
         finally:
             self.lora.set_rows([])
         new_cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None) or cache
-        return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in new_cache.layers]
+        return out.logits[:, -1, :], [_layer_kv(layer) for layer in new_cache.layers]
 
-    def _realloc(self, rows: int, width: int, place: int, like=None) -> None:
+    def _realloc(self, rows: int, width: int, place: int, like: list[torch.Tensor] | None = None) -> None:
         """Fresh zeroed buffers with room for `rows` rows and `width` + HEADROOM columns; the current
         window is copied so that it ends at column `place` (a wider admission then finds room on its left).
         `like`: per-layer tensors giving the shapes when the batch is empty."""
@@ -126,15 +135,17 @@ class BatchExecutor:
         rows = max(rows, self.bufs[0][0].shape[0] if self.bufs else 1)
         cap_r = 1 << (rows - 1).bit_length()  # powers of two: a growing batch reallocates rarely
         cols = width + HEADROOM
-        old = self.kv if self.bufs else [(None, None)] * len(like)
-        shapes = [k if k is not None else like[i] for i, (k, _) in enumerate(old)]
+        old = self.kv if self.bufs else []
+        shapes = [k for k, _ in old] if old else like
+        if shapes is None:
+            raise ValueError("allocating the KV buffers of an empty batch: pass `like` (per-layer K tensors)")
         bufs = []
-        for (k, v), ref in zip(old, shapes):
+        for i, ref in enumerate(shapes):
             nk = ref.new_zeros(cap_r, ref.shape[1], cols, ref.shape[3])
             nv = ref.new_zeros(cap_r, ref.shape[1], cols, ref.shape[3])
-            if k is not None and B:
-                nk[:B, :, place - self.width:place] = k
-                nv[:B, :, place - self.width:place] = v
+            if old and B:
+                nk[:B, :, place - self.width:place] = old[i][0]
+                nv[:B, :, place - self.width:place] = old[i][1]
             bufs.append((nk, nv))
         mask = torch.zeros(cap_r, cols, dtype=torch.long, device=self.device)
         if B:

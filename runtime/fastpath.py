@@ -6,9 +6,13 @@ about 2 ms of Python per call (mask building, output capturing, kwargs plumbing,
 on a small model or a fast GPU is most of a batched decode step. This path runs the same math with the
 model's own weights, rotary module and transformers' SDPA attention function, writes K/V straight into
 the executor's buffers, and calls a Linear module itself whenever it carries hooks (LoRA adapters,
-quantization or offloading wrappers), so those still apply. On CPU its linears use oneDNN-packed copies
-of the weights (`pack_linears`), the one change that moved a batch-1 step of the 88M bench model from 35
-to ~18 ms and a 32-row step from ~100 to ~60 ms; LoRA hooks still run on their outputs.
+quantization or offloading wrappers), so those still apply.
+
+On CPU the decoder's Linear modules become `PackedLinear`s (`pack_linears`): their weight is replaced, in
+place, by oneDNN's packed layout of it, so the model holds one copy of each weight and transformers' own
+forward, LoRA hooks and `state_dict()` keep working on the same modules. That moved a batch-1 step of the
+88M bench model from 35 to ~18 ms and a 32-row step from ~100 to ~60 ms. Packing changes the model itself,
+once, when the first FastDecoder is built on it: later executors on that model find it packed.
 
 On a GPU the same path runs unpacked (cuBLAS reads the weights as they are); what a GPU would add there,
 unmeasured here: capturing this decode step in a CUDA graph per batch-size bucket (its per-op launch cost
@@ -18,6 +22,9 @@ is what this module's Python overhead is on CPU) and a paged KV layout instead o
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +32,66 @@ import torch.nn.functional as F
 SUPPORTED = {"phi3", "llama", "mistral", "qwen2"}
 
 
+def _no_packed_linear(*args: Any) -> torch.Tensor:
+    raise RuntimeError("this torch build has no oneDNN (mkldnn): packed linears cannot run")
+
+
 # The resolved overload: calling the op packet re-dispatches in Python on every call (85 calls per step).
-_PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
+_PACKED_LINEAR: Callable[..., torch.Tensor] = (
+    torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else _no_packed_linear
+)
 
 
-def _lin(m: torch.nn.Module, x: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
-    w = packed.get(m) if packed else None
-    if w is not None and not m._forward_pre_hooks and not m._forward_hooks_with_kwargs:
-        out = _PACKED_LINEAR(x if x.is_contiguous() else x.contiguous(), w, m.bias, "none", [], "")
+class PackedLinear(torch.nn.Linear):
+    """A CPU Linear whose `weight` Parameter holds oneDNN's packed layout of the weight, and nothing else.
+
+    Why: on CPU an unpacked fp32 `F.linear` lets oneDNN reorder the weight on every call; the packed
+    layout reads it once, streaming. Keeping it as the module's own weight (instead of a second copy
+    beside it) keeps the model's memory at one copy. The packed tensor has the weight's shape, dtype and
+    device but no readable storage, so: `state_dict()` gives the dense weight back, `load_state_dict()`
+    packs what it loads, and moving or casting the module (`.to()`, `.half()`) first turns it back into a
+    plain `torch.nn.Linear`, as are its deep copies and pickles. Forward hooks (LoRA) run as on any module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _PACKED_LINEAR(x if x.is_contiguous() else x.contiguous(), self.weight, self.bias, "none", [], "")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight.detach().to_dense()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Parameter.copy_ cannot write into the packed layout: load into a dense weight, then pack that.
+        self.weight = torch.nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.weight = torch.nn.Parameter(_packed(self.weight), requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        unpack(self)
+        return self._apply(fn, recurse)
+
+    def __reduce_ex__(self, protocol):
+        # Deep copies and pickles are plain Linears with the dense weight: the packed tensor has no storage
+        # to copy or save, and a copy is usually made to be edited (merged weights) or moved.
+        dense = torch.nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
+        state = {**self.__dict__, "_parameters": {**self._parameters, "weight": dense}}
+        return object.__new__, (torch.nn.Linear,), state
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def unpack(m: torch.nn.Linear) -> torch.nn.Linear:
+    """Turn a PackedLinear back into a plain Linear with a dense weight, in place."""
+    m.weight = torch.nn.Parameter(m.weight.detach().to_dense(), requires_grad=False)
+    m.__class__ = torch.nn.Linear
+    return m
+
+
+def _lin(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(m) is PackedLinear and not m._forward_pre_hooks and not m._forward_hooks_with_kwargs:
+        out = _PACKED_LINEAR(x if x.is_contiguous() else x.contiguous(), m.weight, m.bias, "none", [], "")
         for hook in m._forward_hooks.values():  # LoRA adds its rows' deltas here, as in Module.__call__
             res = hook(m, (x,), out)
             out = out if res is None else res
@@ -42,31 +101,71 @@ def _lin(m: torch.nn.Module, x: torch.Tensor, packed: dict | None = None) -> tor
     return m(x)
 
 
-def pack_linears(modules: list[torch.nn.Module]) -> dict:
-    """oneDNN-packed copies of plain Linear weights on CPU ({} when it does not apply).
+def pack_linears(model: torch.nn.Module, modules: list[torch.nn.Module]) -> int:
+    """Turn the plain CPU Linears among `modules` into PackedLinears, in place; returns how many are packed
+    (those already packed by an earlier call included), 0 when packing does not apply.
 
-    Why: on CPU an unpacked fp32 `F.linear` lets oneDNN reorder the weight on every call; the packed
-    layout reads it once, streaming. Measured on the 88M bench model (hidden 768 x 12, 1 thread): all
-    linears of a batch-1 step 20.7 -> 15.3 ms, of a 32-row step 84 -> 35 ms; bf16 5.9 ms at batch 1.
-    The copy costs the linears' bytes again, so it is skipped when they exceed a quarter of the free
-    memory; KAITO_PACKED_LINEARS=0 turns it off. On a GPU nothing is packed (cuBLAS needs no reorder)."""
-    lin = [m for m in modules if type(m) is torch.nn.Linear]
-    if os.environ.get("KAITO_PACKED_LINEARS", "1") == "0" or not lin or not torch.backends.mkldnn.is_available():
-        return {}
-    w0 = lin[0].weight
-    if w0.device.type != "cpu" or w0.dtype not in (torch.float32, torch.bfloat16):
-        return {}
-    if w0.dtype == torch.bfloat16 and not _bf16_kernels():
-        return {}
-    need = sum(m.weight.numel() * m.weight.element_size() for m in lin)
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        free = 0
-    if need * 4 > free:
-        return {}
+    Measured on the 88M bench model (hidden 768 x 12, 1 thread): all linears of a batch-1 step 20.7 -> 15.3
+    ms, of a 32-row step 84 -> 35 ms; bf16 5.9 ms at batch 1. Packing copies one weight at a time and frees
+    the dense one, so it needs room for the largest weight only; it is skipped when that exceeds a quarter
+    of the available memory. A weight shared with another module (an lm_head tied to the embeddings) stays
+    dense: the embedding lookup needs it, and packing it would hold it twice. KAITO_PACKED_LINEARS=0 turns
+    packing off. On a GPU nothing is packed (cuBLAS needs no reorder)."""
+    if os.environ.get("KAITO_PACKED_LINEARS", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return 0
+    lin = [m for m in modules if type(m) is torch.nn.Linear and _packable(m.weight)]
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    lin = [m for m in lin if uses.get(id(m.weight)) == 1]
+    if lin and max(m.weight.numel() * m.weight.element_size() for m in lin) * 4 > _free_bytes():
+        lin = []
+    for m in lin:
+        w = torch.nn.Parameter(_packed(m.weight), requires_grad=False)
+        m.__class__ = PackedLinear  # before the swap of weights: PackedLinear also runs a dense weight
+        m.weight = w
+    if lin:
+        _leave_checkpoint_file(model)
+    return sum(1 for m in modules if type(m) is PackedLinear)
+
+
+def _leave_checkpoint_file(model: torch.nn.Module) -> None:
+    """Copy the model's remaining CPU tensors (embeddings, norms) into memory of their own.
+
+    Why: transformers maps the safetensors file and its tensors are views of that mapping, which stays
+    while any tensor views it; the pages the dense linear weights were read from then stay resident (in
+    RSS and in the container's memory) beside their packed copies. Measured on the 88M bench model (fp32,
+    RSS after one forward, then after packing): 693 -> 1028 MB with the file still mapped (as when the
+    packed copies sat beside the dense weights), 693 -> 704 MB once it is unmapped. The copy is one tensor
+    at a time (the largest: the embeddings) and `.data` is replaced in place, so tied weights stay tied."""
     with torch.no_grad():
-        return {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in lin}
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.device.type == "cpu" and t.layout == torch.strided:
+                t.data = t.data.clone()
+
+
+def _packable(w: torch.Tensor) -> bool:
+    if type(w) is not torch.nn.Parameter or w.device.type != "cpu" or w.layout != torch.strided:
+        return False
+    if w.dtype == torch.bfloat16:
+        return _bf16_kernels()
+    return w.dtype == torch.float32
+
+
+def _free_bytes() -> int:
+    """Memory available to new allocations: Linux's MemAvailable (free pages alone leave out the page
+    cache, which on a host that has just read the checkpoint is most of the memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def _bf16_kernels() -> bool:
@@ -76,7 +175,14 @@ def _bf16_kernels() -> bool:
         return False
 
 
-def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+class _Norm(Protocol):
+    """What `_rms` reads of these models' RMSNorm modules."""
+
+    weight: torch.Tensor
+    variance_epsilon: float
+
+
+def _rms(norm: _Norm, x: torch.Tensor) -> torch.Tensor:
     # The RMSNorm of these models, op for op (float32 statistics, weight applied in the input dtype).
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
@@ -96,21 +202,97 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
 
 
+def _attr(owner: object, name: str) -> Any:
+    """An attribute `FastDecoder.build` checked for; transformers declares these per model class."""
+    value = getattr(owner, name, None)
+    if value is None:
+        raise TypeError(f"fast decode: {type(owner).__name__} has no {name}")
+    return value
+
+
+def _module(owner: object, name: str) -> torch.nn.Module:
+    m = _attr(owner, name)
+    if not isinstance(m, torch.nn.Module):
+        raise TypeError(f"fast decode: {type(owner).__name__}.{name} is not a module")
+    return m
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer as the forward reads it, resolved once at build: the names differ by architecture
+    (fused qkv_proj/gate_up_proj in Phi-3, separate projections in Llama), and a Module attribute lookup per
+    step costs Python time."""
+
+    attn: torch.nn.Module  # handed to transformers' attention function
+    qkv: tuple[torch.nn.Module, ...]  # (qkv_proj,) fused, or (q_proj, k_proj, v_proj)
+    q_width: int  # where k and v start in a fused qkv output
+    k_width: int
+    o: torch.nn.Module
+    head_dim: int
+    scaling: float
+    gate_up: tuple[torch.nn.Module, ...]  # (gate_up_proj,) fused, or (gate_proj, up_proj)
+    down: torch.nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+    norm_in: _Norm
+    norm_post: _Norm
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, silu: bool) -> _Layer:
+        at, mlp = _module(layer, "self_attn"), _module(layer, "mlp")
+        head_dim, cfg = int(_attr(at, "head_dim")), _attr(at, "config")
+        kv_heads = getattr(at, "num_key_value_heads", None) or cfg.num_key_value_heads
+        fused_qkv, fused_mlp = hasattr(at, "qkv_proj"), hasattr(mlp, "gate_up_proj")
+        return cls(
+            attn=at,
+            qkv=tuple(_module(at, p) for p in (("qkv_proj",) if fused_qkv else ("q_proj", "k_proj", "v_proj"))),
+            q_width=cfg.num_attention_heads * head_dim,
+            k_width=kv_heads * head_dim,
+            o=_module(at, "o_proj"),
+            head_dim=head_dim,
+            scaling=float(_attr(at, "scaling")),
+            gate_up=tuple(_module(mlp, p) for p in (("gate_up_proj",) if fused_mlp else ("gate_proj", "up_proj"))),
+            down=_module(mlp, "down_proj"),
+            act=F.silu if silu else _attr(mlp, "activation_fn" if fused_mlp else "act_fn"),
+            norm_in=_attr(layer, "input_layernorm"),
+            norm_post=_attr(layer, "post_attention_layernorm"),
+        )
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [n, heads, T, head_dim] of x [n, T, hidden]."""
+        if len(self.qkv) == 1:
+            qkv = _lin(self.qkv[0], x)
+            qd, kd = self.q_width, self.k_width
+            q, k, v = qkv[..., :qd], qkv[..., qd:qd + kd], qkv[..., qd + kd:]
+        else:
+            q, k, v = (_lin(m, x) for m in self.qkv)
+        shape = (x.shape[0], x.shape[1], -1, self.head_dim)
+        return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.gate_up) == 1:
+            gate, up = _lin(self.gate_up[0], x).chunk(2, dim=-1)
+            return _lin(self.down, up * self.act(gate))
+        gate = _lin(self.gate_up[0], x)
+        return _lin(self.down, self.act(gate) * _lin(self.gate_up[1], x))
+
+
 class FastDecoder:
+    """The prefill and decode forwards of one supported model (see the module docstring)."""
+
     def __init__(self, model: torch.nn.Module):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        inner = model.model
-        self.model, self.embed, self.norm, self.rotary, self.lm_head = model, inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
-        self.layers = list(inner.layers)
+        inner, cfg = _module(model, "model"), _attr(model, "config")
+        self.model = model
+        self.embed, self.rotary = _module(inner, "embed_tokens"), _module(inner, "rotary_emb")
+        self.norm: _Norm = _attr(inner, "norm")
+        self.lm_head = _module(model, "lm_head")
+        silu = getattr(cfg, "hidden_act", None) == "silu"
+        self.layers = [_Layer.of(layer, silu) for layer in _module(inner, "layers").children()]
         self.attend = sdpa_attention_forward
-        cfg = model.config
-        self.silu = getattr(cfg, "hidden_act", None) == "silu"
-        self.sliding_window = getattr(cfg, "sliding_window", None)
-        self.packed = pack_linears([m for layer in self.layers for m in layer.modules()] + [self.lm_head])
-
-    def _lin(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return _lin(m, x, self.packed)
+        self.sliding_window: int | None = getattr(cfg, "sliding_window", None)
+        linears = [m for layer in _module(inner, "layers").children() for m in layer.modules()] + [self.lm_head]
+        self.packed = pack_linears(model, linears)
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> FastDecoder | None:
@@ -123,48 +305,17 @@ class FastDecoder:
         if getattr(model, "_tp_size", None) or any(type(p).__name__ == "DTensor" for p in model.parameters()):
             return None  # tensor parallel: the HF forward owns the collectives
         inner = getattr(model, "model", None)
-        if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(model, "lm_head"):
+        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
             return None
-        for layer in inner.layers:
-            at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-            if at is None or mlp is None or not hasattr(at, "o_proj") or not hasattr(mlp, "down_proj"):
-                return None
-            if not (hasattr(at, "qkv_proj") or all(hasattr(at, p) for p in ("q_proj", "k_proj", "v_proj"))):
-                return None
-            if not (hasattr(mlp, "gate_up_proj") or (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"))):
-                return None
-            if hasattr(at, "q_norm") or hasattr(at, "k_norm"):
-                return None
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                if not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon"):
-                    return None
-        if not type(inner.norm).__name__.endswith("RMSNorm"):
+        if not hasattr(model, "lm_head") or not type(inner.norm).__name__.endswith("RMSNorm"):
+            return None
+        if not all(_mirrored(layer) for layer in inner.layers):
             return None
         return cls(model)
 
     def usable(self, width: int) -> bool:
         """False once a sliding window could cut into the context (the HF forward masks that)."""
         return self.sliding_window is None or width + 1 < self.sliding_window
-
-    def _qkv(self, at, x: torch.Tensor, n: int):
-        if hasattr(at, "qkv_proj"):
-            qkv = self._lin(at.qkv_proj, x)
-            qd = at.config.num_attention_heads * at.head_dim
-            kd = at.num_key_value_heads * at.head_dim if hasattr(at, "num_key_value_heads") else at.config.num_key_value_heads * at.head_dim
-            q, k, v = qkv[..., :qd], qkv[..., qd:qd + kd], qkv[..., qd + kd:]
-        else:
-            q, k, v = self._lin(at.q_proj, x), self._lin(at.k_proj, x), self._lin(at.v_proj, x)
-        shape = (n, x.shape[1], -1, at.head_dim)
-        return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-
-    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(mlp, "gate_up_proj"):
-            gate, up = self._lin(mlp.gate_up_proj, x).chunk(2, dim=-1)
-            act = F.silu(gate) if self.silu else mlp.activation_fn(gate)
-            return self._lin(mlp.down_proj, up * act)
-        gate = self._lin(mlp.gate_proj, x)
-        act = F.silu(gate) if self.silu else mlp.act_fn(gate)
-        return self._lin(mlp.down_proj, act * self._lin(mlp.up_proj, x))
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, position_ids: torch.Tensor, pad: torch.Tensor
@@ -187,16 +338,14 @@ class FastDecoder:
             mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=ids.device)
         kv = []
         for layer in self.layers:
-            at = layer.self_attn
-            x = _rms(layer.input_layernorm, h)
-            q, k, v = self._qkv(at, x, n)
+            q, k, v = layer.qkv_heads(_rms(layer.norm_in, h))
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kv.append((k, v))
-            o, _ = self.attend(at, q, k, v, mask, dropout=0.0, scaling=at.scaling, sliding_window=self.sliding_window,
-                               is_causal=mask is None and L > 1)
-            h = h + self._lin(at.o_proj, o.reshape(n, L, -1))
-            h = h + self._mlp(layer.mlp, _rms(layer.post_attention_layernorm, h))
-        return self._lin(self.lm_head, _rms(self.norm, h[:, -1:]))[:, -1, :], kv
+            o, _ = self.attend(layer.attn, q, k, v, mask, dropout=0.0, scaling=layer.scaling,
+                               sliding_window=self.sliding_window, is_causal=mask is None and L > 1)
+            h = h + _lin(layer.o, o.reshape(n, L, -1))
+            h = h + layer.mlp(_rms(layer.norm_post, h))
+        return _lin(self.lm_head, _rms(self.norm, h[:, -1:]))[:, -1, :], kv
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
@@ -209,14 +358,27 @@ class FastDecoder:
         cos, sin = self.rotary(h, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for layer, (kb, vb) in zip(self.layers, kv):
-            at = layer.self_attn
-            x = _rms(layer.input_layernorm, h)
-            q, k, v = self._qkv(at, x, n)
+            q, k, v = layer.qkv_heads(_rms(layer.norm_in, h))
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kb[:, :, width:width + 1] = k
             vb[:, :, width:width + 1] = v
-            o, _ = self.attend(at, q, kb[:, :, :width + 1], vb[:, :, :width + 1], mask, dropout=0.0, scaling=at.scaling,
-                               sliding_window=self.sliding_window)
-            h = h + self._lin(at.o_proj, o.reshape(n, 1, -1))
-            h = h + self._mlp(layer.mlp, _rms(layer.post_attention_layernorm, h))
-        return self._lin(self.lm_head, _rms(self.norm, h))[:, -1, :]
+            o, _ = self.attend(layer.attn, q, kb[:, :, :width + 1], vb[:, :, :width + 1], mask, dropout=0.0,
+                               scaling=layer.scaling, sliding_window=self.sliding_window)
+            h = h + _lin(layer.o, o.reshape(n, 1, -1))
+            h = h + layer.mlp(_rms(layer.norm_post, h))
+        return _lin(self.lm_head, _rms(self.norm, h))[:, -1, :]
+
+
+def _mirrored(layer: torch.nn.Module) -> bool:
+    """Whether a decoder layer has the parts, and only the parts, that `_Layer` reads."""
+    at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if at is None or mlp is None or not hasattr(at, "o_proj") or not hasattr(mlp, "down_proj"):
+        return False
+    if not (hasattr(at, "qkv_proj") or all(hasattr(at, p) for p in ("q_proj", "k_proj", "v_proj"))):
+        return False
+    if not (hasattr(mlp, "gate_up_proj") or (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"))):
+        return False
+    if hasattr(at, "q_norm") or hasattr(at, "k_norm"):
+        return False
+    norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+    return all(type(nm).__name__.endswith("RMSNorm") and hasattr(nm, "variance_epsilon") for nm in norms)

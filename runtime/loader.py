@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from kaito.presets import get_preset
 from kaito.presets.errors import InvalidInput
 from kaito.runtime.settings import RuntimeSettings, preflight
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("kaito.runtime.loader")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,8 +30,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Loaded:
-    model: torch.nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     eos_ids: list[int]
     max_model_len: int
     model_name: str
@@ -82,9 +87,12 @@ def load(settings: RuntimeSettings, tp_plan: str | None = None) -> Loaded:
         kwargs["tp_plan"] = tp_plan
     elif device.type == "cuda" and torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
         kwargs["device_map"] = "auto"  # one process across all GPUs (Kaito's default for big models)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if "device_map" not in kwargs and not tp_plan:
-        model = model.to(device)
+        # transformers declares PreTrainedModel.to through functools.wraps, which mypy does not bind as a
+        # method; calling it through a Callable keeps the checks transformers adds there (quantized models).
+        move: Callable[..., PreTrainedModel] = model.to
+        model = move(device)
     model.eval()
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
 

@@ -43,7 +43,7 @@ class LoraAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)  # module -> (A [r,in], B [out,r])
 
 
-def _pattern_value(module: str, patterns: dict, default):
+def _pattern_value(module: str, patterns: dict | None, default):
     # peft's matching rule for rank_pattern / alpha_pattern keys.
     for key, value in (patterns or {}).items():
         if re.fullmatch(rf"(.*\.)?{key}", module):
@@ -56,32 +56,50 @@ def read_adapter(path: Path, name: str, model: torch.nn.Module) -> LoraAdapter:
     path = Path(path)
     if not ADAPTER_NAME.match(name):
         raise InvalidInput(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)")
-    cfg_file = path / ADAPTER_CONFIG_FILE
+    cfg = _read_config(path / ADAPTER_CONFIG_FILE, name)
+    pairs = _lora_pairs(path / ADAPTER_WEIGHTS_FILE, name)
+    modules = dict(model.named_modules())
+    param = next(model.parameters())
+    r_default = int(cfg.get("r", 8))
+    alpha_default = float(cfg.get("lora_alpha", r_default))
+    rslora = bool(cfg.get("use_rslora", False))
+    weights, scaling = {}, {}
+    for mod, ab in pairs.items():
+        a, b = _fitting_pair(name, mod, ab, modules.get(mod))
+        r = int(_pattern_value(mod, cfg.get("rank_pattern"), r_default))
+        alpha = float(_pattern_value(mod, cfg.get("alpha_pattern"), alpha_default))
+        scaling[mod] = alpha / (r**0.5 if rslora else r)
+        weights[mod] = (a.to(param.device, param.dtype), b.to(param.device, param.dtype))
+    return LoraAdapter(name=name, path=path, rank=r_default, scaling=scaling, weights=weights)
+
+
+def _read_config(cfg_file: Path, name: str) -> dict:
+    """adapter_config.json, refused unless it describes a plain LoRA this module applies."""
     if not cfg_file.is_file():
         raise InvalidInput(f"adapter {name}: {cfg_file} not found; an adapter directory needs peft's adapter_config.json")
     try:
         cfg = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"adapter {name}: adapter_config.json is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InvalidInput(f"adapter {name}: adapter_config.json must be a JSON object, not {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise InvalidInput(f"adapter {name}: peft_type {cfg.get('peft_type')!r} is not supported; only LORA adapters")
     if cfg.get("use_dora"):
         raise InvalidInput(f"adapter {name}: DoRA adapters (use_dora: true) are not supported; train a plain LoRA")
     if cfg.get("fan_in_fan_out"):
         raise InvalidInput(f"adapter {name}: fan_in_fan_out adapters (Conv1D models) are not supported")
-    wfile = path / ADAPTER_WEIGHTS_FILE
+    return cfg
+
+
+def _lora_pairs(wfile: Path, name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The safetensors file's LoRA matrices by target module: {module: {"A": tensor, "B": tensor}}."""
     if not wfile.is_file():
         raise InvalidInput(f"adapter {name}: {wfile} not found; adapters must be saved as safetensors (no pickle files)")
     try:
         tensors = load_file(str(wfile))
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise InvalidInput(f"adapter {name}: cannot read {wfile.name}: {e}") from None
-
-    modules = dict(model.named_modules())
-    param = next(model.parameters())
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", r_default))
-    rslora = bool(cfg.get("use_rslora", False))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
@@ -95,24 +113,23 @@ def read_adapter(path: Path, name: str, model: torch.nn.Module) -> LoraAdapter:
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     if not pairs:
         raise InvalidInput(f"adapter {name}: {wfile.name} holds no lora_A/lora_B tensors")
-    weights, scaling = {}, {}
-    for mod, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise InvalidInput(f"adapter {name}: module {mod} has lora_{'A' if 'A' in ab else 'B'} without its pair")
-        target = modules.get(mod)
-        if not isinstance(target, torch.nn.Linear):
-            raise InvalidInput(f"adapter {name}: targets {mod!r}, which is not a Linear module of this model")
-        a, b = ab["A"], ab["B"]
-        if a.shape[1] != target.in_features or b.shape[0] != target.out_features or a.shape[0] != b.shape[1]:
-            raise InvalidInput(
-                f"adapter {name}: {mod} A{tuple(a.shape)} B{tuple(b.shape)} does not fit Linear"
-                f"({target.in_features}->{target.out_features}); was it trained on another model?"
-            )
-        r = int(_pattern_value(mod, cfg.get("rank_pattern"), r_default))
-        alpha = float(_pattern_value(mod, cfg.get("alpha_pattern"), alpha_default))
-        scaling[mod] = alpha / (r**0.5 if rslora else r)
-        weights[mod] = (a.to(param.device, param.dtype), b.to(param.device, param.dtype))
-    return LoraAdapter(name=name, path=path, rank=r_default, scaling=scaling, weights=weights)
+    return pairs
+
+
+def _fitting_pair(name: str, mod: str, ab: dict[str, torch.Tensor], target: torch.nn.Module | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) of one module, checked against the model's Linear of that name."""
+    if set(ab) != {"A", "B"}:
+        raise InvalidInput(f"adapter {name}: module {mod} has lora_{'A' if 'A' in ab else 'B'} without its pair")
+    if not isinstance(target, torch.nn.Linear):
+        raise InvalidInput(f"adapter {name}: targets {mod!r}, which is not a Linear module of this model")
+    a, b = ab["A"], ab["B"]
+    if a.shape[1] != target.in_features or b.shape[0] != target.out_features or a.shape[0] != b.shape[1]:
+        raise InvalidInput(
+            f"adapter {name}: {mod} A{tuple(a.shape)} B{tuple(b.shape)} does not fit Linear"
+            f"({target.in_features}->{target.out_features}); was it trained on another model?"
+        )
+    return a, b
 
 
 class LoraManager:

@@ -29,7 +29,7 @@ from kaito.runtime.serving import ApiError, Runtime, new_id, now
 
 if TYPE_CHECKING:
     from kaito.runtime.loader import Loaded
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 # OpenAI options this server does not implement: a request using one is refused by name, never half-served.
 UNSUPPORTED = {"tools": "no tool calling", "tool_choice": "no tool calling", "functions": "no function calling",
@@ -53,14 +53,12 @@ def ready_model(rt: Runtime) -> Loaded:
 
 
 def ready_tokenizer(rt: Runtime) -> PreTrainedTokenizerBase:
-    # Loaded.tokenizer is typed `object` in runtime/loader.py; load() puts AutoTokenizer's tokenizer there.
-    return cast("PreTrainedTokenizerBase", ready_model(rt).tokenizer)
+    return ready_model(rt).tokenizer
 
 
 def vocab_size(model: Loaded) -> int:
     """Rows of the model's logits (may exceed the tokenizer's length: padded embeddings)."""
-    # Loaded.model is typed nn.Module in runtime/loader.py; load() puts an AutoModelForCausalLM there.
-    return cast("PreTrainedModel", model.model).config.vocab_size
+    return model.model.config.vocab_size
 
 
 def is_base_path(rt: Runtime, model: str | None) -> bool:

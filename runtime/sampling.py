@@ -98,8 +98,21 @@ def sample(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tuple[list[i
 @torch.inference_mode()  # logits are inference tensors: in-place masking needs the same mode
 def sample_general(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tuple[list[int], list]:
     """Every row's own temperature, top-k/top-p, penalties, min_tokens, seed and logprobs. logits: [B, V]."""
+    logits = _adjusted(logits, seqs, eos_ids)
+    greedy_rows = [is_greedy(s.params) for s in seqs]
+    tokens = logits.argmax(-1)
+    if not all(greedy_rows):
+        greedy = torch.tensor(greedy_rows, device=logits.device)
+        tokens = torch.where(greedy, tokens, _sampled(logits, seqs, greedy_rows))
+    token_list = tokens.tolist()
+    return token_list, _logprob_infos(logits, seqs, token_list)
+
+
+def _adjusted(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> torch.Tensor:
+    """float32 logits after each row's logits processors, penalties and min_tokens (EOS masked), with NaN
+    made -inf; the input is never modified."""
     logits = logits.float()
-    B, V = logits.shape
+    V = logits.shape[1]
     needs = [(i, s) for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty]
     hooked = [(i, s) for i, s in enumerate(seqs) if s.params.logits_processors]
     if needs or hooked:
@@ -114,42 +127,48 @@ def sample_general(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tupl
         if eos_ids and len(s.output_ids) < s.params.min_tokens:
             logits[i, eos_ids] = float("-inf")
     # NaN (a broken row, an inf - inf) never wins an argmax nor reaches multinomial; +inf stays the top token.
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
 
-    greedy_rows = [is_greedy(s.params) for s in seqs]
-    greedy = torch.tensor(greedy_rows, device=logits.device)
+
+def _sampled(logits: torch.Tensor, seqs: list, greedy_rows: list[bool]) -> torch.Tensor:
+    """A token drawn for each non-greedy row [B] (greedy rows' entries are meaningless)."""
     temps = torch.tensor([1.0 if g else min(s.params.temperature, 1e30) for g, s in zip(greedy_rows, seqs)],
                          dtype=logits.dtype, device=logits.device)
-    tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
-        x = logits / temps.unsqueeze(1)
-        # Bounded in Python first: a top_k of 1e20 overflows int64, a NaN top_p keeps only the top token.
-        top_k = torch.tensor([int(min(s.params.top_k, V)) if s.params.top_k > 0 else V for s in seqs], device=x.device)
-        top_p = torch.tensor([_clamp(s.params.top_p, 0.0, 1.0) for s in seqs], dtype=x.dtype, device=x.device)
-        sorted_x, order = x.sort(dim=-1, descending=True)  # [B, V]
-        ranks = torch.arange(V, device=x.device).unsqueeze(0)
-        sorted_x = sorted_x.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
-        probs = sorted_x.softmax(-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill((before >= top_p.unsqueeze(1)) & (ranks > 0), 0.0)
-        mass = probs.sum(-1, keepdim=True)
-        # A row with no finite mass left (every logit -inf) takes its top token rather than failing multinomial.
-        dead = ~(mass > 0) | ~torch.isfinite(mass)
-        probs = torch.where(dead, (ranks == 0).to(probs.dtype), probs / mass.clamp(min=1e-38))
-        picked = torch.zeros(B, dtype=torch.long, device=x.device)  # greedy rows' entries are gathered too
-        unseeded = [i for i, s in enumerate(seqs) if s.generator is None and not bool(greedy[i])]
-        if unseeded:
-            idx = torch.tensor(unseeded, device=x.device)
-            picked[idx] = torch.multinomial(probs.index_select(0, idx), 1).squeeze(1)
-        for i, s in enumerate(seqs):
-            if s.generator is not None and not bool(greedy[i]):
-                picked[i] = torch.multinomial(probs[i].cpu(), 1, generator=s.generator).to(x.device)[0]
-        sampled = order.gather(1, picked.unsqueeze(1)).squeeze(1)
-        tokens = torch.where(greedy, tokens, sampled)
+    probs, order = _filtered_probs(logits / temps.unsqueeze(1), seqs)
+    picked = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)  # greedy rows' entries are gathered too
+    unseeded = [i for i, s in enumerate(seqs) if s.generator is None and not greedy_rows[i]]
+    if unseeded:
+        idx = torch.tensor(unseeded, device=logits.device)
+        picked[idx] = torch.multinomial(probs.index_select(0, idx), 1).squeeze(1)
+    for i, s in enumerate(seqs):
+        if s.generator is not None and not greedy_rows[i]:
+            picked[i] = torch.multinomial(probs[i].cpu(), 1, generator=s.generator).to(logits.device)[0]
+    return order.gather(1, picked.unsqueeze(1)).squeeze(1)
 
-    token_list = tokens.tolist()
-    infos: list = [None] * B
+
+def _filtered_probs(x: torch.Tensor, seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top-k/top-p distribution over its tokens sorted by logit: (probs [B, V], token order [B, V])."""
+    V = x.shape[1]
+    # Bounded in Python first: a top_k of 1e20 overflows int64, a NaN top_p keeps only the top token.
+    top_k = torch.tensor([int(min(s.params.top_k, V)) if s.params.top_k > 0 else V for s in seqs], device=x.device)
+    top_p = torch.tensor([_clamp(s.params.top_p, 0.0, 1.0) for s in seqs], dtype=x.dtype, device=x.device)
+    sorted_x, order = x.sort(dim=-1, descending=True)  # [B, V]
+    ranks = torch.arange(V, device=x.device).unsqueeze(0)
+    sorted_x = sorted_x.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    probs = sorted_x.softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    before = probs.cumsum(-1) - probs
+    probs = probs.masked_fill((before >= top_p.unsqueeze(1)) & (ranks > 0), 0.0)
+    mass = probs.sum(-1, keepdim=True)
+    # A row with no finite mass left (every logit -inf) takes its top token rather than failing multinomial.
+    dead = ~(mass > 0) | ~torch.isfinite(mass)
+    return torch.where(dead, (ranks == 0).to(probs.dtype), probs / mass.clamp(min=1e-38)), order
+
+
+def _logprob_infos(logits: torch.Tensor, seqs: list, token_list: list[int]) -> list:
+    """Per row: None, or (chosen token's logprob, [(token, logprob)] of its top `logprobs` alternatives)."""
+    V = logits.shape[1]
+    infos: list = [None] * len(seqs)
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if want:
         lp = logits.index_select(0, torch.tensor(want, device=logits.device)).log_softmax(-1)
@@ -162,4 +181,4 @@ def sample_general(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tupl
                 vals, ids = lp[j].topk(k)
                 top = list(zip(ids.tolist(), vals.tolist()))
             infos[i] = (chosen, top)
-    return token_list, infos
+    return infos

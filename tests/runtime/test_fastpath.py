@@ -229,3 +229,78 @@ def test_a_failing_prefill_on_the_thread_fails_its_requests_only(loaded):
             e.submit([Sequence(PROMPTS[2], greedy(4))])
     finally:
         e.stop()
+
+
+PACKING = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+
+
+def _mapped(path) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(str(path) in line for line in f)
+
+
+@PACKING
+def test_packed_linears_replace_the_dense_weights_and_keep_every_path(tiny_model_dir, tmp_path, monkeypatch):
+    """Packing leaves one copy of each linear weight: the dense Parameters are freed and the checkpoint file
+    is no longer mapped. transformers' forward, state_dict(), load_state_dict(), deep copies and moves still
+    see the model's own weights."""
+    import copy
+    import gc
+    import shutil
+    import weakref
+
+    from kaito.runtime.fastpath import PackedLinear
+
+    monkeypatch.delenv("KAITO_PACKED_LINEARS", raising=False)
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "m")  # a file no other test's model maps
+    model = load(RuntimeSettings(model_dir=model_dir, preset="tiny-phi-3", device="cpu")).model
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        want = model(ids).logits
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    freed = [weakref.ref(m.weight) for m in linears]
+    assert _mapped(model_dir / "model.safetensors")
+
+    assert BatchExecutor(model).fast.packed == len(linears)
+    gc.collect()
+    assert all(type(m) is PackedLinear and m.weight.is_mkldnn for m in linears)
+    assert not any(r() is not None for r in freed), "a dense weight outlived its packed copy"
+    assert not _mapped(model_dir / "model.safetensors"), "the checkpoint file is still mapped"
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+    state = model.state_dict()
+    assert state.keys() == dense.keys() and all(torch.equal(state[k], v) for k, v in dense.items())
+    model.load_state_dict(state)
+    assert all(type(m) is PackedLinear and m.weight.is_mkldnn for m in linears)
+    twin = copy.deepcopy(model)  # a copy is plain Linears with dense weights, free to edit or move
+    assert not any(isinstance(m, PackedLinear) for m in twin.modules())
+    twin.to(torch.float64)
+    assert all(type(m) is PackedLinear for m in linears), "the copy shares modules with the original"
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits.float(), want, atol=1e-4, rtol=1e-4)
+    moved = linears[0].to(torch.float64)  # moving or casting a packed module unpacks it first
+    assert type(moved) is torch.nn.Linear and moved.weight.dtype == torch.float64
+
+
+@PACKING
+def test_a_tied_lm_head_stays_dense_and_shared(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kaito.runtime.fastpath import PackedLinear
+
+    monkeypatch.delenv("KAITO_PACKED_LINEARS", raising=False)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        want = model(ids).logits
+    ex = BatchExecutor(model)
+    assert ex.fast is not None and type(model.lm_head) is torch.nn.Linear
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert type(model.model.layers[0].mlp.down_proj) is PackedLinear
+    torch.testing.assert_close(ex.prefill([ids[0].tolist()], [()]), want[:, -1], atol=1e-5, rtol=1e-5)
