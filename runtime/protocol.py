@@ -1,7 +1,7 @@
 """Request and response models of the HTTP contract (OpenAI /v1 and Kaito's /chat).
 
 Used by the api routers (`kaito.runtime.api`) to validate bodies and by the
-serving layer (`kaito.runtime.serving`) to read them. Bounds here are the
+serving logic that reads them (`openai_serving`, `kaito_chat`, `responses`). Bounds here are the
 first line against hostile input: every number has a range and every list a
 length limit, so bad bodies fail as 400 before touching the engine.
 
