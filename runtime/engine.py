@@ -10,10 +10,11 @@ that plan (`kaito.runtime.plan.StepPlan`) on the executor through the fault guar
 (`kaito.runtime.faults.ForwardGuard`: a forward over several rows that fails is retried row by row, only a
 device or torchrun group fault stops the engine and calls `on_fatal`), and hands the sampled tokens to the
 output processor (`kaito.runtime.output`). With the prefill thread, arrivals are prefilled on it while the
-batch decodes and get their first tokens at once; the engine thread merges their rows between two decode
-steps. Without it (under torchrun, where every rank replays rank 0's plans one forward at a time, or for
-rotary embeddings that rescale by length) a step admits arrivals after its decode, prefilling for at most
-`prefill_step_ratio` times the decode's time. Forwards never run on the event loop.
+batch decodes, all that wait sharing one forward (up to `prefill_chunk_tokens`), and get their first tokens
+at once; the engine thread merges their rows between two decode steps. Without it (under torchrun, where
+every rank replays rank 0's plans one forward at a time, or for rotary embeddings that rescale by length) a
+step admits arrivals after its decode, prefilling for at most `prefill_step_ratio` times the decode's time.
+Forwards never run on the event loop.
 """
 
 from __future__ import annotations
@@ -427,7 +428,7 @@ class Engine:
                 if self._stop:
                     return
                 self._drop_cancelled_waiting(outbox)
-                group = self._admit(*self.scheduler.apart_budget(self._room(), bool(self.running)))
+                group = self._admit(*self.scheduler.apart_budget(self._room()))
                 self._inflight = group
             flush(outbox)
             if not group:

@@ -28,15 +28,33 @@ def fast_decode(tok) -> Callable[[list[int]], str]:
     return lambda ids: tok.decode(ids, skip_special_tokens=True)
 
 
+# Prompt tokens the detokenizer reads before the first output token (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET),
+# so the first token's text is what follows the prompt (" w1428", not "w1428"): prompt + text reads right.
+PROMPT_CONTEXT = 5
+
+
+def _ids_from(s: Sequence, start: int, end: int | None = None) -> list[int]:
+    """ids[start:end] of the detokenizer's stream: the prompt's last tokens (`detok_tail`), then the output."""
+    tail, n = s.detok_tail or [], len(s.detok_tail or [])
+    if start >= n:
+        return s.output_ids[start - n:None if end is None else end - n]
+    if end is not None and end <= n:
+        return tail[start:end]
+    return tail[start:] + s.output_ids[:None if end is None else end - n]
+
+
 def detok(s: Sequence, decode: Callable[[list[int]], str], final: bool) -> str:
-    """Incremental detokenization (prefix/read offsets) so multi-byte characters are never split."""
-    ids = s.output_ids
-    prev = decode(ids[s.detok_prefix:s.detok_read])
-    new = decode(ids[s.detok_prefix:])
+    """Incremental detokenization (prefix/read offsets into the prompt's tail + output ids), so multi-byte
+    characters are never split and a word's leading space is kept as after the prompt."""
+    if s.detok_tail is None:
+        s.detok_tail = list(s.prompt_ids[-PROMPT_CONTEXT:])
+        s.detok_prefix, s.detok_read = 0, len(s.detok_tail)
+    prev = decode(_ids_from(s, s.detok_prefix, s.detok_read))
+    new = decode(_ids_from(s, s.detok_prefix))
     if len(new) > len(prev) and (final or not new.endswith("\ufffd")):
         delta = new[len(prev):]
         s.text += delta
-        s.detok_prefix, s.detok_read = s.detok_read, len(ids)
+        s.detok_prefix, s.detok_read = s.detok_read, len(s.detok_tail) + len(s.output_ids)
         return delta
     return ""
 
@@ -112,7 +130,7 @@ class OutputProcessor:
         if reason is None and (len(s.output_ids) >= s.params.max_tokens
                                or len(s.prompt_ids) + len(s.output_ids) >= self.max_model_len):
             reason = "length"
-        if reason is not None and not by_string and s.detok_read < len(s.output_ids):
+        if reason is not None and not by_string and s.detok_read < len(s.detok_tail or []) + len(s.output_ids):
             detok(s, self._decode, final=True)  # flush bytes held back for an unfinished character
             if s.params.stop:
                 check_stop(s)

@@ -11,6 +11,8 @@ Policy (Sarathi-style stall-free batching): each step decodes the running rows f
 in arrival order, at most `max_batch_size` rows in all; while rows decode, the admissions' estimated prefill
 time is held to `prefill_step_ratio` times the decode's (one prompt at least), so a burst is admitted over a
 few steps and running streams keep their pace. The estimate is learned from this engine's own prefills.
+With the engine's prefill thread, arrivals are prefilled beside the decode instead, all that are waiting
+in each forward (up to `prefill_chunk_tokens`), like vLLM's token budget per step.
 """
 
 from __future__ import annotations
@@ -128,11 +130,12 @@ class Scheduler:
             return self.max_prefill_tokens, None
         return self.max_prefill_tokens, self.prefill_step_ratio * decode_s
 
-    def apart_budget(self, room: int, decoding: bool) -> tuple[int, int]:
-        """The prefill thread's next forward: (rows, prompt tokens). While the batch decodes, one prompt per
-        forward: an arrival's first token waits for no other prompt, and arrivals spread over decode steps
-        instead of moving in lock-step. Into an idle batch a burst goes in chunks, sharing each forward's cost."""
-        return (1 if decoding else room), min(self.prefill_chunk_tokens, self.max_prefill_tokens)
+    def apart_budget(self, room: int) -> tuple[int, int]:
+        """The prefill thread's next forward: (rows, prompt tokens). Every waiting prompt that fits, up to one
+        chunk: arrivals that came together share one forward. One prompt per forward while the batch decodes
+        cost 46-83 ms per 16-token prompt on the 88M bench model against ~20 ms in groups of 8-32, and the
+        32-client burst queued behind it (TTFT p99 2.6 s -> 0.7-1.3 s, tok/s +10% at 32 clients, measured)."""
+        return room, min(self.prefill_chunk_tokens, self.max_prefill_tokens)
 
     def chunks(self, admitted: list[R]) -> list[list[R]]:
         """The admitted rows (in order) as prefill forwards of at most `prefill_chunk_tokens` tokens each."""

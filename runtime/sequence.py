@@ -67,8 +67,11 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     scheduled_at: float | None = None  # left the queue for a prefill (metrics: queue and prefill time)
-    detok_prefix: int = 0  # incremental detokenization offsets into output_ids (kaito.runtime.output.detok)
+    # Incremental detokenization (kaito.runtime.output.detok): offsets into detok_tail + output_ids, where
+    # detok_tail is the prompt's last tokens (set at the first token).
+    detok_prefix: int = 0
     detok_read: int = 0
+    detok_tail: list[int] | None = None
 
     def __post_init__(self):
         self.events: asyncio.Queue = self.queue if self.queue is not None else asyncio.Queue()

@@ -59,7 +59,7 @@ class RuntimeSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="When set, /v1 and /chat need `Authorization: Bearer <key>`.")
     chat_template: str | None = Field(None, description="Chat template override: a file path or the Jinja text itself.")
     pipeline: Literal["text-generation", "conversational"] | None = Field(None, description="Kaito pipeline for /chat error messages; default the preset's run_params.pipeline.")
-    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op CPU threads; default torch's. 1 avoids OpenMP stalls on small or shared CPUs.")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op CPU threads; default on CPU: the cores this process may use (affinity, cgroup quota) minus one left to the HTTP server, unless OMP_NUM_THREADS is set. 1 avoids OpenMP stalls on small or shared CPUs.")
     tensor_parallel: bool = Field(True, description="Under torchrun on CUDA, shard with transformers' tp_plan when the model has one; else replicate.")
     log_level: str = Field("info", description="uvicorn and kaito log level.")
 

@@ -383,3 +383,26 @@ def test_an_adapter_op_that_fails_says_so_and_the_engine_keeps_serving(loaded):
         assert good.finish_reason == "length" and len(good.output_ids) == 3
     finally:
         e.stop()
+
+
+def test_a_burst_prefilled_together_beside_the_decode_equals_alone(loaded):
+    """The prefill thread takes every waiting prompt into one forward while the batch decodes; the rows then
+    decode exactly as alone."""
+    alone = [run_to_completion(engine(loaded), [Sequence(ids(loaded, p), _greedy(12))])[0][0] for p in PROMPTS]
+    e = engine(loaded, max_batch_size=16, prefill_thread=True, prefill_chunk_tokens=4096)
+    forwards: list[int] = []
+    inner = e.ex.prefill_forward
+    e.ex.prefill_forward = lambda prompts, rows: forwards.append(len(prompts)) or inner(prompts, rows)
+    e.start()
+    try:
+        first = Sequence(ids(loaded, PROMPTS[0]), _greedy(200))
+        e.submit([first])
+        assert _wait(lambda: len(first.output_ids) > 2)
+        burst = [Sequence(ids(loaded, p), _greedy(12)) for p in PROMPTS]
+        e.submit(burst)  # one call: every prompt waits before the prefill thread looks
+        assert _wait(lambda: all(s.finish_reason is not None for s in burst), 60)
+        e.cancel([first])
+    finally:
+        e.stop()
+    assert forwards[:2] == [1, len(PROMPTS)], forwards  # the burst shared one forward beside the decode
+    assert [s.output_ids for s in burst] == alone

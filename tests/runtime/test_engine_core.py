@@ -91,7 +91,7 @@ def test_budgets_chunks_and_queue_limits():
     assert s.inline_budget(None) == (64, None)  # nothing decoded: no time bound
     assert s.inline_budget(0.2) == (64, pytest.approx(0.1))
     assert scheduler(prefill_step_ratio=0).inline_budget(0.2) == (64, None)
-    assert s.apart_budget(room=3, decoding=True) == (1, 32) and s.apart_budget(room=3, decoding=False) == (3, 32)
+    assert s.apart_budget(room=3) == (3, 32)  # arrivals share a forward, whether or not the batch decodes
     rows = [row(20), row(10), row(40), row(1)]
     assert [len(c) for c in s.chunks(rows)] == [2, 1, 1] and s.chunks(rows)[0] == rows[:2]
     assert chunks([18] * 32, 128) == [7, 7, 7, 7, 4] and fill_holes([True, False, True, True]) == [0, 3, 2]
@@ -148,6 +148,36 @@ def test_the_output_processor_stops_on_eos_stop_strings_max_tokens_and_context()
     s = _seq(max_tokens=100, prompt_len=5)  # 5 prompt + 3 generated = the context of 8
     events = _feed(out, s, "abcdef")
     assert (s.finish_reason, s.text, events[-1].completion_tokens) == ("length", "abc", 3)
+
+
+def test_the_completion_keeps_the_space_it_has_after_the_prompt():
+    """As vLLM: the detokenizer reads the prompt's last tokens first, so prompt + completion reads right
+    (a word-level tokenizer joins words with spaces: the first word's text is " world", not "world")."""
+    from kaito.runtime.output import OutputProcessor
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<eos>", "Hello", "big", "world", "again", "and"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = OutputProcessor(tok, eos_ids=[0], max_model_len=64)
+    for prompt in ([1], [1, 2], [5, 2, 5, 2, 5, 2, 1, 2]):  # shorter and longer than the prompt context
+        s = _seq(max_tokens=3)
+        s.prompt_ids = list(prompt)
+        events = _feed(out, s, "\3\4\5")
+        assert s.text == " world again and" and "".join(e.text for e in events[:-1]) == s.text
+        assert tok.decode(prompt) + s.text == tok.decode(prompt + s.output_ids)
+
+
+def test_torch_threads_default_to_the_cores_minus_one_on_cpu_unless_chosen():
+    import os
+
+    from kaito.runtime.serving import default_torch_threads
+    from kaito.runtime.settings import RuntimeSettings
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_torch_threads(RuntimeSettings(device="cpu"), {}) in range(1, max(2, cores))
+    assert default_torch_threads(RuntimeSettings(device="cpu", torch_threads=3), {}) is None  # chosen: kept
+    assert default_torch_threads(RuntimeSettings(device="cpu"), {"OMP_NUM_THREADS": "4"}) is None
 
 
 # ---- adapter operations report their failure -------------------------------------------------------------------
