@@ -1,8 +1,8 @@
 """HTTP layer: `build_app(settings)` with thin routers, guards and one error mapping.
 
-Called by `kaito.runtime.__main__` / `kaito serve` (uvicorn) and by tests
+Called by `kaito.runtime.launch` (behind `python -m kaito.runtime` and `kaito serve`, uvicorn) and by tests
 (in-process ASGI or a real uvicorn). Routers only validate and delegate to
-`kaito.runtime.openai_serving` / `kaito.runtime.kaito_chat`; every failure is
+`kaito.runtime.openai_serving` / `responses` / `kaito_chat`; every failure is
 mapped here: OpenAI's `{"error": {...}}` envelope under /v1, FastAPI's
 `{"detail": ...}` elsewhere (Kaito's /chat), never a stack trace.
 

@@ -1,6 +1,6 @@
 """torchrun support: rank 0 schedules and broadcasts each step's plan; other ranks replay it.
 
-Called by `kaito.runtime.__main__` when WORLD_SIZE > 1. Rank 0 runs the HTTP
+Called by `kaito.runtime.launch.main` when WORLD_SIZE > 1. Rank 0 runs the HTTP
 server and the engine, whose `broadcast` hook sends every step's plan (rows
 kept, tokens decoded, prompts prefilled, adapter changes) before running it;
 worker ranks run `worker_loop`, executing the same forwards so a tensor-parallel

@@ -1,11 +1,11 @@
 """Serving logic shared by every endpoint: the runtime state, model/adapter resolution, generation.
 
-Called by the routers in `kaito.runtime.api` (OpenAI) and
-`kaito.runtime.kaito_chat` (Kaito's /chat). `Runtime` owns the loaded model,
+Called by the serving logic behind the routers of `kaito.runtime.api`: `openai_serving`,
+`responses` (OpenAI) and `kaito_chat` (Kaito's /chat). `Runtime` owns the loaded model,
 the engine thread and the adapters; `ApiError` is the one exception type the
 api maps to status codes (OpenAI envelope on /v1, `detail` on /chat).
-`generate()` turns prompt ids into engine sequences and yields their events,
-cancelling them when the client goes away.
+`submit()` turns prompt ids into engine sequences and `events()` yields their
+tokens and finishes, cancelling them when the client goes away.
 
 When the model cannot be loaded, or the engine meets a fault it cannot
 contain to one request, `on_fatal` (set by `kaito.runtime.launch`) ends the

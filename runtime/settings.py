@@ -1,6 +1,6 @@
 """Runtime settings: one pydantic-settings model for every knob of the server.
 
-Read by `kaito.runtime.__main__` and `kaito serve` (via `load_settings`), then
+Read by `kaito.runtime.launch.main` (behind `python -m kaito.runtime` and `kaito serve`) through `load_settings`, then
 passed to `build_app(settings)`. Sources, highest priority first: command-line
 flags, `KAITO_*` environment variables, the YAML config file
 (`--config /mnt/config/inference_config.yaml`, keys are the field names below,
