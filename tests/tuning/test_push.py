@@ -31,31 +31,18 @@ def short_config(tmp_path):
     return p
 
 
+def tune_and_push(tmp_path, data_dir, model_dir, out, ref, secret) -> int:
+    """`kaito tune` of the short lora config on the tiny preset, pushing the adapter to `ref`."""
+    argv = ["tune", "--config", str(short_config(tmp_path)), "--preset", "tiny-phi-3", "--method", "lora"]
+    argv += ["--data", str(data_dir), "--output", str(out), "--model-dir", str(model_dir)]
+    return kaito_main(argv + ["--push", ref, "--push-secret", str(secret)])
+
+
 def test_push_pull_and_load_adapter(auth_registry, dolly_parquet, model_copy, tmp_path, capsys):
     secret = auth_registry.dockerconfig(tmp_path / "config.json")
     ref = f"{auth_registry.host}/adapters/tiny-phi-3-dolly:0.0.1"
     out = tmp_path / "results"
-    rc = kaito_main(
-        [
-            "tune",
-            "--config",
-            str(short_config(tmp_path)),
-            "--preset",
-            "tiny-phi-3",
-            "--method",
-            "lora",
-            "--data",
-            str(dolly_parquet.parent),
-            "--output",
-            str(out),
-            "--model-dir",
-            str(model_copy),
-            "--push",
-            ref,
-            "--push-secret",
-            str(secret),
-        ]
-    )
+    rc = tune_and_push(tmp_path, dolly_parquet.parent, model_copy, out, ref, secret)
     captured = capsys.readouterr()
     assert rc == 0
     recorded = (out / DIGEST_FILE).read_text().strip()
@@ -138,27 +125,7 @@ def test_the_same_adapter_pushed_twice_has_one_digest(registry, tmp_path):
 def test_wrong_push_secret_fails_without_leaking(auth_registry, dolly_parquet, model_copy, tmp_path, capsys):
     secret = auth_registry.dockerconfig(tmp_path / "bad.json", password="wrong-password-xyz")
     out = tmp_path / "results"
-    rc = kaito_main(
-        [
-            "tune",
-            "--config",
-            str(short_config(tmp_path)),
-            "--preset",
-            "tiny-phi-3",
-            "--method",
-            "lora",
-            "--data",
-            str(dolly_parquet.parent),
-            "--output",
-            str(out),
-            "--model-dir",
-            str(model_copy),
-            "--push",
-            f"{auth_registry.host}/adapters/x:1",
-            "--push-secret",
-            str(secret),
-        ]
-    )
+    rc = tune_and_push(tmp_path, dolly_parquet.parent, model_copy, out, f"{auth_registry.host}/adapters/x:1", secret)
     captured = capsys.readouterr()
     assert rc in (1, 2)
     assert "wrong-password-xyz" not in captured.out + captured.err
@@ -166,27 +133,7 @@ def test_wrong_push_secret_fails_without_leaking(auth_registry, dolly_parquet, m
     assert (out / SENTINEL).is_file() and not (out / DIGEST_FILE).exists()
     # a rerun with the right secret only pushes: no training again
     good = auth_registry.dockerconfig(tmp_path / "good.json")
-    rc = kaito_main(
-        [
-            "tune",
-            "--config",
-            str(short_config(tmp_path)),
-            "--preset",
-            "tiny-phi-3",
-            "--method",
-            "lora",
-            "--data",
-            str(dolly_parquet.parent),
-            "--output",
-            str(out),
-            "--model-dir",
-            str(model_copy),
-            "--push",
-            f"{auth_registry.host}/adapters/x:1",
-            "--push-secret",
-            str(good),
-        ]
-    )
+    rc = tune_and_push(tmp_path, dolly_parquet.parent, model_copy, out, f"{auth_registry.host}/adapters/x:1", good)
     assert rc == 0
     assert '"skipped_training": true' in capsys.readouterr().out and (out / DIGEST_FILE).is_file()
 
