@@ -61,7 +61,7 @@ class BatchExecutor:
     their rows in place and evictions move only the rows that shift, so a step never copies the whole
     batch's cache (a full copy per admission used to cost more than a decode step)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, compile_decode: bool = False):
         self.model = model
         self.device = next(model.parameters()).device
         self.lora = LoraManager(model)
@@ -72,7 +72,7 @@ class BatchExecutor:
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # KAITO_FAST_DECODE=0 forces transformers' forward for every decode (A/B checks, debugging).
         fast_ok = os.environ.get("KAITO_FAST_DECODE", "1") != "0"
-        self.fast = FastDecoder.build(model) if fast_ok else None
+        self.fast = FastDecoder.build(model, compile_decode) if fast_ok else None
         self.bufs: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: ([R, H, C, D], [R, H, C, D])
         self.mask_buf = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [R, C]; 1 = real token
         self.off = 0  # first column of the batch's window in the buffers
@@ -291,8 +291,11 @@ class BatchExecutor:
                 m = attn.bool()
                 # As transformers does: no mask at all when no row has padding.
                 mask = None if bool(m.all()) else m[:, None, None, :]
-                kv = [(k[:n, :, self.off:], v[:n, :, self.off:]) for k, v in self.bufs]
-                logits = self.fast.forward(ids, self.pos[:n].view(n, 1), mask, kv, self.width)
+                # Views ending at the new column, not at the buffer's end: a compiled step (compile_decode) then
+                # sees the same stride pattern whether or not the window starts at column 0 (a view reaching
+                # the buffer's end at column 0 looked contiguous, a guard failure and a recompile).
+                kv = [(k[:n, :, self.off:col + 1], v[:n, :, self.off:col + 1]) for k, v in self.bufs]
+                logits = self.fast.forward(ids, self.pos[:n].view(n, 1), mask, kv, self.width, self.lora.active)
             finally:
                 self.lora.set_rows([])
         else:
@@ -300,6 +303,25 @@ class BatchExecutor:
         self.width += 1  # the buffers were written in place at column `col`
         self.pos[:n] += 1
         return logits
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps without adapters run through torch.compile (`compile_decode`)."""
+        return self.fast is not None and self.fast.compiled is not None
+
+    def warmup(self, token: int) -> None:
+        """Compile the decode graphs a server meets (one row; several rows with and without padding) before
+        it serves, so no request waits for a compile; the batch is left empty. No-op unless compiled."""
+        if not self.compiled or self.batch_size:
+            return
+        self.prefill([[token] * 3, [token] * 5], [(), ()])  # two rows, the first padded: a mask
+        self.decode([token, token])
+        self.decode([token, token])
+        self.evict([1])  # one row: no mask, and dynamo specializes a batch of one
+        self.decode([token])
+        self.prefill([[token] * self.width], [()])  # two rows of one width: several rows, no mask
+        self.decode([token, token])
+        self.evict([])
 
     @torch.inference_mode()
     def undo_decode(self, n: int) -> None:

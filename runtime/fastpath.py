@@ -14,6 +14,12 @@ forward, LoRA hooks and `state_dict()` keep working on the same modules. That mo
 88M bench model from 35 to ~18 ms and a 32-row step from ~100 to ~60 ms. Packing changes the model itself,
 once, when the first FastDecoder is built on it: later executors on that model find it packed.
 
+With `compile_decode` the decode step (`_plain_forward`: the same math, linears called without hooks) goes
+through torch.compile (inductor, dynamic shapes) and the weights stay dense instead of packed: the RMSNorm,
+RoPE, residual and SiLU ops fuse into a few C++ kernels and a step's Python shrinks to inductor's wrapper,
+which also leaves the HTTP server more of the GIL. A step where some row uses an adapter runs the eager forward (LoRA's hooks). The executor
+(`BatchExecutor.warmup`) compiles its three graphs (one row; rows with and without padding) before serving.
+
 On a GPU the same path runs unpacked (cuBLAS reads the weights as they are); what a GPU would add there,
 unmeasured here: capturing this decode step in a CUDA graph per batch-size bucket (its per-op launch cost
 is what this module's Python overhead is on CPU) and a paged KV layout instead of the padded window.
@@ -21,6 +27,7 @@ is what this module's Python overhead is on CPU) and a paged KV layout instead o
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED = {"phi3", "llama", "mistral", "qwen2"}
+log = logging.getLogger("kaito.runtime.fastpath")
 
 
 def _no_packed_linear(*args: Any) -> torch.Tensor:
@@ -40,6 +48,13 @@ def _no_packed_linear(*args: Any) -> torch.Tensor:
 _PACKED_LINEAR: Callable[..., torch.Tensor] = (
     torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else _no_packed_linear
 )
+
+
+# The input rows oneDNN picks the packed layout for. Measured (1 thread, fp32, 768x4096 weight, us per call,
+# packed for 1 row / for 32 rows / dense): 1 row 492 / 507 / 459; 4 rows 779 / 494 / 904; 8 rows 962 / 642 /
+# 1349; 32 rows 1784 / 1361 / 1705; 128 rows 4754 / 4271 / 4583. Any hint from 4 to 128 gives the same
+# layout speed; a layout for one row makes batched decode and prefill as slow as the dense weight.
+PACK_ROWS = 32
 
 
 class PackedLinear(torch.nn.Linear):
@@ -78,8 +93,9 @@ class PackedLinear(torch.nn.Linear):
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's layout of the weight for inputs of about PACK_ROWS rows."""
     with torch.no_grad():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
 
 
 def unpack(m: torch.nn.Linear) -> torch.nn.Linear:
@@ -99,6 +115,20 @@ def _lin(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(m) is torch.nn.Linear and not m._forward_hooks and not m._forward_pre_hooks:
         return F.linear(x, m.weight, m.bias)
     return m(x)
+
+
+def _plain(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear of the compiled decode step: the dense weight, no hooks (`_compilable` checked them)."""
+    return F.linear(x, m.weight, m.bias)  # type: ignore[arg-type]
+
+
+def _compilable(linears: list[torch.nn.Module]) -> bool:
+    """Whether the compiled decode step may run these linears as plain `F.linear`: dense torch Linears (not
+    packed by an earlier executor, not quantized) with no hooks yet (LoRA's come later and send a step with
+    adapter rows to the eager forward)."""
+    lin = [m for m in linears if isinstance(m, torch.nn.Linear)]
+    return bool(lin) and all(type(m) is torch.nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+                             for m in lin)
 
 
 def pack_linears(model: torch.nn.Module, modules: list[torch.nn.Module]) -> int:
@@ -257,29 +287,33 @@ class _Layer:
             norm_post=_attr(layer, "post_attention_layernorm"),
         )
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_heads(self, x: torch.Tensor, lin: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [n, heads, T, head_dim] of x [n, T, hidden]."""
+        lin = lin or _lin
         if len(self.qkv) == 1:
-            qkv = _lin(self.qkv[0], x)
+            qkv = lin(self.qkv[0], x)
             qd, kd = self.q_width, self.k_width
             q, k, v = qkv[..., :qd], qkv[..., qd:qd + kd], qkv[..., qd + kd:]
         else:
-            q, k, v = (_lin(m, x) for m in self.qkv)
+            q, k, v = (lin(m, x) for m in self.qkv)
         shape = (x.shape[0], x.shape[1], -1, self.head_dim)
         return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, lin: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+            ) -> torch.Tensor:
+        lin = lin or _lin
         if len(self.gate_up) == 1:
-            gate, up = _lin(self.gate_up[0], x).chunk(2, dim=-1)
-            return _lin(self.down, up * self.act(gate))
-        gate = _lin(self.gate_up[0], x)
-        return _lin(self.down, self.act(gate) * _lin(self.gate_up[1], x))
+            gate, up = lin(self.gate_up[0], x).chunk(2, dim=-1)
+            return lin(self.down, up * self.act(gate))
+        gate = lin(self.gate_up[0], x)
+        return lin(self.down, self.act(gate) * lin(self.gate_up[1], x))
 
 
 class FastDecoder:
     """The prefill and decode forwards of one supported model (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, compile_decode: bool = False):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         inner, cfg = _module(model, "model"), _attr(model, "config")
@@ -292,10 +326,21 @@ class FastDecoder:
         self.attend = sdpa_attention_forward
         self.sliding_window: int | None = getattr(cfg, "sliding_window", None)
         linears = [m for layer in _module(inner, "layers").children() for m in layer.modules()] + [self.lm_head]
-        self.packed = pack_linears(model, linears)
+        # The compiled step reads dense weights: inductor takes oneDNN's packed layout only as a frozen constant
+        # (`torch._inductor.config.freezing`), and frozen packed weights measured no faster in the server than
+        # the eager step (88M bench model: 33.5 ms per token at 1 client, 350 tok/s at 32), where the dense
+        # compiled step was 28 ms and, on the 3.7M model, 1.5 ms and 5,056 tok/s (eager 2.4 ms, 3,642 tok/s).
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        self.packed = 0
+        if compile_decode and _compilable(linears):
+            self.compiled = torch.compile(self._plain_forward, dynamic=True)
+        else:
+            if compile_decode:
+                log.warning("compile_decode: the model's linears are packed, quantized or carry hooks; decoding eagerly")
+            self.packed = pack_linears(model, linears)
 
     @classmethod
-    def build(cls, model: torch.nn.Module) -> FastDecoder | None:
+    def build(cls, model: torch.nn.Module, compile_decode: bool = False) -> FastDecoder | None:
         """The fast path for this model, or None when its forward differs from what this module mirrors."""
         cfg = getattr(model, "config", None)
         if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED or model.training:
@@ -311,7 +356,7 @@ class FastDecoder:
             return None
         if not all(_mirrored(layer) for layer in inner.layers):
             return None
-        return cls(model)
+        return cls(model, compile_decode)
 
     def usable(self, width: int) -> bool:
         """False once a sliding window could cut into the context (the HF forward masks that)."""
@@ -349,24 +394,38 @@ class FastDecoder:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                kv: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> torch.Tensor:
+                kv: list[tuple[torch.Tensor, torch.Tensor]], width: int, adapters: bool = False) -> torch.Tensor:
         """ids, position_ids: [n, 1]; mask: bool [n, 1, 1, width + 1] or None (attend to every column);
         kv: per layer [n, H, >width, D] buffer views whose first `width` columns hold the context — the new
-        token's K/V are written at column `width`. Returns the next-token logits [n, V]."""
+        token's K/V are written at column `width`. Returns the next-token logits [n, V]. `adapters`: some
+        row of this step uses a LoRA adapter, whose hooks only the eager forward runs."""
+        if self.compiled is not None and not adapters:
+            with torch.no_grad():  # dynamo traces under no_grad; the buffers stay inference tensors
+                return self.compiled(ids, position_ids, mask, kv, width)
+        return self._decode(ids, position_ids, mask, kv, width, _lin)
+
+    def _plain_forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                       kv: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> torch.Tensor:
+        """The decode step torch.compile traces: linears without hooks (no adapter row in the step)."""
+        return self._decode(ids, position_ids, mask, kv, width, _plain)
+
+    def _decode(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                kv: list[tuple[torch.Tensor, torch.Tensor]], width: int,
+                lin: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         n = ids.shape[0]
         h = self.embed(ids)
         cos, sin = self.rotary(h, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for layer, (kb, vb) in zip(self.layers, kv):
-            q, k, v = layer.qkv_heads(_rms(layer.norm_in, h))
+            q, k, v = layer.qkv_heads(_rms(layer.norm_in, h), lin)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kb[:, :, width:width + 1] = k
             vb[:, :, width:width + 1] = v
             o, _ = self.attend(layer.attn, q, kb[:, :, :width + 1], vb[:, :, :width + 1], mask, dropout=0.0,
                                scaling=layer.scaling, sliding_window=self.sliding_window)
-            h = h + _lin(layer.o, o.reshape(n, 1, -1))
-            h = h + layer.mlp(_rms(layer.norm_post, h))
-        return _lin(self.lm_head, _rms(self.norm, h))[:, -1, :]
+            h = h + lin(layer.o, o.reshape(n, 1, -1))
+            h = h + layer.mlp(_rms(layer.norm_post, h), lin)
+        return lin(self.lm_head, _rms(self.norm, h))[:, -1, :]
 
 
 def _mirrored(layer: torch.nn.Module) -> bool:

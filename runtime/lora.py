@@ -162,6 +162,11 @@ class LoraManager:
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
 
+    @property
+    def active(self) -> bool:
+        """Whether some row of this thread's next forward uses an adapter (its hooks must run)."""
+        return bool(self._plan)
+
     def set_rows(self, rows: list[RowSpec]) -> None:
         """Declare the adapter mix of each row of the next forward (batch order)."""
         plan: dict[str, list[tuple[int, float]]] = {}

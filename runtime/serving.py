@@ -94,7 +94,12 @@ class Runtime:
                          "set torch_threads to choose)", threads)
             self.loaded = loaded = load(self.settings, tp_plan=self.tp_plan)
             self.metrics.bind(loaded.model_name)  # vLLM's model_name label on every series
-            executor = BatchExecutor(loaded.model)
+            executor = BatchExecutor(loaded.model, compile_decode=self.settings.compile_decode and self.broadcast is None)
+            if executor.compiled:  # before the adapters: a LoRA row decodes eagerly anyway
+                t0 = time.perf_counter()
+                log.info("compiling the decode step (compile_decode: torch.compile, inductor)")
+                executor.warmup(loaded.eos_ids[0] if loaded.eos_ids else 0)
+                log.info("decode step compiled in %.1f s", time.perf_counter() - t0)
             for name, path in discover_adapters(self.settings.adapters_dir):
                 executor.lora.add(read_adapter(path, name, loaded.model))
                 self.strengths[name] = adapter_strength(self.settings, name)

@@ -54,11 +54,11 @@ def settings_for(model_dir: Path, adapters: Path | None = None, **kw) -> Runtime
 
 
 @contextlib.asynccontextmanager
-async def asgi_client(settings: RuntimeSettings):
+async def asgi_client(settings: RuntimeSettings, ready_s: float = 60):
     """The app in-process (fast): lifespan run, model loaded, httpx client on it."""
     app = build_app(settings)
     async with app.router.lifespan_context(app):
-        assert await asyncio.to_thread(app.state.runtime.ready.wait, 60)
+        assert await asyncio.to_thread(app.state.runtime.ready.wait, ready_s)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
             client.app = app
