@@ -17,8 +17,9 @@ once, when the first FastDecoder is built on it: later executors on that model f
 With `compile_decode` the decode step (`_plain_forward`: the same math, linears called without hooks) goes
 through torch.compile (inductor, dynamic shapes) and the weights stay dense instead of packed: the RMSNorm,
 RoPE, residual and SiLU ops fuse into a few C++ kernels and a step's Python shrinks to inductor's wrapper,
-which also leaves the HTTP server more of the GIL. A step where some row uses an adapter runs the eager forward (LoRA's hooks). The executor
-(`BatchExecutor.warmup`) compiles its three graphs (one row; rows with and without padding) before serving.
+which also leaves the HTTP server more of the GIL. A step where some row uses an adapter runs the eager
+forward (LoRA's hooks). The executor (`BatchExecutor.warmup`) compiles the three graphs (one row; rows with
+and without padding) before serving.
 
 On a GPU the same path runs unpacked (cuBLAS reads the weights as they are); what a GPU would add there,
 unmeasured here: capturing this decode step in a CUDA graph per batch-size bucket (its per-op launch cost
@@ -287,10 +288,9 @@ class _Layer:
             norm_post=_attr(layer, "post_attention_layernorm"),
         )
 
-    def qkv_heads(self, x: torch.Tensor, lin: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+    def qkv_heads(self, x: torch.Tensor, lin: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v [n, heads, T, head_dim] of x [n, T, hidden]."""
-        lin = lin or _lin
+        """q, k, v [n, heads, T, head_dim] of x [n, T, hidden]; `lin` calls each projection."""
         if len(self.qkv) == 1:
             qkv = lin(self.qkv[0], x)
             qd, kd = self.q_width, self.k_width
@@ -300,9 +300,7 @@ class _Layer:
         shape = (x.shape[0], x.shape[1], -1, self.head_dim)
         return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
-    def mlp(self, x: torch.Tensor, lin: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
-            ) -> torch.Tensor:
-        lin = lin or _lin
+    def mlp(self, x: torch.Tensor, lin: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if len(self.gate_up) == 1:
             gate, up = lin(self.gate_up[0], x).chunk(2, dim=-1)
             return lin(self.down, up * self.act(gate))
@@ -336,7 +334,8 @@ class FastDecoder:
             self.compiled = torch.compile(self._plain_forward, dynamic=True)
         else:
             if compile_decode:
-                log.warning("compile_decode: the model's linears are packed, quantized or carry hooks; decoding eagerly")
+                log.warning("compile_decode: the model's linears are packed, quantized or carry hooks; "
+                            "decoding eagerly")
             self.packed = pack_linears(model, linears)
 
     @classmethod
@@ -383,13 +382,13 @@ class FastDecoder:
             mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=ids.device)
         kv = []
         for layer in self.layers:
-            q, k, v = layer.qkv_heads(_rms(layer.norm_in, h))
+            q, k, v = layer.qkv_heads(_rms(layer.norm_in, h), _lin)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kv.append((k, v))
             o, _ = self.attend(layer.attn, q, k, v, mask, dropout=0.0, scaling=layer.scaling,
                                sliding_window=self.sliding_window, is_causal=mask is None and L > 1)
             h = h + _lin(layer.o, o.reshape(n, L, -1))
-            h = h + layer.mlp(_rms(layer.norm_post, h))
+            h = h + layer.mlp(_rms(layer.norm_post, h), _lin)
         return _lin(self.lm_head, _rms(self.norm, h[:, -1:]))[:, -1, :], kv
 
     @torch.inference_mode()

@@ -94,7 +94,8 @@ class Runtime:
                          "set torch_threads to choose)", threads)
             self.loaded = loaded = load(self.settings, tp_plan=self.tp_plan)
             self.metrics.bind(loaded.model_name)  # vLLM's model_name label on every series
-            executor = BatchExecutor(loaded.model, compile_decode=self.settings.compile_decode and self.broadcast is None)
+            compile_decode = self.settings.compile_decode and self.broadcast is None  # not under torchrun
+            executor = BatchExecutor(loaded.model, compile_decode=compile_decode)
             if executor.compiled:  # before the adapters: a LoRA row decodes eagerly anyway
                 t0 = time.perf_counter()
                 log.info("compiling the decode step (compile_decode: torch.compile, inductor)")
