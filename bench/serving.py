@@ -13,7 +13,8 @@ length, EOS ignored, greedy) and stops issuing new ones after --level-timeout se
 run: req/s, output tok/s, TTFT p50/p99, TPOT p50 (= (latency - TTFT) / (tokens - 1), vLLM's
 definition); then per model and level the median over repeats [min-max] of both sides and ours/vLLM
 ratios, and the memory-bandwidth floor of a batch-1 decode step (`bench/floor.py`) measured in the
-same run with the servers' thread count.
+same run with our server's torch threads (its default on this host unless --threads) and on one thread
+(the one core vLLM's CPU engine takes on a 2-core host).
 """
 
 from __future__ import annotations
@@ -269,13 +270,18 @@ def _spread(xs: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(statistics.median(xs))} [{fmt.format(min(xs))}-{fmt.format(max(xs))}]"
 
 
-def report(name: str, runs: dict[str, list[dict]], fl: dict, a: argparse.Namespace) -> None:
-    print(f"\n== {name} ({n_params(name) / 1e6:.1f}M params): median over {a.repeats} rounds [min-max]")
-    print(
-        f"bandwidth floor, {a.threads} thread(s): sum {fl['sum_gbs']:.1f} GB/s, GEMV fp32 {fl['gemv_gbs']:.1f} GB/s, "
-        f"GEMV bf16 {fl['gemv_bf16_gbs']:.1f} GB/s -> batch-1 decode floor {fl['fp32_ms']:.2f} ms/token fp32, "
+def _floor_line(threads: int, fl: dict, who: str) -> str:
+    return (
+        f"bandwidth floor, {threads} thread(s) ({who}): sum {fl['sum_gbs']:.1f} GB/s, GEMV fp32 {fl['gemv_gbs']:.1f} "
+        f"GB/s, GEMV bf16 {fl['gemv_bf16_gbs']:.1f} GB/s -> batch-1 decode floor {fl['fp32_ms']:.2f} ms/token fp32, "
         f"{fl['bf16_ms']:.2f} ms bf16"
     )
+
+
+def report(name: str, runs: dict[str, list[dict]], floors: dict[int, dict], a: argparse.Namespace) -> None:
+    print(f"\n== {name} ({n_params(name) / 1e6:.1f}M params): median over {a.repeats} rounds [min-max]")
+    for threads, fl in floors.items():
+        print(_floor_line(threads, fl, "ours" if threads == a.threads else "one core, as vLLM's engine"))
     for conc in a.concurrency:
         for kind, rs in runs.items():
             rows = [r[conc] for r in rs]
@@ -294,8 +300,12 @@ def report(name: str, runs: dict[str, list[dict]], fl: dict, a: argparse.Namespa
             )
     if 1 in a.concurrency:
         tpot = statistics.median(r[1]["tpot_p50"] for r in runs["ours"]) * 1e3
-        ref = fl["bf16_ms"] if a.dtype == "bfloat16" else fl["fp32_ms"]
-        print(f"  ours batch-1 TPOT p50 {tpot:.2f} ms = x{tpot / ref:.2f} the {a.dtype} floor (goal <= 1.3)")
+        for threads, fl in floors.items():
+            ref = fl["bf16_ms"] if a.dtype == "bfloat16" else fl["fp32_ms"]
+            print(
+                f"  ours batch-1 TPOT p50 {tpot:.2f} ms = x{tpot / ref:.2f} the {a.dtype} floor of {threads} "
+                "thread(s) (goal <= 1.3)"
+            )
     if "vllm" in runs:
         texts = runs["ours"][0].get("text"), runs["vllm"][0].get("text")
         # Word-level tokens: equal words are equal tokens (vLLM also keeps the space before the first word).
@@ -311,12 +321,12 @@ def _bench(a: argparse.Namespace, tmp: Path) -> int:
         print(VLLM_HOWTO, flush=True)
     for name in a.models:
         model_dir = make_bench_model(tmp / name, name)
-        fl = floor(name, a.threads)
+        floors = {t: floor(name, t) for t in dict.fromkeys((a.threads, 1))}
         runs: dict[str, list[dict]] = {k: [] for k in kinds}
         for rnd in range(a.repeats):
             for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
                 runs[kind].append(bench_server(kind, a, model_dir, name, tmp, rnd))
-        report(name, runs, fl, a)
+        report(name, runs, floors, a)
     return 0
 
 
@@ -336,11 +346,21 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--level-timeout", type=float, default=15.0, help="stop issuing requests after this many seconds per level"
     )
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of ours (and of the floor measurement)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads of ours (and of the floor measurement); default the server's own default for "
+        "this host (kaito.runtime.serving.default_torch_threads). The floor is also measured on 1 thread.",
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--ours-args", default="", help="extra flags for our server (A/B runs), e.g. '--no-prefill-thread'")
     ap.add_argument("--keep", type=Path, help="keep models and server logs in this directory")
     a = ap.parse_args(argv)
+    if a.threads is None:
+        from kaito.runtime.serving import default_torch_threads
+        from kaito.runtime.settings import RuntimeSettings
+
+        a.threads = default_torch_threads(RuntimeSettings(device="cpu"), {}) or 1
     if a.keep:
         a.keep.mkdir(parents=True, exist_ok=True)
         return _bench(a, a.keep)

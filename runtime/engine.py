@@ -9,12 +9,14 @@ Each step of the engine thread asks the scheduler (`kaito.runtime.scheduler`) wh
 that plan (`kaito.runtime.plan.StepPlan`) on the executor through the fault guard
 (`kaito.runtime.faults.ForwardGuard`: a forward over several rows that fails is retried row by row, only a
 device or torchrun group fault stops the engine and calls `on_fatal`), and hands the sampled tokens to the
-output processor (`kaito.runtime.output`). With the prefill thread, arrivals are prefilled on it while the
-batch decodes, all that wait sharing one forward (up to `prefill_chunk_tokens`), and get their first tokens
-at once; the engine thread merges their rows between two decode steps. Without it (under torchrun, where
-every rank replays rank 0's plans one forward at a time, or for rotary embeddings that rescale by length) a
-step admits arrivals after its decode, prefilling for at most `prefill_step_ratio` times the decode's time.
-Forwards never run on the event loop.
+output processor (`kaito.runtime.output`). By default every forward runs on the engine thread, with all
+the torch threads: a step admits arrivals after its decode and prefills them, one chunk
+(`prefill_chunk_tokens`) whatever the time and more for up to `prefill_step_ratio` times the decode's time.
+With the optional prefill thread (`prefill_thread`; never under torchrun, where every rank replays rank 0's
+plans one forward at a time, nor for rotary embeddings that rescale by length), arrivals are prefilled on it
+while the batch decodes, all that wait sharing one forward, and the engine thread merges their rows between
+two decode steps. On CPU that means two forward threads sharing the cores; one thread with every core
+measured faster (see `RuntimeSettings.prefill_thread`). Forwards never run on the event loop.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Engine:
     def __init__(self, executor: BatchExecutor, tokenizer, *, eos_ids: list[int], max_model_len: int,
                  max_batch_size: int = 32, max_waiting: int = 256, metrics=None,
                  broadcast: Callable[[StepPlan], None] | None = None, max_prefill_tokens: int = 4096,
-                 prefill_chunk_tokens: int = 128, prefill_step_ratio: float = 1.0, prefill_thread: bool = False):
+                 prefill_chunk_tokens: int = 512, prefill_step_ratio: float = 4.0, prefill_thread: bool = False):
         self.ex = executor
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
@@ -383,12 +385,14 @@ class Engine:
     def _admit_inline(self, decode_s: float | None) -> None:
         """Admit and prefill arrivals on the engine thread, within the scheduler's budget; the queue is looked at
         again after each admission, so requests that arrive during a prefill still get in this step."""
-        tokens, seconds = self.scheduler.inline_budget(decode_s)
+        tokens, seconds, free = self.scheduler.inline_budget(decode_s)
         deadline = None if seconds is None else time.perf_counter() + seconds
         first = True
         while admitted := self._admit(self._room(), tokens,
-                                      None if deadline is None else deadline - time.perf_counter(), first):
+                                      None if deadline is None else deadline - time.perf_counter(), first, free):
             first = False
+            tokens -= sum(len(s.prompt_ids) for s in admitted)
+            free = max(0, free - sum(len(s.prompt_ids) for s in admitted))
             self._prefill(admitted)
             if deadline is None:
                 break
@@ -467,10 +471,10 @@ class Engine:
         return self.scheduler.room(len(self.running) + self._pending_rows())
 
     def _admit(self, max_rows: int, max_tokens: int, time_left: float | None = None,
-               first: bool = True) -> list[Sequence]:
+               first: bool = True, free_tokens: int = 0) -> list[Sequence]:
         """Take the scheduler's admissions from the front of the queue."""
         with self._cv:
-            n = self.scheduler.admissions(self.waiting, max_rows, max_tokens, time_left, first)
+            n = self.scheduler.admissions(self.waiting, max_rows, max_tokens, time_left, first, free_tokens)
             admitted = [self.waiting.popleft() for _ in range(n)]
         if self.metrics is not None:
             self.metrics.record_scheduled(admitted)

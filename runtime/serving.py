@@ -90,8 +90,8 @@ class Runtime:
                 import torch
 
                 torch.set_num_threads(threads)
-                log.info("torch intra-op threads: %d (CPU cores for this process minus one for HTTP; "
-                         "set torch_threads to choose)", threads)
+                log.info("torch intra-op threads: %d (the CPU cores this process may use, minus one for HTTP "
+                         "from 4 up; set torch_threads to choose)", threads)
             self.loaded = loaded = load(self.settings, tp_plan=self.tp_plan)
             self.metrics.bind(loaded.model_name)  # vLLM's model_name label on every series
             compile_decode = self.settings.compile_decode and self.broadcast is None  # not under torchrun
@@ -107,11 +107,16 @@ class Runtime:
                 self.metrics.adapter_loads.inc()
                 log.info("adapter %s loaded from %s (strength %s)", name, path, self.strengths[name])
             self.metrics.adapters_loaded.set(len(self.strengths))
+            prefill_thread = self.settings.prefill_thread and executor.concurrent_prefill_ok()
+            if prefill_thread and loaded.model.device.type == "cpu" and _torch_threads() > 1:
+                log.warning("prefill_thread with %d torch threads: the two forward threads' OpenMP teams "
+                            "oversubscribe the cores (88M bench model, 2 cores: 1-client TPOT 23 -> 30 ms); "
+                            "set torch_threads=1 with it, or leave it off", _torch_threads())
             self.engine = engine = Engine(
                 executor, loaded.tokenizer, eos_ids=loaded.eos_ids, max_model_len=loaded.max_model_len,
                 max_batch_size=self.settings.max_batch_size, max_waiting=self.settings.max_waiting,
                 prefill_chunk_tokens=self.settings.prefill_chunk_tokens, prefill_step_ratio=self.settings.prefill_step_ratio,
-                prefill_thread=self.settings.prefill_thread and executor.concurrent_prefill_ok(),
+                prefill_thread=prefill_thread,
                 metrics=self.metrics, broadcast=self.broadcast,
             )
             if self.broadcast is not None:
@@ -330,11 +335,13 @@ class Runtime:
                 self.engine.cancel(seqs)
 
 
-def default_torch_threads(settings: RuntimeSettings, environ=os.environ) -> int | None:
+def default_torch_threads(settings: RuntimeSettings, environ=os.environ, cores: int | None = None) -> int | None:
     """torch's CPU threads when nothing chose them (no torch_threads, no OMP_NUM_THREADS) and the model runs
-    on CPU: this process's cores (its affinity and cgroup quota) minus one left to the HTTP server, as vLLM's
-    CPU build reserves one. Why: torch's default takes every core, and on a 2-core host two threads made a
-    768x768 linear 1.0-3.5 ms against 92 us with one (the event loop and the threads fight over the cores).
+    on CPU: the cores this process may use (its affinity and cgroup quota), minus one left to the HTTP server
+    from 4 cores up, as vLLM's CPU build reserves one. On 2 cores both go to the engine's forwards: with one
+    forward thread the event loop costs them little, while leaving it a core halves the compute (88M bench
+    model, 2 threads against 1: batch-1 step 36 -> 21 ms, 32-row step 83 -> 48 ms; served, 1 client TPOT 33 ->
+    23 ms, 32 clients 345 -> 520 tok/s). Under torchrun the cores are shared among the local ranks first.
     None: leave torch's setting."""
     if settings.torch_threads or environ.get("OMP_NUM_THREADS"):
         return None
@@ -342,6 +349,19 @@ def default_torch_threads(settings: RuntimeSettings, environ=os.environ) -> int 
 
     if resolve_device(settings).type != "cpu":
         return None
+    # Under torchrun every local rank runs its own forwards: each takes its share of the cores.
+    share = max(1, (cores or usable_cores()) // max(1, int(environ.get("LOCAL_WORLD_SIZE") or 1)))
+    return share if share <= 3 else share - 1
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity, capped by a cgroup v2 CPU quota (Kubernetes limits)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -352,7 +372,7 @@ def default_torch_threads(settings: RuntimeSettings, environ=os.environ) -> int 
             cores = min(cores, max(1, -(-int(quota) // int(period))))
     except (OSError, ValueError):
         pass
-    return max(1, cores - 1)
+    return max(1, cores)
 
 
 def _lower_priority() -> None:

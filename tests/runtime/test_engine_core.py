@@ -82,18 +82,26 @@ def test_admissions_respect_rows_tokens_and_the_time_budget_in_arrival_order():
     assert s.prefill_s_per_token == pytest.approx(0.01)
     assert s.admissions(waiting, max_rows=4, max_tokens=64, time_left=0.25) == 1  # 0.1 s, then 0.2 s > 0.15 s left
     assert s.admissions(waiting, max_rows=4, max_tokens=64, time_left=0.0) == 1
+    # The first free_tokens do not count against the time: a step always prefills one chunk.
+    assert s.admissions(waiting, max_rows=4, max_tokens=64, time_left=0.0, free_tokens=30) == 2
+    assert s.admissions(waiting, max_rows=4, max_tokens=64, time_left=0.0, free_tokens=29) == 1
+    assert s.admissions(waiting, max_rows=4, max_tokens=64, time_left=0.05, free_tokens=10) == 1  # 20 tokens: 0.2 s
+    assert s.admissions(waiting, max_rows=4, max_tokens=64, time_left=0.25, free_tokens=10) == 2
+    assert s.admissions(waiting, max_rows=4, max_tokens=20, time_left=0.0, free_tokens=100) == 1  # tokens still bound
     s.learn_prefill(100, 2.0)
     assert s.prefill_s_per_token == pytest.approx(0.8 * 0.01 + 0.2 * 0.02)
 
 
 def test_budgets_chunks_and_queue_limits():
     s = scheduler(prefill_step_ratio=0.5)
-    assert s.inline_budget(None) == (64, None)  # nothing decoded: no time bound
-    assert s.inline_budget(0.2) == (64, pytest.approx(0.1))
-    assert scheduler(prefill_step_ratio=0).inline_budget(0.2) == (64, None)
+    assert s.inline_budget(None) == (64, None, 0)  # nothing decoded: no time bound
+    assert s.inline_budget(0.2) == (64, pytest.approx(0.1), 32)  # and one chunk whatever the time
+    assert scheduler(prefill_step_ratio=0).inline_budget(0.2) == (64, None, 0)
     assert s.apart_budget(room=3) == (3, 32)  # arrivals share a forward, whether or not the batch decodes
-    rows = [row(20), row(10), row(40), row(1)]
+    rows = [row(10), row(16), row(40), row(1)]
     assert [len(c) for c in s.chunks(rows)] == [2, 1, 1] and s.chunks(rows)[0] == rows[:2]
+    # Counted with padding: a long prompt does not gather short ones into a forward of rows x longest.
+    assert chunks([100, 4, 4, 4], 128) == [1, 3] and chunks([4, 4, 4, 100], 128) == [3, 1]
     assert chunks([18] * 32, 128) == [7, 7, 7, 7, 4] and fill_holes([True, False, True, True]) == [0, 3, 2]
     assert s.room(busy=3) == 1
     assert s.accepts(waiting=0, new=6, busy=0) and not s.accepts(waiting=0, new=7, busy=0)
@@ -168,16 +176,16 @@ def test_the_completion_keeps_the_space_it_has_after_the_prompt():
         assert tok.decode(prompt) + s.text == tok.decode(prompt + s.output_ids)
 
 
-def test_torch_threads_default_to_the_cores_minus_one_on_cpu_unless_chosen():
-    import os
-
-    from kaito.runtime.serving import default_torch_threads
+def test_torch_threads_default_to_every_core_on_small_cpus_and_leave_one_from_four_up():
+    from kaito.runtime.serving import default_torch_threads, usable_cores
     from kaito.runtime.settings import RuntimeSettings
 
-    cores = len(os.sched_getaffinity(0))
-    assert default_torch_threads(RuntimeSettings(device="cpu"), {}) in range(1, max(2, cores))
+    cpu = RuntimeSettings(device="cpu")
+    assert [default_torch_threads(cpu, {}, cores=n) for n in (1, 2, 3, 4, 16)] == [1, 2, 3, 3, 15]
+    assert default_torch_threads(cpu, {}) == default_torch_threads(cpu, {}, cores=usable_cores())
+    assert [default_torch_threads(cpu, {"LOCAL_WORLD_SIZE": "2"}, cores=n) for n in (1, 2, 4, 16)] == [1, 1, 2, 7]
     assert default_torch_threads(RuntimeSettings(device="cpu", torch_threads=3), {}) is None  # chosen: kept
-    assert default_torch_threads(RuntimeSettings(device="cpu"), {"OMP_NUM_THREADS": "4"}) is None
+    assert default_torch_threads(cpu, {"OMP_NUM_THREADS": "4"}) is None
 
 
 # ---- adapter operations report their failure -------------------------------------------------------------------

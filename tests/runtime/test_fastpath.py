@@ -109,14 +109,17 @@ def test_prefill_chunks_and_hole_filling_order():
 def test_inline_scheduler_decodes_first_then_admits_within_its_time_budget(loaded):
     """Without the prefill thread (torchrun, or prefill_thread off) a step decodes the running rows and then
     admits arrivals: with a near-zero prefill_step_ratio one per step (running rows still advance every
-    step), with ratio 0 all at once; the tokens are those of each prompt run alone."""
-    def engine(ratio):
+    step) unless they fit in the one chunk a step always takes, with ratio 0 all at once; the tokens are
+    those of each prompt run alone."""
+    def engine(ratio, chunk=1):
         return Engine(BatchExecutor(loaded.model), loaded.tokenizer, eos_ids=loaded.eos_ids,
-                      max_model_len=loaded.max_model_len, prefill_step_ratio=ratio)
+                      max_model_len=loaded.max_model_len, prefill_step_ratio=ratio, prefill_chunk_tokens=chunk)
 
     alone = [run_to_completion(engine(0), [Sequence(p, greedy(6))])[0][0] for p in PROMPTS]
-    for ratio, want in ((1e-9, [[2, 1, 0, 0], [3, 2, 1, 0], [4, 3, 2, 1]]), (0, [[2, 1, 1, 1], [3, 2, 2, 2]])):
-        e = engine(ratio)
+    together = [[2, 1, 1, 1], [3, 2, 2, 2]]
+    cases = ((1e-9, 1, [[2, 1, 0, 0], [3, 2, 1, 0], [4, 3, 2, 1]]), (0, 1, together), (1e-9, 4096, together))
+    for ratio, chunk, want in cases:
+        e = engine(ratio, chunk)
         seqs = [Sequence(p, greedy(6)) for p in PROMPTS]
         e.submit(seqs[:1])
         e.step()  # nothing was running: the first prompt is prefilled
@@ -125,7 +128,7 @@ def test_inline_scheduler_decodes_first_then_admits_within_its_time_budget(loade
         while any(s.finish_reason is None for s in seqs):
             e.step()
             counts.append([len(s.output_ids) for s in seqs])
-        assert counts[:len(want)] == want, f"ratio {ratio}"
+        assert counts[:len(want)] == want, f"ratio {ratio}, chunk {chunk}"
         assert [s.output_ids for s in seqs] == alone
 
 
