@@ -391,8 +391,8 @@ class Engine:
         while admitted := self._admit(self._room(), tokens,
                                       None if deadline is None else deadline - time.perf_counter(), first, free):
             first = False
-            tokens -= sum(len(s.prompt_ids) for s in admitted)
-            free = max(0, free - sum(len(s.prompt_ids) for s in admitted))
+            n = sum(len(s.prompt_ids) for s in admitted)
+            tokens, free = tokens - n, max(0, free - n)
             self._prefill(admitted)
             if deadline is None:
                 break

@@ -81,14 +81,14 @@ class Runtime:
     # ---- lifecycle ---------------------------------------------------------------
     def load(self) -> None:
         """Load model and adapters, start the engine (runs in a thread; /health says 503 until done)."""
+        import torch
+
         from kaito.runtime.executor import BatchExecutor
         from kaito.runtime.loader import load
 
         try:
             threads = default_torch_threads(self.settings)
             if threads is not None:
-                import torch
-
                 torch.set_num_threads(threads)
                 log.info("torch intra-op threads: %d (the CPU cores this process may use, minus one for HTTP "
                          "from 4 up; set torch_threads to choose)", threads)
@@ -108,10 +108,10 @@ class Runtime:
                 log.info("adapter %s loaded from %s (strength %s)", name, path, self.strengths[name])
             self.metrics.adapters_loaded.set(len(self.strengths))
             prefill_thread = self.settings.prefill_thread and executor.concurrent_prefill_ok()
-            if prefill_thread and loaded.model.device.type == "cpu" and _torch_threads() > 1:
+            if prefill_thread and loaded.model.device.type == "cpu" and torch.get_num_threads() > 1:
                 log.warning("prefill_thread with %d torch threads: the two forward threads' OpenMP teams "
                             "oversubscribe the cores (88M bench model, 2 cores: 1-client TPOT 23 -> 30 ms); "
-                            "set torch_threads=1 with it, or leave it off", _torch_threads())
+                            "set torch_threads=1 with it, or leave it off", torch.get_num_threads())
             self.engine = engine = Engine(
                 executor, loaded.tokenizer, eos_ids=loaded.eos_ids, max_model_len=loaded.max_model_len,
                 max_batch_size=self.settings.max_batch_size, max_waiting=self.settings.max_waiting,
@@ -352,12 +352,6 @@ def default_torch_threads(settings: RuntimeSettings, environ=os.environ, cores: 
     # Under torchrun every local rank runs its own forwards: each takes its share of the cores.
     share = max(1, (cores or usable_cores()) // max(1, int(environ.get("LOCAL_WORLD_SIZE") or 1)))
     return share if share <= 3 else share - 1
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def usable_cores() -> int:

@@ -321,3 +321,26 @@ async def test_engine_failure_is_a_500_envelope_and_the_server_recovers(client):
         ex.decode = real
     assert (await client.post("/v1/completions", json=body)).status_code == 200
     assert (await client.get("/health")).status_code == 200
+
+
+def test_one_forward_thread_by_default_and_a_warning_for_the_prefill_thread_beside_several(tiny_model_dir, caplog):
+    """Default: every forward on the engine thread. The prefill thread asked for beside 2 torch threads on CPU
+    is kept (the user chose it) but the log says why it is slow there."""
+    import logging
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        rt = Runtime(settings_for(tiny_model_dir))
+        rt.load()
+        assert rt.status == "ready" and rt.engine._prefiller is None
+        rt.close()
+        with caplog.at_level(logging.WARNING, logger="kaito.runtime"):
+            rt = Runtime(settings_for(tiny_model_dir, prefill_thread=True, torch_threads=2))
+            rt.load()
+        assert rt.status == "ready" and rt.engine._prefiller is not None
+        assert any("prefill_thread with 2 torch threads" in r.getMessage() for r in caplog.records)
+        rt.close()
+    finally:
+        torch.set_num_threads(before)
