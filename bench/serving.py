@@ -353,7 +353,7 @@ def main(argv=None) -> int:
         "this host (kaito.runtime.serving.default_torch_threads). The floor is also measured on 1 thread.",
     )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--ours-args", default="", help="extra flags for our server (A/B runs), e.g. '--no-prefill-thread'")
+    ap.add_argument("--ours-args", default="", help="extra flags for our server (A/B runs), e.g. '--prefill-step-ratio 0'")
     ap.add_argument("--keep", type=Path, help="keep models and server logs in this directory")
     a = ap.parse_args(argv)
     if a.threads is None:
