@@ -104,6 +104,8 @@ class Engine:
         self.error: BaseException | None = None
         # The prefill thread (`_prefill_loop`): sequences it is prefilling, and prefilled rows to merge.
         self.prefill_thread = prefill_thread and broadcast is None
+        if self.prefill_thread:
+            executor.freeze_layout()  # a layout switch mid-step would race with the prefill thread's forward
         self._prefiller: threading.Thread | None = None
         self._inflight: list[Sequence] = []
         self._ready: list[_Prefilled] = []

@@ -91,6 +91,12 @@ class BatchExecutor:
         rotary = getattr(inner, "rotary_emb", None)
         return getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope")
 
+    def freeze_layout(self) -> None:
+        """Keep the linears' CPU weight layout as it is from now on (`kaito.runtime.packing.LayoutSwitch`):
+        for when another thread runs forwards beside `decode`, which would race with a switch."""
+        if self.fast is not None:
+            self.fast.layout.enabled = False
+
     @property
     def batch_size(self) -> int:
         return len(self.rows)

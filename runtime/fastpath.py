@@ -11,8 +11,11 @@ quantization or offloading wrappers), so those still apply.
 On CPU the decoder's Linear modules become `PackedLinear`s (`pack_linears`): their weight is replaced, in
 place, by oneDNN's packed layout of it, so the model holds one copy of each weight and transformers' own
 forward, LoRA hooks and `state_dict()` keep working on the same modules. That moved a batch-1 step of the
-88M bench model from 35 to ~18 ms and a 32-row step from ~100 to ~60 ms. Packing changes the model itself,
-once, when the first FastDecoder is built on it: later executors on that model find it packed.
+88M bench model from 35 to ~18 ms and a 32-row step from ~100 to ~60 ms (one thread). Packing changes the
+model itself, once, when the first FastDecoder is built on it: later executors on that model find it packed.
+One or two rows decode faster on the dense float32 weight (MKL's GEMV), so `kaito.runtime.packing.LayoutSwitch`
+turns the linears back to dense, a layer per step, once a server has decoded that few rows for a while, and
+packs them again when a step has more.
 
 With `compile_decode` the decode step (`_plain_forward`: the same math, linears called without hooks) goes
 through torch.compile (inductor, dynamic shapes) and the weights stay dense instead of packed: the RMSNorm,
@@ -29,86 +32,21 @@ is what this module's Python overhead is on CPU) and a paged KV layout instead o
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from kaito.runtime.packing import LayoutSwitch, PackedLinear, pack_linears, packed_linear
 
 SUPPORTED = {"phi3", "llama", "mistral", "qwen2"}
 log = logging.getLogger("kaito.runtime.fastpath")
 
 
-def _no_packed_linear(*args: Any) -> torch.Tensor:
-    raise RuntimeError("this torch build has no oneDNN (mkldnn): packed linears cannot run")
-
-
-# The resolved overload: calling the op packet re-dispatches in Python on every call (85 calls per step).
-_PACKED_LINEAR: Callable[..., torch.Tensor] = (
-    torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else _no_packed_linear
-)
-
-
-# The input rows oneDNN picks the packed layout for. Measured (1 thread, fp32, 768x4096 weight, us per call,
-# packed for 1 row / for 32 rows / dense): 1 row 492 / 507 / 459; 4 rows 779 / 494 / 904; 8 rows 962 / 642 /
-# 1349; 32 rows 1784 / 1361 / 1705; 128 rows 4754 / 4271 / 4583. Any hint from 4 to 128 gives the same
-# layout speed; a layout for one row makes batched decode and prefill as slow as the dense weight.
-PACK_ROWS = 32
-
-
-class PackedLinear(torch.nn.Linear):
-    """A CPU Linear whose `weight` Parameter holds oneDNN's packed layout of the weight, and nothing else.
-
-    Why: on CPU an unpacked fp32 `F.linear` lets oneDNN reorder the weight on every call; the packed
-    layout reads it once, streaming. Keeping it as the module's own weight (instead of a second copy
-    beside it) keeps the model's memory at one copy. The packed tensor has the weight's shape, dtype and
-    device but no readable storage, so: `state_dict()` gives the dense weight back, `load_state_dict()`
-    packs what it loads, and moving or casting the module (`.to()`, `.half()`) first turns it back into a
-    plain `torch.nn.Linear`, as are its deep copies and pickles. Forward hooks (LoRA) run as on any module."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _PACKED_LINEAR(x if x.is_contiguous() else x.contiguous(), self.weight, self.bias, "none", [], "")
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.weight.detach().to_dense()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # Parameter.copy_ cannot write into the packed layout: load into a dense weight, then pack that.
-        self.weight = torch.nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.weight = torch.nn.Parameter(_packed(self.weight), requires_grad=False)
-
-    def _apply(self, fn, recurse=True):
-        unpack(self)
-        return self._apply(fn, recurse)
-
-    def __reduce_ex__(self, protocol):
-        # Deep copies and pickles are plain Linears with the dense weight: the packed tensor has no storage
-        # to copy or save, and a copy is usually made to be edited (merged weights) or moved.
-        dense = torch.nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
-        state = {**self.__dict__, "_parameters": {**self._parameters, "weight": dense}}
-        return object.__new__, (torch.nn.Linear,), state
-
-
-def _packed(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's layout of the weight for inputs of about PACK_ROWS rows."""
-    with torch.no_grad():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
-
-
-def unpack(m: torch.nn.Linear) -> torch.nn.Linear:
-    """Turn a PackedLinear back into a plain Linear with a dense weight, in place."""
-    m.weight = torch.nn.Parameter(m.weight.detach().to_dense(), requires_grad=False)
-    m.__class__ = torch.nn.Linear
-    return m
-
-
 def _lin(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(m) is PackedLinear and not m._forward_pre_hooks and not m._forward_hooks_with_kwargs:
-        out = _PACKED_LINEAR(x if x.is_contiguous() else x.contiguous(), m.weight, m.bias, "none", [], "")
+        out = packed_linear(x if x.is_contiguous() else x.contiguous(), m.weight, m.bias, "none", [], "")
         for hook in m._forward_hooks.values():  # LoRA adds its rows' deltas here, as in Module.__call__
             res = hook(m, (x,), out)
             out = out if res is None else res
@@ -131,79 +69,6 @@ def _compilable(linears: list[torch.nn.Module]) -> bool:
     return bool(lin) and all(type(m) is torch.nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
                              for m in lin)
 
-
-def pack_linears(model: torch.nn.Module, modules: list[torch.nn.Module]) -> int:
-    """Turn the plain CPU Linears among `modules` into PackedLinears, in place; returns how many are packed
-    (those already packed by an earlier call included), 0 when packing does not apply.
-
-    Measured on the 88M bench model (hidden 768 x 12, 1 thread): all linears of a batch-1 step 20.7 -> 15.3
-    ms, of a 32-row step 84 -> 35 ms; bf16 5.9 ms at batch 1. Packing copies one weight at a time and frees
-    the dense one, so it needs room for the largest weight only; it is skipped when that exceeds a quarter
-    of the available memory. A weight shared with another module (an lm_head tied to the embeddings) stays
-    dense: the embedding lookup needs it, and packing it would hold it twice. KAITO_PACKED_LINEARS=0 turns
-    packing off. On a GPU nothing is packed (cuBLAS needs no reorder)."""
-    if os.environ.get("KAITO_PACKED_LINEARS", "1") == "0" or not torch.backends.mkldnn.is_available():
-        return 0
-    lin = [m for m in modules if type(m) is torch.nn.Linear and _packable(m.weight)]
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
-    lin = [m for m in lin if uses.get(id(m.weight)) == 1]
-    if lin and max(m.weight.numel() * m.weight.element_size() for m in lin) * 4 > _free_bytes():
-        lin = []
-    for m in lin:
-        w = torch.nn.Parameter(_packed(m.weight), requires_grad=False)
-        m.__class__ = PackedLinear  # before the swap of weights: PackedLinear also runs a dense weight
-        m.weight = w
-    if lin:
-        _leave_checkpoint_file(model)
-    return sum(1 for m in modules if type(m) is PackedLinear)
-
-
-def _leave_checkpoint_file(model: torch.nn.Module) -> None:
-    """Copy the model's remaining CPU tensors (embeddings, norms) into memory of their own.
-
-    Why: transformers maps the safetensors file and its tensors are views of that mapping, which stays
-    while any tensor views it; the pages the dense linear weights were read from then stay resident (in
-    RSS and in the container's memory) beside their packed copies. Measured on the 88M bench model (fp32,
-    RSS after one forward, then after packing): 693 -> 1028 MB with the file still mapped (as when the
-    packed copies sat beside the dense weights), 693 -> 704 MB once it is unmapped. The copy is one tensor
-    at a time (the largest: the embeddings) and `.data` is replaced in place, so tied weights stay tied."""
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.device.type == "cpu" and t.layout == torch.strided:
-                t.data = t.data.clone()
-
-
-def _packable(w: torch.Tensor) -> bool:
-    if type(w) is not torch.nn.Parameter or w.device.type != "cpu" or w.layout != torch.strided:
-        return False
-    if w.dtype == torch.bfloat16:
-        return _bf16_kernels()
-    return w.dtype == torch.float32
-
-
-def _free_bytes() -> int:
-    """Memory available to new allocations: Linux's MemAvailable (free pages alone leave out the page
-    cache, which on a host that has just read the checkpoint is most of the memory)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 0
-
-
-def _bf16_kernels() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without the query
-        return False
 
 
 class _Norm(Protocol):
@@ -330,6 +195,7 @@ class FastDecoder:
         # compiled step was 28 ms and, on the 3.7M model, 1.5 ms and 5,056 tok/s (eager 2.4 ms, 3,642 tok/s).
         self.compiled: Callable[..., torch.Tensor] | None = None
         self.packed = 0
+        self.layout = LayoutSwitch([])
         if compile_decode and _compilable(linears):
             self.compiled = torch.compile(self._plain_forward, dynamic=True)
         else:
@@ -337,6 +203,8 @@ class FastDecoder:
                 log.warning("compile_decode: the model's linears are packed, quantized or carry hooks; "
                             "decoding eagerly")
             self.packed = pack_linears(model, linears)
+            groups = [[*layer.modules()] for layer in _module(inner, "layers").children()]
+            self.layout = LayoutSwitch(groups[:-1] + [groups[-1] + [self.lm_head]] if groups else [])
 
     @classmethod
     def build(cls, model: torch.nn.Module, compile_decode: bool = False) -> FastDecoder | None:
@@ -398,6 +266,7 @@ class FastDecoder:
         kv: per layer [n, H, >width, D] buffer views whose first `width` columns hold the context — the new
         token's K/V are written at column `width`. Returns the next-token logits [n, V]. `adapters`: some
         row of this step uses a LoRA adapter, whose hooks only the eager forward runs."""
+        self.layout.step(ids.shape[0])
         if self.compiled is not None and not adapters:
             with torch.no_grad():  # dynamo traces under no_grad; the buffers stay inference tensors
                 return self.compiled(ids, position_ids, mask, kv, width)

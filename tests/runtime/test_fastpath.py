@@ -155,6 +155,7 @@ def test_prefill_thread_serves_arrivals_while_the_batch_decodes(loaded):
     cases = [(PROMPTS[1], 80)] + [(p, 8) for p in PROMPTS] + [(PROMPTS[0], 1)]
     alone = [run_to_completion(engine(), [Sequence(p, greedy(n))])[0][0] for p, n in cases]
     e = engine(prefill_thread=True)
+    assert e.ex.fast.layout.groups and not e.ex.fast.layout.enabled, "no layout switch beside the prefill thread"
     threads: list[str] = []
     forward = e.ex.prefill_forward
 
@@ -252,7 +253,7 @@ def test_packed_linears_replace_the_dense_weights_and_keep_every_path(tiny_model
     import shutil
     import weakref
 
-    from kaito.runtime.fastpath import PackedLinear
+    from kaito.runtime.packing import PackedLinear
 
     monkeypatch.delenv("KAITO_PACKED_LINEARS", raising=False)
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "m")  # a file no other test's model maps
@@ -291,7 +292,7 @@ def test_packed_linears_replace_the_dense_weights_and_keep_every_path(tiny_model
 def test_a_tied_lm_head_stays_dense_and_shared(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kaito.runtime.fastpath import PackedLinear
+    from kaito.runtime.packing import PackedLinear
 
     monkeypatch.delenv("KAITO_PACKED_LINEARS", raising=False)
     torch.manual_seed(0)
