@@ -197,13 +197,14 @@ def worker_loop(settings: RuntimeSettings) -> None:
     stats: dict = {"steps": 0, "adapters": []}
     if os.environ.get("KAITO_WORKER_HEALTH", "1") == "1":
         threading.Thread(target=_health_server, args=(settings, ready, stats), daemon=True).start()
-    from kaito.runtime.serving import default_torch_threads
+    from kaito.runtime.serving import default_torch_threads, freeze_heap
 
     threads = default_torch_threads(settings)
     if threads is not None:
         torch.set_num_threads(threads)  # the same share of the cores as rank 0's
     loaded = load(settings, tp_plan=tp_plan_for(settings))
     replayer = Replayer(BatchExecutor(loaded.model), env_fault(loaded.tokenizer))
+    freeze_heap()  # a full collection here would stall every rank's collectives
     ready.set()
     log.info("rank %d ready, replaying rank 0's steps", dist.get_rank())
     while True:

@@ -175,7 +175,7 @@ class LayoutSwitch:
     """Moves a model's float32 PackedLinears between the packed layout and the dense weight, following the
     rows its decode steps have: dense after DENSE_AFTER steps of at most DENSE_ROWS rows, packed again from
     the first step with more. It converts one group (a decoder layer's linears) per step, so no step pays
-    for the whole model (about 7 ms a layer on the 88M model, against ~90 ms for all of them) and memory
+    for the whole model (8-11 ms added to a step per layer on the 88M model, against ~90 ms for all of them) and memory
     never holds more than one extra weight. Either layout computes the same linear (to float rounding), so
     the order does not matter to the output: `_lin` runs whichever a module holds.
 

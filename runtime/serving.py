@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import shutil
@@ -53,6 +54,20 @@ class ApiError(Exception):
 
 def not_found(model: str) -> ApiError:
     return ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+
+
+
+def freeze_heap() -> None:
+    """Move every object alive after loading (torch, transformers, the model's modules: about 375,000 on the
+    88M bench model) out of the garbage collector's reach, as vLLM does after start-up.
+
+    Why: a full (generation 2) collection walks every tracked object while holding the GIL, stalling the
+    engine thread and the event loop alike. Loading ran 6 of them, up to 111 ms each (88M model); a later
+    one, whenever the survivors of serving add up, would cost as much in the middle of some request's
+    stream. Frozen, the tracked heap is ~130 objects and a full collection 0.2 ms (150 ms unfrozen, at
+    exit). Frozen objects are never freed, which costs nothing: they live as long as the server."""
+    gc.collect()
+    gc.freeze()
 
 
 class Runtime:
@@ -123,6 +138,7 @@ class Runtime:
                 startup = tuple(AdapterOp("load", n, str(a.path)) for n, a in executor.lora.adapters.items())
                 self.broadcast(StepPlan(ops=startup))  # the workers read the same adapters from the same paths
             engine.on_fatal = lambda e: self._fatal(f"the engine stopped: {e!r}")
+            freeze_heap()
             engine.start()
             self.status = "ready"
             log.info("model %s ready (max_model_len %d)", loaded.model_name, loaded.max_model_len)
@@ -147,6 +163,7 @@ class Runtime:
         if self.engine is not None:
             self.engine.stop()
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        gc.unfreeze()  # a process that outlives this runtime (tests, embedders) gets its heap collected again
 
     async def prepare(self, fn: Callable, *args, **kwargs):
         """Run CPU-heavy request preparation (tokenizing, applying a chat template) off the event loop."""
