@@ -181,3 +181,40 @@ def test_discover_follows_kaito_layout(adapters_dir, tmp_path):
     assert discover_adapters(tmp_path) == []
     assert [n for n, _ in discover_adapters(adapters_dir)] == ["alpha", "beta"]
     assert discover_adapters(tmp_path / "missing") == []
+
+
+def test_an_adapter_row_decodes_the_same_across_the_layout_switch(ex, base):
+    """A lone adapter row runs long enough for the linears to go dense (LoRA's hooks then ride on plain
+    Linears): every step's logits equal those of the same row with the layout pinned packed."""
+    from kaito.runtime.packing import DENSE_AFTER, PackedLinear
+
+    layout = ex.fast.layout
+    linears = [m for g in layout.groups for m in g]
+    steps = DENSE_AFTER + len(layout.groups) + 4
+
+    def run() -> list[torch.Tensor]:
+        ex.evict([])
+        out = [ex.prefill([IDS], [(("alpha", 1.0),)])]
+        out += [ex.decode([(13 * i) % 400 + 3]) for i in range(steps)]
+        ex.evict([])
+        return out
+
+    layout.enabled = True  # an earlier test's prefill thread froze it on this shared executor
+    while layout.dense:  # whatever earlier tests' single rows left dense: packed again, as a batch would
+        layout.step(3)
+    assert all(type(m) is PackedLinear for m in linears)
+    switched = run()
+    assert not any(type(m) is PackedLinear for m in linears), "the lone row's run should end on dense weights"
+    while layout.dense:  # packed again, then pinned
+        layout.step(3)
+    layout.enabled = False
+    try:
+        assert all(type(m) is PackedLinear for m in linears)
+        pinned = run()
+    finally:
+        layout.enabled = True
+    for a, b in zip(switched, pinned):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain = base(torch.tensor([IDS])).logits[0, -1]
+    assert (switched[0][0] - plain).abs().max() > 1e-2, "the adapter really applies"
