@@ -81,6 +81,14 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
 
 
+def pack(m: torch.nn.Linear) -> PackedLinear:
+    """Turn a plain Linear into a PackedLinear holding oneDNN's layout of its weight, in place."""
+    w = torch.nn.Parameter(_packed(m.weight), requires_grad=False)
+    m.__class__ = PackedLinear  # before the swap of weights: PackedLinear also runs a dense weight
+    m.weight = w
+    return m  # type: ignore[return-value]
+
+
 def unpack(m: torch.nn.Linear) -> torch.nn.Linear:
     """Turn a PackedLinear back into a plain Linear with a dense weight, in place."""
     m.weight = torch.nn.Parameter(m.weight.detach().to_dense(), requires_grad=False)
@@ -109,9 +117,7 @@ def pack_linears(model: torch.nn.Module, modules: list[torch.nn.Module]) -> int:
     if lin and max(m.weight.numel() * m.weight.element_size() for m in lin) * 4 > _free_bytes():
         lin = []
     for m in lin:
-        w = torch.nn.Parameter(_packed(m.weight), requires_grad=False)
-        m.__class__ = PackedLinear  # before the swap of weights: PackedLinear also runs a dense weight
-        m.weight = w
+        pack(m)
     if lin:
         _leave_checkpoint_file(model)
     return sum(1 for m in modules if type(m) is PackedLinear)
@@ -206,8 +212,7 @@ class LayoutSwitch:
                 self.dense -= 1
                 for m in self.groups[self.dense]:
                     if type(m) is torch.nn.Linear and _packable(m.weight):
-                        m.weight = torch.nn.Parameter(_packed(m.weight), requires_grad=False)
-                        m.__class__ = PackedLinear
+                        pack(m)
 
 
 def _switchable(m: torch.nn.Module) -> bool:
