@@ -202,13 +202,15 @@ class LayoutSwitch:
         if not self.enabled:
             return
         self.short = self.short + 1 if rows <= DENSE_ROWS else 0
+        if self.dense == (len(self.groups) if self.target_dense else 0):
+            return  # already in the layout that wins (most steps): nothing to enter or convert
         with torch.inference_mode(False), torch.no_grad():  # the new weights are ordinary tensors
-            if self.target_dense and self.dense < len(self.groups):
+            if self.target_dense:
                 for m in self.groups[self.dense]:
                     if type(m) is PackedLinear:
                         unpack(m)
                 self.dense += 1
-            elif not self.target_dense and self.dense > 0:
+            else:
                 self.dense -= 1
                 for m in self.groups[self.dense]:
                     if type(m) is torch.nn.Linear and _packable(m.weight):
