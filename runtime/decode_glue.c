@@ -1,0 +1,132 @@
+/* Fused CPU glue of a float32 decode step, loaded by kaito.runtime.cglue (ctypes) for kaito.runtime.fastpath.
+ *
+ * Why: between a decode step's linears the torch path runs about 60 small ops per layer, each several
+ * times slower right after a linear has streamed its weight through the caches; these three functions do
+ * the same math in one pass each (RMSNorm; RoPE + KV write + attention; SiLU(gate) * up). No threads of
+ * their own, no allocation but attention's score row; plain C so that compiling takes a fraction of a
+ * second with the system compiler. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* out[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)), rows of d floats */
+void kaito_rmsnorm(const float* x, const float* w, float* out, int64_t n, int64_t d, float eps) {
+    for (int64_t r = 0; r < n; r++) {
+        const float* xr = x + r * d;
+        float acc[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= d; i += 16)
+            for (int j = 0; j < 16; j++) acc[j] += xr[i + j] * xr[i + j];
+        float ss = 0;
+        for (int j = 0; j < 16; j++) ss += acc[j];
+        for (; i < d; i++) ss += xr[i] * xr[i];
+        float s = 1.0f / sqrtf(ss / (float)d + eps);
+        float* o = out + r * d;
+        for (i = 0; i < d; i++) o[i] = w[i] * (xr[i] * s);
+    }
+}
+
+/* out[r, i] = up[r, i] * silu(gate[r, i]) */
+void kaito_silu_mul(const float* gate, const float* up, int64_t row_stride, float* out, int64_t n, int64_t m) {
+    for (int64_t r = 0; r < n; r++) {
+        const float* g = gate + r * row_stride;
+        const float* u = up + r * row_stride;
+        float* o = out + r * m;
+        for (int64_t i = 0; i < m; i++) o[i] = u[i] * (g[i] / (1.0f + expf(-g[i])));
+    }
+}
+
+static inline void rope(const float* x, const float* cos, const float* sin, int64_t d, int64_t drot, float* y) {
+    int64_t half = drot / 2;
+    for (int64_t i = 0; i < half; i++) y[i] = x[i] * cos[i] - x[i + half] * sin[i];
+    for (int64_t i = half; i < drot; i++) y[i] = x[i] * cos[i] + x[i - half] * sin[i];
+    for (int64_t i = drot; i < d; i++) y[i] = x[i];
+}
+
+static inline float dot(const float* a, const float* b, int64_t d) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < d; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One decode step's attention for n rows, each with one new token:
+   q [n, H*D], k and v [n, Hk*D] (row strides qs, ks, vs: views into one fused projection or three);
+   cos/sin [n, drot] (drot <= D: partial rotary leaves the rest of each head as it is);
+   kb/vb: the cache, element (r, h, c, :) at base + r*rs + h*hs + c*D; columns 0..width-1 hold the context
+   and the new rotated k and its v are written at column `width`; mask [n, width+1] bytes, 0 = padding
+   (NULL: every column is real); out [n, H*D]. Grouped-query heads share kv head h / (H / Hk).
+   Returns 0, or -1 when the score row cannot be allocated. */
+int kaito_decode_attention(const float* q_in, const float* k_in, const float* v_in, int64_t qs, int64_t ks,
+                           int64_t vs, const float* cos, const float* sin, int64_t drot, float* kb, float* vb,
+                           int64_t rs, int64_t hs, int64_t width, const uint8_t* mask, float* out, int64_t n,
+                           int64_t H, int64_t Hk, int64_t D, float scaling) {
+    int64_t W = width + 1, group = H / Hk;
+    if (D > 256) return -2;
+    float* p = (float*)malloc(sizeof(float) * (W + D));
+    if (!p) return -1;
+    float* q = p + W;
+    for (int64_t r = 0; r < n; r++) {
+        const float* c = cos + r * drot;
+        const float* s = sin + r * drot;
+        const uint8_t* m = mask ? mask + r * W : NULL;
+        for (int64_t h = 0; h < Hk; h++) {
+            float* kc = kb + r * rs + h * hs;
+            float* vc = vb + r * rs + h * hs;
+            rope(k_in + r * ks + h * D, c, s, D, drot, kc + width * D);
+            memcpy(vc + width * D, v_in + r * vs + h * D, sizeof(float) * D);
+        }
+        for (int64_t h = 0; h < H; h++) {
+            int64_t kh = h / group;
+            const float* kc = kb + r * rs + kh * hs;
+            const float* vc = vb + r * rs + kh * hs;
+            rope(q_in + r * qs + h * D, c, s, D, drot, q);
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < W; j++) {
+                if (m && !m[j]) { p[j] = -INFINITY; continue; }
+                p[j] = dot(q, kc + j * D, D) * scaling;
+                if (p[j] > mx) mx = p[j];
+            }
+            float sum = 0;
+            for (int64_t j = 0; j < W; j++) {
+                p[j] = (m && !m[j]) ? 0.0f : expf(p[j] - mx);
+                sum += p[j];
+            }
+            float acc[256];
+            for (int64_t i = 0; i < D; i++) acc[i] = 0;
+            for (int64_t j = 0; j < W; j++) {
+                if (m && !m[j]) continue;
+                const float* vj = vc + j * D;
+                float pj = p[j];
+                for (int64_t i = 0; i < D; i++) acc[i] += pj * vj[i];
+            }
+            float inv = 1.0f / sum;
+            float* o = out + r * H * D + h * D;
+            for (int64_t i = 0; i < D; i++) o[i] = acc[i] * inv;
+        }
+    }
+    free(p);
+    return 0;
+}
+
+/* The first half of kaito_decode_attention alone, for long contexts where torch's threaded attention reads
+   the cache faster than this single thread: k and v written to column `width` (k rotated), the rotated
+   queries to q_out [n, H*D]. */
+void kaito_rope_kv(const float* q_in, const float* k_in, const float* v_in, int64_t qs, int64_t ks, int64_t vs,
+                   const float* cos, const float* sin, int64_t drot, float* kb, float* vb, int64_t rs, int64_t hs,
+                   int64_t width, float* q_out, int64_t n, int64_t H, int64_t Hk, int64_t D) {
+    for (int64_t r = 0; r < n; r++) {
+        const float* c = cos + r * drot;
+        const float* s = sin + r * drot;
+        for (int64_t h = 0; h < Hk; h++) {
+            rope(k_in + r * ks + h * D, c, s, D, drot, kb + r * rs + h * hs + width * D);
+            memcpy(vb + r * rs + h * hs + width * D, v_in + r * vs + h * D, sizeof(float) * D);
+        }
+        for (int64_t h = 0; h < H; h++) rope(q_in + r * qs + h * D, c, s, D, drot, q_out + r * H * D + h * D);
+    }
+}
