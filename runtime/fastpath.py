@@ -17,7 +17,7 @@ One or two rows decode faster on the dense float32 weight (MKL's GEMV), so `kait
 turns the linears back to dense, a layer per step, once a server has decoded that few rows for a while, and
 packs them again when a step has more.
 
-On a float32 CPU model a step of at most GLUE_ROWS rows runs `_glue_decode`: the same math with the ops
+On a float32 CPU model a decode step without adapter rows runs `_glue_decode`: the same math with the ops
 between the linears done by the C glue (`kaito.runtime.cglue`: one call per RMSNorm, one for RoPE + KV write +
 attention, one for SiLU * up) and each residual added by the linear's own GEMV (`addmm_`). Those ~60 small ops
 a layer cost several times their own time right after a linear has streamed its weight through the caches;
@@ -48,15 +48,13 @@ from kaito.runtime import cglue
 from kaito.runtime.packing import LayoutSwitch, PackedLinear, pack_linears, packed_linear
 
 SUPPORTED = {"phi3", "llama", "mistral", "qwen2"}
-# Decode steps of at most this many rows use the C glue (`kaito.runtime.cglue`) when it is available; larger
-# batches keep the torch ops, whose attention and packed linears run better there. Measured (88M bench model,
-# 2 threads, ms per step torch -> glue): 1 row 16.3 -> 14.8, 2 rows 18.3 -> 16.8, 4 rows 24.0 -> 24.1, 8 rows
-# 29.7 -> 32.5; the 3.7M model: 1 row 0.98 -> 0.63, 8 rows 2.28 -> 1.96.
-GLUE_ROWS = 4
-# The glue's attention runs on one thread: past this many query-columns (rows x context) a step writes K/V with
-# the glue and attends with torch's threaded SDPA (88M model, 1 row: even at 600 columns, at 1,600 the glue's
-# own attention cost 2.5 ms more per step).
-GLUE_ATTEND_COLUMNS = 512
+# Where the C glue's single-threaded pieces give way to torch's threaded ops (see `_glue_decode`). Measured
+# (2 threads, ms per step, torch ops -> glue): 88M bench model 1 row 16.3 -> 14.8, 8 rows 29.3-31.5 -> 27.8,
+# 32 rows 66.3-67.2 -> 66.4; 3.7M model 1 row 0.98 -> 0.64, 32 rows 5.0 -> 4.5. The glue's own attention
+# beat torch's SDPA only for one row (3.7M model 0.65 against 0.70 ms; even on the 88M model up to ~600
+# columns, 2.5 ms a step slower at 1,600); at 4 rows the SDPA, reading the cache on every thread, won by 2 ms.
+GLUE_ATTEND_COLUMNS = 512  # one row attends in the glue up to this many columns
+GLUE_SILU_ROWS = 4  # the glue's SiLU (scalar expf) up to this many rows; torch's vectorized one beyond
 log = logging.getLogger("kaito.runtime.fastpath")
 
 
@@ -302,7 +300,7 @@ class FastDecoder:
         if self.compiled is not None and not adapters:
             with torch.no_grad():  # dynamo traces under no_grad; the buffers stay inference tensors
                 return self.compiled(ids, position_ids, mask, kv, width)
-        if self.glue is not None and not adapters and ids.shape[0] <= GLUE_ROWS and _glue_kv(kv):
+        if self.glue is not None and not adapters and _glue_kv(kv):
             return self._glue_decode(self.glue, ids, position_ids, mask, kv, width)
         return self._decode(ids, position_ids, mask, kv, width, _lin)
 
@@ -351,7 +349,7 @@ class FastDecoder:
                 q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
             else:
                 q, k, v = (self._mm(p, x) for p in layer.qkv)
-            if n * (width + 1) <= GLUE_ATTEND_COLUMNS:
+            if n == 1 and width + 1 <= GLUE_ATTEND_COLUMNS:
                 glue.attention(q, k, v, cos, sin, kb, vb, width, m, heads, kv_heads, layer.head_dim, layer.scaling, o)
             else:
                 qr = glue.rope_kv(q, k, v, cos, sin, kb, vb, width, heads, kv_heads, layer.head_dim, o)
@@ -367,7 +365,11 @@ class FastDecoder:
                 gate, up = gu[:, :half], gu[:, half:]
             else:
                 gate, up = (self._mm(p, x) for p in layer.gate_up)
-            self._mm_add(layer.down, glue.silu_mul(gate, up, torch.empty(n, gate.shape[1], dtype=h.dtype)), h)
+            if n <= GLUE_SILU_ROWS:
+                act = glue.silu_mul(gate, up, torch.empty(n, gate.shape[1], dtype=h.dtype))
+            else:
+                act = up * F.silu(gate)
+            self._mm_add(layer.down, act, h)
         return self._mm(self.lm_head, glue.rmsnorm(h, self.norm.weight, self.norm.variance_epsilon, x))
 
     def _plain_forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,

@@ -114,31 +114,29 @@ def _hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ["phi3", "llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("attend_columns", [fastpath.GLUE_ATTEND_COLUMNS, 4])
-def test_glue_decode_is_token_equal_to_transformers_greedy(glue, arch, attend_columns, monkeypatch):
-    """One row alone and three left-padded rows together, with the glue's own attention (short contexts) and
-    with torch's threaded attention after the glue's K/V write (`attend_columns` 4): each row's tokens are
-    transformers' greedy tokens for its prompt, and every step went through the glue."""
-    monkeypatch.setattr(fastpath, "GLUE_ATTEND_COLUMNS", attend_columns)
+@pytest.mark.parametrize("short", [True, False], ids=["glue-attention", "torch-attention-and-silu"])
+def test_glue_decode_is_token_equal_to_transformers_greedy(glue, arch, short, monkeypatch):
+    """One row alone and three left-padded rows together: each row's tokens are transformers' greedy tokens for
+    its prompt, and every step went through the glue: its own attention for the single row when contexts are
+    short, else its K/V write and torch's threaded attention (and, past GLUE_SILU_ROWS rows, torch's SiLU)."""
+    if not short:
+        monkeypatch.setattr(fastpath, "GLUE_ATTEND_COLUMNS", 4)
+        monkeypatch.setattr(fastpath, "GLUE_SILU_ROWS", 1)
     model = _model(arch)
     prompts = [[3, 17, 29, 4, 90, 11], [5, 8], [7, 140, 2, 66]]
     want = [_hf_greedy(model, p, 12) for p in prompts]
     ex = BatchExecutor(model)
     assert ex.fast is not None and ex.fast.glue is glue
-    calls = {"attention": 0, "rope_kv": 0}
-    real_attention, real_rope_kv = glue.attention, glue.rope_kv
+    calls = {"attention": 0, "rope_kv": 0, "rmsnorm": 0, "silu_mul": 0}
 
     class Counting:
         def __getattr__(self, name):
-            return getattr(glue, name)
+            fn = getattr(glue, name)
 
-        def attention(self, *a):
-            calls["attention"] += 1
-            return real_attention(*a)
-
-        def rope_kv(self, *a):
-            calls["rope_kv"] += 1
-            return real_rope_kv(*a)
+            def counted(*a):
+                calls[name] += 1
+                return fn(*a)
+            return counted
 
     ex.fast.glue = Counting()  # type: ignore[assignment]
     for batch in ([prompts[0]], prompts):
@@ -150,8 +148,12 @@ def test_glue_decode_is_token_equal_to_transformers_greedy(glue, arch, attend_co
                 g.append(t)
         assert got == want[:len(batch)], f"{arch}: rows diverged from transformers' greedy decode"
         ex.evict([])
-    used = calls["attention"] if attend_columns > 100 else calls["rope_kv"]
-    assert used == 2 * 2 * 11, calls  # 2 layers x 11 steps x (alone, batch)
+    steps = 2 * 11  # 2 layers x 11 decode steps, alone and then as a batch
+    assert calls["rmsnorm"] == 2 * (2 * steps + 11), calls  # two per layer, one before the LM head
+    if short:
+        assert calls["attention"] == steps and calls["rope_kv"] == steps and calls["silu_mul"] == 2 * steps, calls
+    else:
+        assert calls["attention"] == 0 and calls["rope_kv"] == 2 * steps and calls["silu_mul"] == steps, calls
 
 
 def test_the_decoder_keeps_the_torch_ops_without_the_glue(tiny_model_dir, monkeypatch):
