@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -139,12 +140,29 @@ def _build() -> CpuGlue | None:
     for flags in (FLAGS + ["-march=native"], FLAGS):
         digest = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_flags().encode(),
                                             platform.machine().encode()])).hexdigest()[:16]
-        for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"kaito-kernels-{os.getuid()}"):
+        private = Path(tempfile.gettempdir()) / f"kaito-kernels-{os.getuid()}"
+        for directory in (_cache_dir(), private):
+            if directory == private and not _private_dir(private):
+                continue
             lib = _compile_into(directory, f"decode_glue-{digest}.so", cc, flags)
             if lib is not None:
                 return lib
     log.warning("could not build %s with %s: decode steps keep the torch glue ops", SOURCE.name, cc)
     return None
+
+
+def _private_dir(path: Path) -> bool:
+    """Whether the shared temporary directory's fallback is ours alone: a directory (not a link) owned by this
+    user that nobody else may write, since a library someone else put there would be loaded into the server."""
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    ok = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+    if not ok:
+        log.warning("not building the decode glue in %s: not a directory of this user's alone", path)
+    return ok
 
 
 def _compile_into(directory: Path, name: str, cc: str, flags: list[str]) -> CpuGlue | None:

@@ -50,10 +50,11 @@ from kaito.runtime.packing import LayoutSwitch, PackedLinear, pack_linears, pack
 SUPPORTED = {"phi3", "llama", "mistral", "qwen2"}
 # Where the C glue's single-threaded pieces give way to torch's threaded ops (see `_glue_decode`). Measured
 # (2 threads, ms per step, torch ops -> glue): 88M bench model 1 row 16.3 -> 14.8, 8 rows 29.3-31.5 -> 27.8,
-# 32 rows 66.3-67.2 -> 66.4; 3.7M model 1 row 0.98 -> 0.64, 32 rows 5.0 -> 4.5. The glue's own attention
-# beat torch's SDPA only for one row (3.7M model 0.65 against 0.70 ms; even on the 88M model up to ~600
-# columns, 2.5 ms a step slower at 1,600); at 4 rows the SDPA, reading the cache on every thread, won by 2 ms.
-GLUE_ATTEND_COLUMNS = 512  # one row attends in the glue up to this many columns
+# 32 rows 66.3-67.2 -> 66.4; 3.7M model 1 row 0.98 -> 0.64, 32 rows 5.0 -> 4.5. The glue's own attention reads
+# the cache on one thread, from memory a linear's weights have just flushed: it beat torch's SDPA only where a
+# layer's K/V are small (3.7M model, one row, ~290 KB a layer: 0.65 against 0.70 ms a step); on the 88M model
+# (one row, 160-330 columns, 1-2 MB a layer) SDPA was 0.6-1.7 ms a step faster, and at 4 rows 2 ms.
+GLUE_ATTEND_BYTES = 384 << 10  # a single row's layer K/V up to this size attends in the glue
 GLUE_SILU_ROWS = 4  # the glue's SiLU (scalar expf) up to this many rows; torch's vectorized one beyond
 log = logging.getLogger("kaito.runtime.fastpath")
 
@@ -349,7 +350,7 @@ class FastDecoder:
                 q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
             else:
                 q, k, v = (self._mm(p, x) for p in layer.qkv)
-            if n == 1 and width + 1 <= GLUE_ATTEND_COLUMNS:
+            if n == 1 and 8 * kv_heads * layer.head_dim * (width + 1) <= GLUE_ATTEND_BYTES:
                 glue.attention(q, k, v, cos, sin, kb, vb, width, m, heads, kv_heads, layer.head_dim, layer.scaling, o)
             else:
                 qr = glue.rope_kv(q, k, v, cos, sin, kb, vb, width, heads, kv_heads, layer.head_dim, o)

@@ -120,7 +120,7 @@ def test_glue_decode_is_token_equal_to_transformers_greedy(glue, arch, short, mo
     its prompt, and every step went through the glue: its own attention for the single row when contexts are
     short, else its K/V write and torch's threaded attention (and, past GLUE_SILU_ROWS rows, torch's SiLU)."""
     if not short:
-        monkeypatch.setattr(fastpath, "GLUE_ATTEND_COLUMNS", 4)
+        monkeypatch.setattr(fastpath, "GLUE_ATTEND_BYTES", 64)
         monkeypatch.setattr(fastpath, "GLUE_SILU_ROWS", 1)
     model = _model(arch)
     prompts = [[3, 17, 29, 4, 90, 11], [5, 8], [7, 140, 2, 66]]
@@ -195,6 +195,16 @@ def test_the_library_is_built_once_atomically_and_only_where_it_can_be(tmp_path,
     monkeypatch.setenv("KAITO_KERNEL_CACHE", str(blocked))
     elsewhere = cglue._build()
     assert elsewhere is not None and blocked not in elsewhere.path.parents
+
+    # Nor in a shared temporary directory that someone else could write: a library there would be loaded.
+    monkeypatch.setattr(cglue.tempfile, "gettempdir", lambda: str(tmp_path / "shared-tmp"))
+    planted = tmp_path / "shared-tmp" / f"kaito-kernels-{os.getuid()}"
+    planted.mkdir(parents=True)
+    planted.chmod(0o777)
+    assert cglue._build() is None and not any(planted.iterdir())
+    planted.chmod(0o700)
+    mine = cglue._build()
+    assert mine is not None and mine.path.parent == planted
 
     # No compiler anywhere: no glue, and no error.
     monkeypatch.setenv("KAITO_KERNEL_CACHE", str(tmp_path / "fresh"))
