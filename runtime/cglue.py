@@ -77,8 +77,10 @@ class CpuGlue:
                         cos.data_ptr(), sin.data_ptr(), cos.shape[1], kb.data_ptr(), vb.data_ptr(), kb.stride(0),
                         kb.stride(1), width, None if mask is None else mask.data_ptr(), out.data_ptr(), n, heads,
                         kv_heads, head_dim, scaling)
+        if rc == -1:
+            raise MemoryError(f"decode attention over {width + 1} columns: no memory for the score row")
         if rc:
-            raise MemoryError(f"decode attention over {width + 1} columns: no memory for the score row ({rc})")
+            raise ValueError(f"decode attention: head_dim {head_dim} is over the glue's {MAX_HEAD_DIM}")
         return out
 
     def rope_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -61,7 +61,7 @@ static inline float dot(const float* a, const float* b, int64_t d) {
    kb/vb: the cache, element (r, h, c, :) at base + r*rs + h*hs + c*D; columns 0..width-1 hold the context
    and the new rotated k and its v are written at column `width`; mask [n, width+1] bytes, 0 = padding
    (NULL: every column is real); out [n, H*D]. Grouped-query heads share kv head h / (H / Hk).
-   Returns 0, or -1 when the score row cannot be allocated. */
+   Returns 0; -1 when the score row cannot be allocated, -2 when D is over 256 (the accumulator). */
 int kaito_decode_attention(const float* q_in, const float* k_in, const float* v_in, int64_t qs, int64_t ks,
                            int64_t vs, const float* cos, const float* sin, int64_t drot, float* kb, float* vb,
                            int64_t rs, int64_t hs, int64_t width, const uint8_t* mask, float* out, int64_t n,
