@@ -1,15 +1,18 @@
 """The fused CPU glue of a float32 decode step: `decode_glue.c`, compiled on first use and called through ctypes.
 
-Called by `kaito.runtime.fastpath.FastDecoder` (`load()` once when it is built, then the three calls per layer
-of a decode step). The runtime only. Why: a batch-1 decode step of the 88M bench model spent 12.2 ms in its
-linears and 4.2 ms in the ~60 small torch ops per layer between them (RMSNorm, rotary, KV writes, attention,
-SiLU), each several times slower right after a linear has streamed its weight through the caches than on its
-own (1.7 ms for all of them without the linears). One C pass per piece of math brings that to ~1.6 ms.
+Called by `kaito.runtime.fastpath.FastDecoder` (`load()` once when it is built, then a few calls per layer of a
+decode step). The runtime only. Why: a batch-1 decode step of the 88M bench model spent 12.2 ms in its linears
+and 4.2 ms in the ~60 small torch ops per layer between them (RMSNorm, rotary, KV writes, attention, SiLU), each
+several times slower right after a linear has streamed its weight through the caches than on its own (1.7 ms
+for all of them without the linears). One C pass per piece of math, the attention on torch's own OpenMP team,
+brings that to ~1-1.5 ms.
 
-The library is built with the system C compiler (`$CC`, else `cc`, `gcc`, `clang`) with `-march=native`, into
-a cache directory keyed by the source, the flags and this CPU's feature flags, written to a temporary name and
-renamed, so concurrent servers and a killed build never load a half-written file. Without a compiler, or with
-`KAITO_CPU_GLUE=0`, `load()` returns None and the decoder keeps its torch ops (same math, to float rounding).
+The library is built with the system C compiler (`$CC`, else `cc`, `gcc`, `clang`) with `-march=native` and,
+when the process's only OpenMP runtime is a `libgomp.so.1` (torch's, which the loader then reuses), with
+`-fopenmp`; into a cache directory keyed by the source, the flags and this CPU's feature flags, written to a
+temporary name and renamed, so concurrent servers and a killed build never load a half-written file. Without
+a compiler, or with `KAITO_CPU_GLUE=0`, `load()` returns None and the decoder keeps its torch ops (same math,
+to float rounding).
 """
 
 from __future__ import annotations
@@ -39,16 +42,21 @@ _loaded: dict[str, CpuGlue | None] = {}
 
 
 class CpuGlue:
-    """The loaded library's three functions, over float32 CPU tensors (callers check dtype, device, layout)."""
+    """The loaded library's functions, over float32 CPU tensors (callers check dtype, device, layout).
+
+    `threaded`: built with OpenMP and sharing this process's one libgomp (torch's), so the attention splits its
+    work over the calling thread's torch team; a second OpenMP runtime would keep a second team of spinning
+    workers beside torch's, so then it stays on one thread."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
+        self.threaded = bool(lib.kaito_glue_threaded()) and len(_gomp_paths()) == 1
         self._rms = lib.kaito_rmsnorm
         self._rms.argtypes, self._rms.restype = [_P, _P, _P, _I, _I, _F], None
         self._silu = lib.kaito_silu_mul
         self._silu.argtypes, self._silu.restype = [_P, _P, _I, _P, _I, _I], None
         self._attn = lib.kaito_decode_attention
-        self._attn.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _F]
+        self._attn.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _F, _I]
         self._attn.restype = ctypes.c_int
         self._rope_kv = lib.kaito_rope_kv
         self._rope_kv.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I]
@@ -71,12 +79,13 @@ class CpuGlue:
                   kv_heads: int, head_dim: int, scaling: float, out: torch.Tensor) -> torch.Tensor:
         """RoPE on q and k, k and v written to column `width` of the cache views kb/vb [n, kv_heads, >width,
         head_dim] (unit stride over head_dim, head_dim over columns), and attention of each row's query over
-        its columns 0..width where `mask` [n, width + 1] (bool, contiguous; None = all) is set; out [n, H*D]."""
+        its columns 0..width where `mask` [n, width + 1] (bool, contiguous; None = all) is set; out [n, H*D].
+        Threaded (see the class), on torch's intra-op thread count."""
         n = q.shape[0]
         rc = self._attn(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
                         cos.data_ptr(), sin.data_ptr(), cos.shape[1], kb.data_ptr(), vb.data_ptr(), kb.stride(0),
                         kb.stride(1), width, None if mask is None else mask.data_ptr(), out.data_ptr(), n, heads,
-                        kv_heads, head_dim, scaling)
+                        kv_heads, head_dim, scaling, torch.get_num_threads() if self.threaded else 1)
         if rc == -1:
             raise MemoryError(f"decode attention over {width + 1} columns: no memory for the score row")
         if rc:
@@ -123,6 +132,15 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _gomp_paths() -> set[str]:
+    """The GNU OpenMP libraries mapped into this process (torch's, once torch has started)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f if "libgomp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return set()
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("KAITO_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kaito", "kernels")
@@ -139,7 +157,11 @@ def _build() -> CpuGlue | None:
     except OSError as e:
         log.warning("reading %s: %s; decode steps keep the torch glue ops", SOURCE, e)
         return None
-    for flags in (FLAGS + ["-march=native"], FLAGS):
+    variants = [FLAGS + ["-march=native"], FLAGS]
+    if [Path(p).name for p in _gomp_paths()] == ["libgomp.so.1"]:
+        # torch's libgomp answers to the soname our library asks for: the loader reuses it (one runtime).
+        variants.insert(0, FLAGS + ["-march=native", "-fopenmp"])
+    for flags in variants:
         digest = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_flags().encode(),
                                             platform.machine().encode()])).hexdigest()[:16]
         private = Path(tempfile.gettempdir()) / f"kaito-kernels-{os.getuid()}"

@@ -3,8 +3,10 @@
  * Why: between a decode step's linears the torch path runs about 60 small ops per layer, each several
  * times slower right after a linear has streamed its weight through the caches; these three functions do
  * the same math in one pass each (RMSNorm; RoPE + KV write + attention; SiLU(gate) * up). No threads of
- * their own, no allocation but attention's score row; plain C so that compiling takes a fraction of a
- * second with the system compiler. */
+ * their own: built with -fopenmp the attention splits its (row, kv head) items over the calling thread's
+ * OpenMP team, which in a torch process is torch's own libgomp and the same team its GEMVs just used (the
+ * loader reuses the libgomp.so.1 already mapped). No allocation but attention's score rows. Plain C, so
+ * compiling takes a fraction of a second with the system compiler. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,15 +46,62 @@ static inline void rope(const float* x, const float* cos, const float* sin, int6
     for (int64_t i = drot; i < d; i++) y[i] = x[i];
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 static inline float dot(const float* a, const float* b, int64_t d) {
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= d; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    int64_t full = d - d % 16, i;
     float s = 0;
+#if defined(__AVX512F__)
+    __m512 v = _mm512_setzero_ps();
+    for (i = 0; i < full; i += 16) v = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), v);
+    s = _mm512_reduce_add_ps(v);
+#else
+    float acc[16] = {0};
+    for (i = 0; i < full; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
     for (int j = 0; j < 16; j++) s += acc[j];
-    for (; i < d; i++) s += a[i] * b[i];
+#endif
+    for (i = full; i < d; i++) s += a[i] * b[i];
     return s;
+}
+
+/* One query head over its kv head's columns 0..W-1 (mask: 0 = skip); p: W floats of scratch. D is a
+   compile-time constant at the call sites for the common head sizes, so the accumulator stays in registers. */
+static inline __attribute__((always_inline)) void attend_head(const float* q, const float* kc, const float* vc,
+                                                             const uint8_t* m, int64_t W, int64_t D,
+                                                             float scaling, float* p, float* o) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < W; j++) {
+        if (m && !m[j]) { p[j] = -INFINITY; continue; }
+        p[j] = dot(q, kc + j * D, D) * scaling;
+        if (p[j] > mx) mx = p[j];
+    }
+    float sum = 0;
+    for (int64_t j = 0; j < W; j++) {
+        p[j] = (m && !m[j]) ? 0.0f : expf(p[j] - mx);
+        sum += p[j];
+    }
+    float acc[256];
+    for (int64_t i = 0; i < D; i++) acc[i] = 0;
+    for (int64_t j = 0; j < W; j++) {
+        if (m && !m[j]) continue;
+        const float* vj = vc + j * D;
+        float pj = p[j];
+        for (int64_t i = 0; i < D; i++) acc[i] += pj * vj[i];
+    }
+    float inv = 1.0f / sum;
+    for (int64_t i = 0; i < D; i++) o[i] = acc[i] * inv;
+}
+
+/* 1 when built with OpenMP (the attention then runs on `threads` threads), else 0. */
+int kaito_glue_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* One decode step's attention for n rows, each with one new token:
@@ -61,57 +110,46 @@ static inline float dot(const float* a, const float* b, int64_t d) {
    kb/vb: the cache, element (r, h, c, :) at base + r*rs + h*hs + c*D; columns 0..width-1 hold the context
    and the new rotated k and its v are written at column `width`; mask [n, width+1] bytes, 0 = padding
    (NULL: every column is real); out [n, H*D]. Grouped-query heads share kv head h / (H / Hk).
-   Returns 0; -1 when the score row cannot be allocated, -2 when D is over 256 (the accumulator). */
+   The n * Hk (row, kv head) items are split over `threads` OpenMP threads when built with OpenMP.
+   Returns 0; -1 when a score row cannot be allocated, -2 when D is over 256 (the accumulator). */
 int kaito_decode_attention(const float* q_in, const float* k_in, const float* v_in, int64_t qs, int64_t ks,
                            int64_t vs, const float* cos, const float* sin, int64_t drot, float* kb, float* vb,
                            int64_t rs, int64_t hs, int64_t width, const uint8_t* mask, float* out, int64_t n,
-                           int64_t H, int64_t Hk, int64_t D, float scaling) {
-    int64_t W = width + 1, group = H / Hk;
+                           int64_t H, int64_t Hk, int64_t D, float scaling, int64_t threads) {
+    int64_t W = width + 1, group = H / Hk, items = n * Hk;
+    (void)threads;  /* used by the OpenMP pragma only */
     if (D > 256) return -2;
-    float* p = (float*)malloc(sizeof(float) * (W + D));
-    if (!p) return -1;
-    float* q = p + W;
-    for (int64_t r = 0; r < n; r++) {
-        const float* c = cos + r * drot;
-        const float* s = sin + r * drot;
-        const uint8_t* m = mask ? mask + r * W : NULL;
-        for (int64_t h = 0; h < Hk; h++) {
-            float* kc = kb + r * rs + h * hs;
-            float* vc = vb + r * rs + h * hs;
-            rope(k_in + r * ks + h * D, c, s, D, drot, kc + width * D);
-            memcpy(vc + width * D, v_in + r * vs + h * D, sizeof(float) * D);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
+    {
+        float* p = (float*)malloc(sizeof(float) * (W + D));
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
         }
-        for (int64_t h = 0; h < H; h++) {
-            int64_t kh = h / group;
-            const float* kc = kb + r * rs + kh * hs;
-            const float* vc = vb + r * rs + kh * hs;
-            rope(q_in + r * qs + h * D, c, s, D, drot, q);
-            float mx = -INFINITY;
-            for (int64_t j = 0; j < W; j++) {
-                if (m && !m[j]) { p[j] = -INFINITY; continue; }
-                p[j] = dot(q, kc + j * D, D) * scaling;
-                if (p[j] > mx) mx = p[j];
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            if (!p) continue;
+            int64_t r = it / Hk, kh = it % Hk;
+            float* q = p + W;
+            const float* c = cos + r * drot;
+            const float* s = sin + r * drot;
+            const uint8_t* m = mask ? mask + r * W : NULL;
+            float* kc = kb + r * rs + kh * hs;
+            float* vc = vb + r * rs + kh * hs;
+            rope(k_in + r * ks + kh * D, c, s, D, drot, kc + width * D);
+            memcpy(vc + width * D, v_in + r * vs + kh * D, sizeof(float) * D);
+            for (int64_t h = kh * group; h < (kh + 1) * group; h++) {
+                rope(q_in + r * qs + h * D, c, s, D, drot, q);
+                float* o = out + r * H * D + h * D;
+                if (D == 64) attend_head(q, kc, vc, m, W, 64, scaling, p, o);
+                else if (D == 128) attend_head(q, kc, vc, m, W, 128, scaling, p, o);
+                else attend_head(q, kc, vc, m, W, D, scaling, p, o);
             }
-            float sum = 0;
-            for (int64_t j = 0; j < W; j++) {
-                p[j] = (m && !m[j]) ? 0.0f : expf(p[j] - mx);
-                sum += p[j];
-            }
-            float acc[256];
-            for (int64_t i = 0; i < D; i++) acc[i] = 0;
-            for (int64_t j = 0; j < W; j++) {
-                if (m && !m[j]) continue;
-                const float* vj = vc + j * D;
-                float pj = p[j];
-                for (int64_t i = 0; i < D; i++) acc[i] += pj * vj[i];
-            }
-            float inv = 1.0f / sum;
-            float* o = out + r * H * D + h * D;
-            for (int64_t i = 0; i < D; i++) o[i] = acc[i] * inv;
         }
+        free(p);
     }
-    free(p);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* The first half of kaito_decode_attention alone, for long contexts where torch's threaded attention reads

@@ -19,9 +19,10 @@ packs them again when a step has more.
 
 On a float32 CPU model a decode step without adapter rows runs `_glue_decode`: the same math with the ops
 between the linears done by the C glue (`kaito.runtime.cglue`: one call per RMSNorm, one for RoPE + KV write +
-attention, one for SiLU * up) and each residual added by the linear's own GEMV (`addmm_`). Those ~60 small ops
-a layer cost several times their own time right after a linear has streamed its weight through the caches;
-the glue took the 88M bench model's batch-1 step from 16.3 to 14.8 ms and the 3.7M model's from 0.98 to 0.63.
+attention on torch's OpenMP team, one for SiLU * up) and each residual added by the linear's own GEMV
+(`addmm_`). Those ~60 small ops a layer cost several times their own time right after a linear has streamed
+its weight through the caches; the glue took the 88M bench model's batch-1 step from 17.7 to 15.4 ms and its
+32-row step from 71.7 to 60.4, the 3.7M model's from 1.04 to 0.65 and 5.9 to 4.0 (see GLUE_ATTEND_BYTES).
 
 With `compile_decode` the decode step (`_plain_forward`: the same math, linears called without hooks) goes
 through torch.compile (inductor, dynamic shapes) and the weights stay dense instead of packed: the RMSNorm,
@@ -48,13 +49,15 @@ from kaito.runtime import cglue
 from kaito.runtime.packing import LayoutSwitch, PackedLinear, pack_linears, packed_linear
 
 SUPPORTED = {"phi3", "llama", "mistral", "qwen2"}
-# Where the C glue's single-threaded pieces give way to torch's threaded ops (see `_glue_decode`). Measured
-# (2 threads, ms per step, torch ops -> glue): 88M bench model 1 row 16.3 -> 14.8, 8 rows 29.3-31.5 -> 27.8,
-# 32 rows 66.3-67.2 -> 66.4; 3.7M model 1 row 0.98 -> 0.64, 32 rows 5.0 -> 4.5. The glue's own attention reads
-# the cache on one thread, from memory a linear's weights have just flushed: it beat torch's SDPA only where a
-# layer's K/V are small (3.7M model, one row, ~290 KB a layer: 0.65 against 0.70 ms a step); on the 88M model
-# (one row, 160-330 columns, 1-2 MB a layer) SDPA was 0.6-1.7 ms a step faster, and at 4 rows 2 ms.
-GLUE_ATTEND_BYTES = 384 << 10  # a single row's layer K/V up to this size attends in the glue
+# The glue's attention splits (row, kv head) items over torch's OpenMP team when it is built with OpenMP
+# (`CpuGlue.threaded`), and then serves every step. Measured (2 threads, ms per step, torch ops -> glue, same
+# process): 88M bench model 1 row 17.7 -> 15.4, 4 rows 25.6 -> 23.0, 8 rows 31.9 -> 28.4, 32 rows 71.7 -> 60.4;
+# 3.7M model 1 row 1.04 -> 0.65, 8 rows 2.37 -> 1.63, 32 rows 5.9 -> 4.0; against the glue with torch's SDPA
+# for attention, the threaded one was 0.7-0.8 ms a step faster at one row (160 to 1,600 columns) and 9 ms at
+# 32 rows. Built without OpenMP it reads the cache on one thread, from memory the linears have just flushed,
+# and beat SDPA only where a layer's K/V are small (3.7M model, one row, ~290 KB: 0.65 against 0.70 ms a step;
+# the 88M model at 160-330 columns, 1-2 MB a layer, lost 0.6-1.7 ms): that build attends itself only there.
+GLUE_ATTEND_BYTES = 384 << 10  # without OpenMP: a single row's layer K/V up to this size attends in the glue
 GLUE_SILU_ROWS = 4  # the glue's SiLU (scalar expf) up to this many rows; torch's vectorized one beyond
 log = logging.getLogger("kaito.runtime.fastpath")
 
@@ -350,7 +353,7 @@ class FastDecoder:
                 q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
             else:
                 q, k, v = (self._mm(p, x) for p in layer.qkv)
-            if n == 1 and 8 * kv_heads * layer.head_dim * (width + 1) <= GLUE_ATTEND_BYTES:
+            if glue.threaded or (n == 1 and 8 * kv_heads * layer.head_dim * (width + 1) <= GLUE_ATTEND_BYTES):
                 glue.attention(q, k, v, cos, sin, kb, vb, width, m, heads, kv_heads, layer.head_dim, layer.scaling, o)
             else:
                 qr = glue.rope_kv(q, k, v, cos, sin, kb, vb, width, heads, kv_heads, layer.head_dim, o)

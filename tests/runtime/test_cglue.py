@@ -43,9 +43,13 @@ def test_rmsnorm_and_silu_mul_match_the_torch_ops(glue):
     (4, 1, 48, 24, 5, True),       # partial rotary (Phi-3 small variants), multi-query
     (2, 2, 256, 256, 600, False),  # the largest head, a long context
 ])
-def test_attention_and_rope_kv_match_rope_then_sdpa(glue, heads, kv_heads, head_dim, rot, width, padded):
+@pytest.mark.parametrize("threaded", [True, False], ids=["omp", "one-thread"])
+def test_attention_and_rope_kv_match_rope_then_sdpa(glue, heads, kv_heads, head_dim, rot, width, padded, threaded,
+                                                    monkeypatch):
     """Rotated K/V land at column `width` of each row's cache, and each row's output is SDPA of its rotated
-    query over the columns its mask keeps: the same as `fastpath._rope` + torch's attention."""
+    query over the columns its mask keeps: the same as `fastpath._rope` + torch's attention, whether the
+    (row, kv head) items are split over torch's OpenMP team or not."""
+    monkeypatch.setattr(glue, "threaded", threaded)
     torch.manual_seed(heads * 100 + width)
     n, C = 3, width + 4
     qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim)
@@ -113,13 +117,23 @@ def _hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     return toks
 
 
+def test_the_glue_shares_torchs_openmp_runtime(glue):
+    """Built with OpenMP against the libgomp torch already mapped: one runtime, one team per forward thread
+    (a second runtime would keep its own spinning workers beside torch's)."""
+    assert glue.threaded, "the glue should build with -fopenmp here (gcc, torch's libgomp.so.1)"
+    assert len(cglue._gomp_paths()) == 1, cglue._gomp_paths()
+
+
 @pytest.mark.parametrize("arch", ["phi3", "llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("short", [True, False], ids=["glue-attention", "torch-attention-and-silu"])
-def test_glue_decode_is_token_equal_to_transformers_greedy(glue, arch, short, monkeypatch):
+@pytest.mark.parametrize("mode", ["omp", "one-thread", "torch-attention-and-silu"])
+def test_glue_decode_is_token_equal_to_transformers_greedy(glue, arch, mode, monkeypatch):
     """One row alone and three left-padded rows together: each row's tokens are transformers' greedy tokens for
-    its prompt, and every step went through the glue: its own attention for the single row when contexts are
-    short, else its K/V write and torch's threaded attention (and, past GLUE_SILU_ROWS rows, torch's SiLU)."""
-    if not short:
+    its prompt, and every step went through the glue: its own attention on torch's OpenMP team (`omp`); built
+    without OpenMP, its own attention for a single row with a small cache and torch's SDPA after its K/V write
+    for the batch (`one-thread`); or SDPA throughout, with torch's SiLU past GLUE_SILU_ROWS rows."""
+    if mode != "omp":
+        monkeypatch.setattr(glue, "threaded", False)
+    if mode == "torch-attention-and-silu":
         monkeypatch.setattr(fastpath, "GLUE_ATTEND_BYTES", 64)
         monkeypatch.setattr(fastpath, "GLUE_SILU_ROWS", 1)
     model = _model(arch)
@@ -132,6 +146,8 @@ def test_glue_decode_is_token_equal_to_transformers_greedy(glue, arch, short, mo
     class Counting:
         def __getattr__(self, name):
             fn = getattr(glue, name)
+            if not callable(fn):
+                return fn
 
             def counted(*a):
                 calls[name] += 1
@@ -150,10 +166,9 @@ def test_glue_decode_is_token_equal_to_transformers_greedy(glue, arch, short, mo
         ex.evict([])
     steps = 2 * 11  # 2 layers x 11 decode steps, alone and then as a batch
     assert calls["rmsnorm"] == 2 * (2 * steps + 11), calls  # two per layer, one before the LM head
-    if short:
-        assert calls["attention"] == steps and calls["rope_kv"] == steps and calls["silu_mul"] == 2 * steps, calls
-    else:
-        assert calls["attention"] == 0 and calls["rope_kv"] == 2 * steps and calls["silu_mul"] == steps, calls
+    attention, rope_kv, silu = {"omp": (2 * steps, 0, 2 * steps), "one-thread": (steps, steps, 2 * steps),
+                                "torch-attention-and-silu": (0, 2 * steps, steps)}[mode]
+    assert (calls["attention"], calls["rope_kv"], calls["silu_mul"]) == (attention, rope_kv, silu), calls
 
 
 def test_the_decoder_keeps_the_torch_ops_without_the_glue(tiny_model_dir, monkeypatch):
