@@ -97,10 +97,27 @@ class GrammarMask:
             self.matcher.consume_token(t)  # a token outside the grammar can only be a stop token; nothing to undo
         self.fed = len(output_ids)
         self._llt.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        if row.is_cpu:
-            self._llt.apply_token_bitmask_inplace(row, self.bitmask)
-        else:  # the mask is computed on the CPU; the row is edited where it lives
-            self._llt.apply_token_bitmask_inplace(row, self.bitmask.to(row.device))
+        # The mask is computed on the CPU; the row is edited where it lives.
+        apply_bitmask(row, self.bitmask[0] if row.is_cpu else self.bitmask[0].to(row.device))
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_bitmask(row: torch.Tensor, words: torch.Tensor) -> None:
+    """Set to -inf, in place, every token of `row` [V] whose bit is clear in `words` (int32 [ceil(V/32)]: bit j
+    of word i allows token 32*i + j; tokens past the words are masked).
+
+    Why not llguidance's `apply_token_bitmask_inplace`: that kernel is a torch.compile function, so on CPU its
+    first call needs a C++ compiler (none in the slim runtime image: every structured-output request failed
+    there) and stalls the engine for the compile, and a stale inductor cache broke it here. These five eager
+    ops cost microseconds per row."""
+    bits = (words.unsqueeze(-1) >> _BITS.to(words.device)) & 1  # [W, 32]
+    allowed = bits.reshape(-1)[:row.shape[-1]].bool()
+    n = allowed.shape[0]
+    row[:n].masked_fill_(~allowed, float("-inf"))
+    if row.shape[-1] > n:
+        row[n:] = float("-inf")
 
 
 def processors(params: list, *, bias: dict[str, float] | None, compiled, vocab_size: int) -> None:

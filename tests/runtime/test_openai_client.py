@@ -116,7 +116,16 @@ def test_logit_bias_moves_and_forces_tokens(client, server, tiny_model_dir):
     assert forced == tok.decode([forced_id] * 3)
 
 
-def test_response_format_json_object_and_schema(client):
+def test_response_format_json_object_and_schema(client, monkeypatch):
+    """Valid JSON (and schema-valid) choices, without llguidance's torch.compile kernel: a server with no C++
+    compiler (the slim runtime image) must still serve structured output."""
+    import llguidance.torch
+
+    def compiled_kernel(*a, **kw):
+        raise AssertionError("llguidance's torch.compile kernel was called")
+
+    monkeypatch.setattr(llguidance.torch, "apply_token_bitmask_inplace", compiled_kernel)
+    monkeypatch.setattr(llguidance.torch, "apply_token_bitmask_inplace_kernel", compiled_kernel)
     r = client.chat.completions.create(model="tiny-phi-3", messages=CHAT, max_tokens=60, temperature=1.0, seed=1,
                                        response_format={"type": "json_object"})
     assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
@@ -295,3 +304,24 @@ def test_lora_requests_info_names_running_and_waiting_adapters():
     assert 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.1' in text  # 4 of 40 token slots
     m.record_scheduler(0, [], [], capacity_tokens=40)
     assert text.count("vllm:lora_requests_info{") == 1 and m.render().decode().count("vllm:lora_requests_info{") == 1
+
+
+def test_the_grammar_bitmask_masks_exactly_the_cleared_bits():
+    """`apply_bitmask` against a bit-by-bit reference: vocab sizes off a multiple of 32, past the mask's
+    words, and words with the sign bit set."""
+    import torch
+    from kaito.runtime.logits import apply_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    for vocab, words in ((70, 3), (64, 2), (100, 3), (31, 1)):
+        mask = torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, generator=g)
+        mask[0] |= -2**31  # bit 31 set: a negative word
+        row = torch.randn(vocab, generator=g)
+        want = row.clone()
+        for t in range(vocab):
+            w = t // 32
+            if w >= words or not (int(mask[w]) >> (t % 32)) & 1:
+                want[t] = float("-inf")
+        got = row.clone()
+        apply_bitmask(got, mask)
+        assert torch.equal(got, want), (vocab, words)
