@@ -1,8 +1,8 @@
 /* Fused CPU glue of a float32 decode step, loaded by kaito.runtime.cglue (ctypes) for kaito.runtime.fastpath.
  *
  * Why: between a decode step's linears the torch path runs about 60 small ops per layer, each several
- * times slower right after a linear has streamed its weight through the caches; these three functions do
- * the same math in one pass each (RMSNorm; RoPE + KV write + attention; SiLU(gate) * up). No threads of
+ * times slower right after a linear has streamed its weight through the caches; these functions do the
+ * same math in one pass each (RMSNorm; RoPE + KV write + attention, or RoPE + KV write alone; SiLU(gate) * up). No threads of
  * their own: built with -fopenmp the attention splits its (row, kv head) items over the calling thread's
  * OpenMP team, which in a torch process is torch's own libgomp and the same team its GEMVs just used (the
  * loader reuses the libgomp.so.1 already mapped). No allocation but attention's score rows. Plain C, so
@@ -11,23 +11,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* out[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)), rows of d floats */
-void kaito_rmsnorm(const float* x, const float* w, float* out, int64_t n, int64_t d, float eps) {
-    for (int64_t r = 0; r < n; r++) {
-        const float* xr = x + r * d;
-        float acc[16] = {0};
-        int64_t i = 0;
-        for (; i + 16 <= d; i += 16)
-            for (int j = 0; j < 16; j++) acc[j] += xr[i + j] * xr[i + j];
-        float ss = 0;
-        for (int j = 0; j < 16; j++) ss += acc[j];
-        for (; i < d; i++) ss += xr[i] * xr[i];
-        float s = 1.0f / sqrtf(ss / (float)d + eps);
-        float* o = out + r * d;
-        for (i = 0; i < d; i++) o[i] = w[i] * (xr[i] * s);
-    }
-}
 
 /* out[r, i] = up[r, i] * silu(gate[r, i]) */
 void kaito_silu_mul(const float* gate, const float* up, int64_t row_stride, float* out, int64_t n, int64_t m) {
@@ -65,6 +48,24 @@ static inline float dot(const float* a, const float* b, int64_t d) {
 #endif
     for (i = full; i < d; i++) s += a[i] * b[i];
     return s;
+}
+
+/* out[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)), rows of d floats */
+void kaito_rmsnorm(const float* x, const float* w, float* out, int64_t n, int64_t d, float eps) {
+    for (int64_t r = 0; r < n; r++) {
+        const float* xr = x + r * d;
+        float s = 1.0f / sqrtf(dot(xr, xr, d) / (float)d + eps);
+        float* o = out + r * d;
+        for (int64_t i = 0; i < d; i++) o[i] = w[i] * (xr[i] * s);
+    }
+}
+
+/* Row r's kv head h: its rotated k and its v written at column `width` of the cache. */
+static inline void put_kv(const float* k_in, const float* v_in, int64_t ks, int64_t vs, const float* c,
+                          const float* s, int64_t drot, float* kb, float* vb, int64_t rs, int64_t hs, int64_t width,
+                          int64_t r, int64_t h, int64_t D) {
+    rope(k_in + r * ks + h * D, c, s, D, drot, kb + r * rs + h * hs + width * D);
+    memcpy(vb + r * rs + h * hs + width * D, v_in + r * vs + h * D, sizeof(float) * D);
 }
 
 /* One query head over its kv head's columns 0..W-1 (mask: 0 = skip); p: W floats of scratch. D is a
@@ -135,10 +136,9 @@ int kaito_decode_attention(const float* q_in, const float* k_in, const float* v_
             const float* c = cos + r * drot;
             const float* s = sin + r * drot;
             const uint8_t* m = mask ? mask + r * W : NULL;
-            float* kc = kb + r * rs + kh * hs;
-            float* vc = vb + r * rs + kh * hs;
-            rope(k_in + r * ks + kh * D, c, s, D, drot, kc + width * D);
-            memcpy(vc + width * D, v_in + r * vs + kh * D, sizeof(float) * D);
+            const float* kc = kb + r * rs + kh * hs;
+            const float* vc = vb + r * rs + kh * hs;
+            put_kv(k_in, v_in, ks, vs, c, s, drot, kb, vb, rs, hs, width, r, kh, D);
             for (int64_t h = kh * group; h < (kh + 1) * group; h++) {
                 rope(q_in + r * qs + h * D, c, s, D, drot, q);
                 float* o = out + r * H * D + h * D;
@@ -161,10 +161,7 @@ void kaito_rope_kv(const float* q_in, const float* k_in, const float* v_in, int6
     for (int64_t r = 0; r < n; r++) {
         const float* c = cos + r * drot;
         const float* s = sin + r * drot;
-        for (int64_t h = 0; h < Hk; h++) {
-            rope(k_in + r * ks + h * D, c, s, D, drot, kb + r * rs + h * hs + width * D);
-            memcpy(vb + r * rs + h * hs + width * D, v_in + r * vs + h * D, sizeof(float) * D);
-        }
+        for (int64_t h = 0; h < Hk; h++) put_kv(k_in, v_in, ks, vs, c, s, drot, kb, vb, rs, hs, width, r, h, D);
         for (int64_t h = 0; h < H; h++) rope(q_in + r * qs + h * D, c, s, D, drot, q_out + r * H * D + h * D);
     }
 }
