@@ -52,7 +52,11 @@ def _ll_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int]):
     with _compilers_lock:
         found = _compilers.get(tokenizer)
         if found is None or found[0] != (vocab_size, tuple(stop_ids)):
-            ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(stop_ids) or None)
+            try:
+                ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(stop_ids) or None)
+            except Exception as e:  # llguidance reads only byte-level and SentencePiece-style decoders
+                raise ApiError(400, "response_format is not supported for this model: the grammar engine "
+                               f"(llguidance) cannot read its tokenizer ({str(e)[:200]})", param="response_format") from e
             found = ((vocab_size, tuple(stop_ids)), ll)
             _compilers[tokenizer] = found
         return found[1]

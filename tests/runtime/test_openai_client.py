@@ -325,3 +325,21 @@ def test_the_grammar_bitmask_masks_exactly_the_cleared_bits():
         got = row.clone()
         apply_bitmask(got, mask)
         assert torch.equal(got, want), (vocab, words)
+
+
+def test_response_format_on_a_tokenizer_the_grammar_engine_cannot_read_is_a_400():
+    """A word-level tokenizer with a WordPiece decoder (the bench models'): a clear 400 naming response_format,
+    not an unhandled 500."""
+    from kaito.runtime.logits import compile_format
+    from kaito.runtime.protocol import ResponseFormat
+    from kaito.runtime.serving import ApiError
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "</s>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>")
+    with pytest.raises(ApiError) as e:
+        compile_format(ResponseFormat(type="json_object"), tok, 4, [1])
+    assert e.value.status == 400 and e.value.param == "response_format" and "tokenizer" in e.value.message
