@@ -1,7 +1,7 @@
 """The fused CPU glue of a float32 decode step: `decode_glue.c`, compiled on first use and called through ctypes.
 
 Called by `kaito.runtime.fastpath.FastDecoder` (`load()` once when it is built, then a few calls per layer of a
-decode step). The runtime only. Why: a batch-1 decode step of the 88M bench model spent 12.2 ms in its linears
+decode step) and by `kaito.runtime.cstep` (the whole step in one call). The runtime only. Why: a batch-1 decode step of the 88M bench model spent 12.2 ms in its linears
 and 4.2 ms in the ~60 small torch ops per layer between them (RMSNorm, rotary, KV writes, attention, SiLU), each
 several times slower right after a linear has streamed its weight through the caches than on its own (1.7 ms
 for all of them without the linears). One C pass per piece of math, the attention on torch's own OpenMP team,
@@ -61,6 +61,10 @@ class CpuGlue:
         self._rope_kv = lib.kaito_rope_kv
         self._rope_kv.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I]
         self._rope_kv.restype = None
+        self._step = lib.kaito_decode_step
+        self._step.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _P,
+                               _I]
+        self._step.restype = ctypes.c_int
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
         """out [n, d] = weight * (x * rsqrt(mean(x^2) + eps)), x contiguous [n, d]."""
@@ -101,6 +105,27 @@ class CpuGlue:
                       cos.data_ptr(), sin.data_ptr(), cos.shape[1], kb.data_ptr(), vb.data_ptr(), kb.stride(0),
                       kb.stride(1), width, q_out.data_ptr(), q.shape[0], heads, kv_heads, head_dim)
         return q_out
+
+
+    def decode_step(self, h: torch.Tensor, table: ctypes.Array[ctypes.c_void_p], eps: ctypes.Array[ctypes.c_float],
+                    scaling: ctypes.Array[ctypes.c_float], layers: int, heads: int, kv_heads: int, head_dim: int,
+                    inter: int, cos: torch.Tensor, sin: torch.Tensor, rs: int, hs: int, width: int,
+                    mask: torch.Tensor | None, final_norm: torch.Tensor, lm_head: torch.Tensor,
+                    logits: torch.Tensor) -> torch.Tensor:
+        """The whole decode step (`kaito.runtime.cstep` builds the table): h [n, d] embedded tokens, updated in
+        place; logits [n, V] written. Threaded as `attention`."""
+        n, d = h.shape
+        rc = self._step(h.data_ptr(), n, layers, table, eps, scaling, d, heads, kv_heads, head_dim, inter,
+                        cos.data_ptr(), sin.data_ptr(), cos.shape[1], rs, hs, width,
+                        None if mask is None else mask.data_ptr(), final_norm.data_ptr(), lm_head.data_ptr(),
+                        lm_head.shape[0], logits.data_ptr(), torch.get_num_threads() if self.threaded else 1)
+        if rc == -1:
+            raise MemoryError(f"decode step of {n} rows over {width + 1} columns: no memory for its buffers")
+        if rc == -3:
+            raise ValueError(f"decode step of {n} rows: over the C step's row limit (kaito.runtime.cstep.MAX_ROWS)")
+        if rc:
+            raise ValueError(f"decode step: head_dim {head_dim} is over the glue's {MAX_HEAD_DIM}")
+        return logits
 
 
 def load() -> CpuGlue | None:

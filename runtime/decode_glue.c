@@ -105,6 +105,29 @@ int kaito_glue_threaded(void) {
 #endif
 }
 
+/* Item `it` = (row r, kv head kh) of one decode step's attention: k/v of row r's head kh written to the cache
+   (k rotated), then each query head of its group rotated and attended; p: W + D floats of scratch. */
+static void attend_item(int64_t it, const float* q_in, const float* k_in, const float* v_in, int64_t qs, int64_t ks,
+                        int64_t vs, const float* cos, const float* sin, int64_t drot, float* kb, float* vb,
+                        int64_t rs, int64_t hs, int64_t width, const uint8_t* mask, float* out, int64_t H,
+                        int64_t Hk, int64_t D, float scaling, float* p) {
+    int64_t W = width + 1, group = H / Hk, r = it / Hk, kh = it % Hk;
+    float* q = p + W;
+    const float* c = cos + r * drot;
+    const float* s = sin + r * drot;
+    const uint8_t* m = mask ? mask + r * W : NULL;
+    const float* kc = kb + r * rs + kh * hs;
+    const float* vc = vb + r * rs + kh * hs;
+    put_kv(k_in, v_in, ks, vs, c, s, drot, kb, vb, rs, hs, width, r, kh, D);
+    for (int64_t h = kh * group; h < (kh + 1) * group; h++) {
+        rope(q_in + r * qs + h * D, c, s, D, drot, q);
+        float* o = out + r * H * D + h * D;
+        if (D == 64) attend_head(q, kc, vc, m, W, 64, scaling, p, o);
+        else if (D == 128) attend_head(q, kc, vc, m, W, 128, scaling, p, o);
+        else attend_head(q, kc, vc, m, W, D, scaling, p, o);
+    }
+}
+
 /* One decode step's attention for n rows, each with one new token:
    q [n, H*D], k and v [n, Hk*D] (row strides qs, ks, vs: views into one fused projection or three);
    cos/sin [n, drot] (drot <= D: partial rotary leaves the rest of each head as it is);
@@ -117,7 +140,7 @@ int kaito_decode_attention(const float* q_in, const float* k_in, const float* v_
                            int64_t vs, const float* cos, const float* sin, int64_t drot, float* kb, float* vb,
                            int64_t rs, int64_t hs, int64_t width, const uint8_t* mask, float* out, int64_t n,
                            int64_t H, int64_t Hk, int64_t D, float scaling, int64_t threads) {
-    int64_t W = width + 1, group = H / Hk, items = n * Hk;
+    int64_t W = width + 1, items = n * Hk;
     (void)threads;  /* used by the OpenMP pragma only */
     if (D > 256) return -2;
     int failed = 0;
@@ -131,21 +154,8 @@ int kaito_decode_attention(const float* q_in, const float* k_in, const float* v_
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             if (!p) continue;
-            int64_t r = it / Hk, kh = it % Hk;
-            float* q = p + W;
-            const float* c = cos + r * drot;
-            const float* s = sin + r * drot;
-            const uint8_t* m = mask ? mask + r * W : NULL;
-            const float* kc = kb + r * rs + kh * hs;
-            const float* vc = vb + r * rs + kh * hs;
-            put_kv(k_in, v_in, ks, vs, c, s, drot, kb, vb, rs, hs, width, r, kh, D);
-            for (int64_t h = kh * group; h < (kh + 1) * group; h++) {
-                rope(q_in + r * qs + h * D, c, s, D, drot, q);
-                float* o = out + r * H * D + h * D;
-                if (D == 64) attend_head(q, kc, vc, m, W, 64, scaling, p, o);
-                else if (D == 128) attend_head(q, kc, vc, m, W, 128, scaling, p, o);
-                else attend_head(q, kc, vc, m, W, D, scaling, p, o);
-            }
+            attend_item(it, q_in, k_in, v_in, qs, ks, vs, cos, sin, drot, kb, vb, rs, hs, width, mask, out, H, Hk,
+                        D, scaling, p);
         }
         free(p);
     }
@@ -164,4 +174,186 @@ void kaito_rope_kv(const float* q_in, const float* k_in, const float* v_in, int6
         for (int64_t h = 0; h < Hk; h++) put_kv(k_in, v_in, ks, vs, c, s, drot, kb, vb, rs, hs, width, r, h, D);
         for (int64_t h = 0; h < H; h++) rope(q_in + r * qs + h * D, c, s, D, drot, q_out + r * H * D + h * D);
     }
+}
+
+/* ---- The whole decode step of a dense float32 model, one call (kaito.runtime.cstep) ---- */
+
+#ifdef _OPENMP
+#include <omp.h>
+#define TEAM_ID omp_get_thread_num()
+#define TEAM_N omp_get_num_threads()
+#define BARRIER _Pragma("omp barrier")
+#else
+#define TEAM_ID 0
+#define TEAM_N 1
+#define BARRIER
+#endif
+
+/* Pointers per layer in kaito_decode_step's table, in this order (biases may be NULL). */
+enum { L_NORM_IN, L_Q, L_K, L_V, L_QB, L_KB, L_VB, L_O, L_OB, L_NORM_POST, L_GATE, L_UP, L_GATEB, L_UPB, L_DOWN,
+       L_DOWNB, L_KCACHE, L_VCACHE, L_PTRS };
+
+/* This thread's share [*a, *b) of `total` output rows: contiguous, so each thread streams its own part of a weight. */
+static inline void share(int64_t total, int64_t* a, int64_t* b) {
+    int t = TEAM_ID, T = TEAM_N;
+    *a = total * t / T;
+    *b = total * (t + 1) / T;
+}
+
+/* s[i * R + r] = W[i] . x[r] for the 4 weight rows W + i * K and the R (compile-time, <= 4) rows x + r * K:
+   four weight streams at once (MKL's GEMV keeps several rows in flight too: one stream alone leaves memory
+   bandwidth unused), each 16 floats of x loaded once for the four. */
+static inline __attribute__((always_inline)) void dot4xR(const float* W, const float* x, int64_t K, float* s,
+                                                         const int R) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 a[4][4];
+    for (int w = 0; w < 4; w++)
+        for (int r = 0; r < R; r++) a[w][r] = _mm512_setzero_ps();
+    for (; i + 16 <= K; i += 16) {
+        __m512 w0 = _mm512_loadu_ps(W + i), w1 = _mm512_loadu_ps(W + K + i);
+        __m512 w2 = _mm512_loadu_ps(W + 2 * K + i), w3 = _mm512_loadu_ps(W + 3 * K + i);
+        for (int r = 0; r < R; r++) {
+            __m512 xr = _mm512_loadu_ps(x + r * K + i);
+            a[0][r] = _mm512_fmadd_ps(w0, xr, a[0][r]);
+            a[1][r] = _mm512_fmadd_ps(w1, xr, a[1][r]);
+            a[2][r] = _mm512_fmadd_ps(w2, xr, a[2][r]);
+            a[3][r] = _mm512_fmadd_ps(w3, xr, a[3][r]);
+        }
+    }
+    for (int w = 0; w < 4; w++)
+        for (int r = 0; r < R; r++) s[w * R + r] = _mm512_reduce_add_ps(a[w][r]);
+#else
+    for (int w = 0; w < 4; w++)
+        for (int r = 0; r < R; r++) s[w * R + r] = 0;
+#endif
+    for (; i < K; i++)
+        for (int w = 0; w < 4; w++)
+            for (int r = 0; r < R; r++) s[w * R + r] += W[w * K + i] * x[r * K + i];
+}
+
+/* s[i * n + r] = W[i] . x[r] for 4 weight rows and all n rows of x [n, K], four rows of x at a time. */
+static inline __attribute__((always_inline)) void dot4_all(const float* W, const float* x, int64_t n, int64_t K,
+                                                           float* s) {
+    float t[16];
+    for (int64_t r = 0; r < n; r += 4) {
+        int64_t R = n - r < 4 ? n - r : 4;
+        switch (R) {
+            case 4: dot4xR(W, x + r * K, K, t, 4); break;
+            case 3: dot4xR(W, x + r * K, K, t, 3); break;
+            case 2: dot4xR(W, x + r * K, K, t, 2); break;
+            default: dot4xR(W, x + r * K, K, t, 1); break;
+        }
+        for (int w = 0; w < 4; w++)
+            for (int64_t q = 0; q < R; q++) s[w * n + r + q] = t[w * R + q];
+    }
+}
+
+#define STEP_ROWS 64 /* kaito_decode_step's row limit (its per-row dot products sit on the stack) */
+
+/* y[r, j] (+)= x[r] . W[j] + bias[j] for this thread's share of rows j of W [rows, K]; x [n, K], y row stride ys.
+   The weight row is read once from memory and its n dot products run from the L1 copy. */
+static void gemv(const float* W, const float* bias, int64_t rows, int64_t K, const float* x, int64_t n, float* y,
+                 int64_t ys, int add) {
+    int64_t a, b;
+    float s[4 * STEP_ROWS];
+    share(rows, &a, &b);
+    for (int64_t j = a; j < b; j += 4) {
+        int64_t m = b - j < 4 ? b - j : 4;
+        if (m == 4) dot4_all(W + j * K, x, n, K, s);
+        else
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t r = 0; r < n; r++) s[i * n + r] = dot(W + (j + i) * K, x + r * K, K);
+        for (int64_t i = 0; i < m; i++) {
+            float bj = bias ? bias[j + i] : 0.0f;
+            for (int64_t r = 0; r < n; r++) {
+                float v = s[i * n + r] + bj;
+                y[r * ys + j + i] = add ? y[r * ys + j + i] + v : v;
+            }
+        }
+    }
+}
+
+/* The whole decode step for n rows (one new token each) through L layers of a Llama-style decoder with dense
+   float32 weights: per layer RMSNorm, q/k/v projections, RoPE + KV write + attention (as
+   kaito_decode_attention), o projection added to the residual, RMSNorm, SiLU(gate) * up fused into the
+   gate/up projections, down projection added to the residual; then the final RMSNorm and the LM head.
+   h [n, d]: the embedded tokens, updated in place; table [L * L_PTRS]; eps [L] per norm pair (input, post)
+   as eps[2l], eps[2l + 1], eps[2L] the final norm's; scaling [L]; cos/sin [n, drot]; the caches' strides
+   rs, hs as kaito_decode_attention's (the same for every layer); mask [n, width + 1] or NULL;
+   final_norm [d], lm_head [V, d]; logits [n, V]. One OpenMP parallel region on `threads` threads: each
+   projection splits its output rows over the team, the attention its (row, kv head) items, and each thread
+   normalizes its own copy of the residual (no barrier for that). Returns 0, -1 out of memory, -2 D > 256, -3 n > STEP_ROWS. */
+int kaito_decode_step(float* h, int64_t n, int64_t L, void** table, const float* eps, const float* scaling,
+                      int64_t d, int64_t H, int64_t Hk, int64_t D, int64_t I, const float* cos, const float* sin,
+                      int64_t drot, int64_t rs, int64_t hs, int64_t width, const uint8_t* mask,
+                      const float* final_norm, const float* lm_head, int64_t V, float* logits, int64_t threads) {
+    int64_t qd = H * D, kd = Hk * D, qkvw = qd + 2 * kd, W = width + 1;
+    (void)threads;
+    if (D > 256) return -2;
+    if (n > STEP_ROWS) return -3;
+    float* shared = (float*)malloc(sizeof(float) * n * (qkvw + qd + I));
+    if (!shared) return -1;
+    float *qkv = shared, *att = qkv + n * qkvw, *act = att + n * qd;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float* x = (float*)malloc(sizeof(float) * (n * d + W + D));
+        if (!x) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        BARRIER
+        int ok = !failed;
+        float* p = x + n * d;
+        for (int64_t l = 0; ok && l < L; l++) {
+            void** P = table + l * L_PTRS;
+            kaito_rmsnorm(h, (const float*)P[L_NORM_IN], x, n, d, eps[2 * l]);
+            gemv((const float*)P[L_Q], (const float*)P[L_QB], qd, d, x, n, qkv, qkvw, 0);
+            gemv((const float*)P[L_K], (const float*)P[L_KB], kd, d, x, n, qkv + qd, qkvw, 0);
+            gemv((const float*)P[L_V], (const float*)P[L_VB], kd, d, x, n, qkv + qd + kd, qkvw, 0);
+            BARRIER
+            int64_t a, b;
+            share(n * Hk, &a, &b);
+            for (int64_t it = a; it < b; it++)
+                attend_item(it, qkv, qkv + qd, qkv + qd + kd, qkvw, qkvw, qkvw, cos, sin, drot,
+                            (float*)P[L_KCACHE], (float*)P[L_VCACHE], rs, hs, width, mask, att, H, Hk, D,
+                            scaling[l], p);
+            BARRIER
+            gemv((const float*)P[L_O], (const float*)P[L_OB], d, qd, att, n, h, d, 1);
+            BARRIER
+            kaito_rmsnorm(h, (const float*)P[L_NORM_POST], x, n, d, eps[2 * l + 1]);
+            share(I, &a, &b);
+            const float *G = (const float*)P[L_GATE], *U = (const float*)P[L_UP];
+            const float *gb = (const float*)P[L_GATEB], *ub = (const float*)P[L_UPB];
+            for (int64_t j = a; j < b; j += 4) {
+                float g[4 * STEP_ROWS], u[4 * STEP_ROWS];
+                int64_t m = b - j < 4 ? b - j : 4;
+                if (m == 4) {
+                    dot4_all(G + j * d, x, n, d, g);
+                    dot4_all(U + j * d, x, n, d, u);
+                } else
+                    for (int64_t i = 0; i < m; i++)
+                        for (int64_t r = 0; r < n; r++) {
+                            g[i * n + r] = dot(G + (j + i) * d, x + r * d, d);
+                            u[i * n + r] = dot(U + (j + i) * d, x + r * d, d);
+                        }
+                for (int64_t i = 0; i < m; i++)
+                    for (int64_t r = 0; r < n; r++) {
+                        float gr = g[i * n + r] + (gb ? gb[j + i] : 0.0f), ur = u[i * n + r] + (ub ? ub[j + i] : 0.0f);
+                        act[r * I + j + i] = ur * (gr / (1.0f + expf(-gr)));
+                    }
+            }
+            BARRIER
+            gemv((const float*)P[L_DOWN], (const float*)P[L_DOWNB], d, I, act, n, h, d, 1);
+            BARRIER
+        }
+        if (ok) {
+            kaito_rmsnorm(h, final_norm, x, n, d, eps[2 * L]);
+            gemv(lm_head, NULL, V, d, x, n, logits, V, 0);
+        }
+        free(x);
+    }
+    free(shared);
+    return failed ? -1 : 0;
 }

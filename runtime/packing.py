@@ -189,7 +189,8 @@ class LayoutSwitch:
 
     def __init__(self, groups: list[list[torch.nn.Module]]):
         self.groups = [g for g in ([m for m in grp if _switchable(m)] for grp in groups) if g]
-        self.short = 0  # consecutive steps of at most DENSE_ROWS rows
+        self.short = 0  # consecutive steps of at most dense_rows rows
+        self.dense_rows = DENSE_ROWS  # raised by a decoder whose dense step is faster at more rows (the C step)
         self.dense = 0  # groups[:dense] hold dense weights, the rest packed
         self.enabled = bool(self.groups) and os.environ.get("KAITO_PACKED_LINEARS", "auto") == "auto"
 
@@ -201,7 +202,7 @@ class LayoutSwitch:
         """Called before a decode step of `rows` rows: converts at most one group toward the layout that wins."""
         if not self.enabled:
             return
-        self.short = self.short + 1 if rows <= DENSE_ROWS else 0
+        self.short = self.short + 1 if rows <= self.dense_rows else 0
         if self.dense == (len(self.groups) if self.target_dense else 0):
             return  # already in the layout that wins (most steps): nothing to enter or convert
         with torch.inference_mode(False), torch.no_grad():  # the new weights are ordinary tensors

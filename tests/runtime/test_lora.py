@@ -201,12 +201,12 @@ def test_an_adapter_row_decodes_the_same_across_the_layout_switch(ex, base):
 
     layout.enabled = True  # an earlier test's prefill thread froze it on this shared executor
     while layout.dense:  # whatever earlier tests' single rows left dense: packed again, as a batch would
-        layout.step(3)
+        layout.step(layout.dense_rows + 1)
     assert all(type(m) is PackedLinear for m in linears)
     switched = run()
     assert not any(type(m) is PackedLinear for m in linears), "the lone row's run should end on dense weights"
     while layout.dense:  # packed again, then pinned
-        layout.step(3)
+        layout.step(layout.dense_rows + 1)
     layout.enabled = False
     try:
         assert all(type(m) is PackedLinear for m in linears)

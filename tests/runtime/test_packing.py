@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kaito.runtime import packing
+from kaito.runtime import cstep, packing
 from kaito.runtime.executor import BatchExecutor
 from kaito.runtime.loader import load
 from kaito.runtime.packing import DENSE_AFTER, PackedLinear
@@ -13,7 +13,7 @@ from kaito.runtime.settings import RuntimeSettings
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
 
-PROMPTS = [[1, 50, 60, 70], [1, 5], [1, 300, 301, 302, 9, 9]]
+PROMPTS = [[1, 50, 60, 70], [1, 5], [1, 300, 301, 302, 9, 9], [1, 8, 8], [1, 41], [1, 77, 78, 79, 80]]
 
 
 def _fresh(tiny_model_dir) -> torch.nn.Module:
@@ -51,8 +51,11 @@ def test_linears_go_dense_after_a_run_of_single_rows_and_back_when_rows_grow(tin
     assert seen[DENSE_AFTER - 1:DENSE_AFTER - 1 + len(groups)] == want
     assert seen[-1] == 0 and all(m.weight.layout == torch.strided for m in linears)
 
-    for ex in (fast, slow):  # two more rows join: the next steps pack again, a group per step
-        ex.prefill(PROMPTS[1:], [(), ()])
+    # The C step (kaito.runtime.cstep) keeps dense weights up to its DENSE_ROWS; without it packing's 2.
+    assert fast.fast.layout.dense_rows == (cstep.DENSE_ROWS if fast.fast.step is not None else packing.DENSE_ROWS)
+    rows = fast.fast.layout.dense_rows + 1
+    for ex in (fast, slow):  # more rows join: the next steps pack again, a group per step
+        ex.prefill(PROMPTS[1:rows], [()] * (rows - 1))
     seen = []
     for step in range(len(groups) + 2):
         toks = [(7 * step + r) % 400 + 3 for r in range(fast.batch_size)]
@@ -65,14 +68,15 @@ def test_linears_go_dense_after_a_run_of_single_rows_and_back_when_rows_grow(tin
 
 
 def test_a_short_lull_keeps_the_packed_layout(tiny_model_dir, monkeypatch):
-    """Fewer than DENSE_AFTER steps of one or two rows between larger batches never repack anything."""
+    """Fewer than DENSE_AFTER steps of few rows between larger batches never repack anything."""
     monkeypatch.delenv("KAITO_PACKED_LINEARS", raising=False)
     model = _fresh(tiny_model_dir)
     ex = BatchExecutor(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = ex.fast.layout.dense_rows + 1
     for _ in range(3):
-        ex.prefill(PROMPTS[:3 - ex.batch_size], [()] * (3 - ex.batch_size))
-        ex.decode([5] * 3)  # three rows: the run of short steps restarts
+        ex.prefill(PROMPTS[:rows - ex.batch_size], [()] * (rows - ex.batch_size))
+        ex.decode([5] * rows)  # more rows than a dense step wins at: the run of short steps restarts
         ex.evict([0])
         for _ in range(DENSE_AFTER - 1):
             ex.decode([5])
