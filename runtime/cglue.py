@@ -11,8 +11,12 @@ The library is built with the system C compiler (`$CC`, else `cc`, `gcc`, `clang
 when the process's only OpenMP runtime is a `libgomp.so.1` (torch's, which the loader then reuses), with
 `-fopenmp`; into a cache directory keyed by the source, the flags and this CPU's feature flags, written to a
 temporary name and renamed, so concurrent servers and a killed build never load a half-written file. Without
-a compiler, or with `KAITO_CPU_GLUE=0`, `load()` returns None and the decoder keeps its torch ops (same math,
-to float rounding).
+a compiler the library is taken from the prebuilt ones (`prebuild`, run by Dockerfiles/base in its build stage,
+which has a compiler, for the runtime image, which has none): one per x86-64 level (v4 = AVX-512, v3 = AVX2 + FMA,
+v2) with and without OpenMP, named by the source's digest, the best this CPU runs chosen. With neither, or with
+`KAITO_CPU_GLUE=0`, `load()` returns None and the decoder keeps its torch ops (same math, to float rounding).
+
+`python -m kaito.runtime.cglue --prebuild [DIR]` writes the prebuilt libraries (default: next to this module).
 """
 
 from __future__ import annotations
@@ -135,8 +139,85 @@ def load() -> CpuGlue | None:
     with _lock:
         key = str(SOURCE)
         if key not in _loaded:
-            _loaded[key] = _build()
+            _loaded[key] = _build() or load_prebuilt()
         return _loaded[key]
+
+
+# x86-64 micro-architecture levels (gcc's -march names), best first, and the /proc/cpuinfo flags each needs.
+_V2 = {"cx16", "popcnt", "sse4_1", "sse4_2", "ssse3"}
+_V3 = _V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+LEVELS = [("x86-64-v4", _V4), ("x86-64-v3", _V3), ("x86-64-v2", _V2)]
+
+
+def _levels() -> list[tuple[str, set[str]]]:
+    """The levels prebuilt for this machine type: x86-64's, or one generic build elsewhere."""
+    return LEVELS if platform.machine() in ("x86_64", "AMD64") else [("generic", set())]
+
+
+def prebuilt_dir() -> Path:
+    return Path(os.environ.get("KAITO_PREBUILT_KERNELS") or SOURCE.with_name("kernels"))
+
+
+def _prebuilt_name(level: str, omp: bool, source: bytes) -> str:
+    return f"decode_glue-{level}-{'omp' if omp else 'serial'}-{hashlib.sha256(source).hexdigest()[:16]}.so"
+
+
+def prebuild(dest: Path | None = None, cc: str | None = None) -> list[Path]:
+    """Compiles the library for every level of this machine type, with and without OpenMP, into `dest` (each
+    written to a temporary name and renamed). Raises RuntimeError naming the compiler and its message."""
+    cc = cc or _compiler()
+    if cc is None:
+        raise RuntimeError("prebuilding the decode glue: no C compiler ($CC, cc, gcc, clang)")
+    dest = dest or prebuilt_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    source, built = SOURCE.read_bytes(), []
+    for level, _ in _levels():
+        for omp in (True, False):
+            flags = FLAGS + ([] if level == "generic" else [f"-march={level}"]) + (["-fopenmp"] if omp else [])
+            path = dest / _prebuilt_name(level, omp, source)
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=dest)
+            os.close(fd)
+            try:
+                done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                      timeout=300)
+                if done.returncode != 0:
+                    raise RuntimeError(f"prebuilding {path.name} with {cc} {' '.join(flags)}: {done.stderr[-2000:]}")
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            built.append(path)
+    return built
+
+
+def load_prebuilt() -> CpuGlue | None:
+    """The best prebuilt library this CPU runs for the current source (OpenMP only where this process's one
+    OpenMP runtime is torch's libgomp.so.1, as `_build`), or None when there is none."""
+    directory = prebuilt_dir()
+    try:
+        source = SOURCE.read_bytes()
+    except OSError:
+        return None
+    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    omp_ok = [Path(p).name for p in _gomp_paths()] == ["libgomp.so.1"]
+    for level, needs in _levels():
+        if not needs <= flags:
+            continue
+        for omp in ((True, False) if omp_ok else (False,)):
+            path = directory / _prebuilt_name(level, omp, source)
+            if not path.is_file():
+                continue
+            try:
+                glue = CpuGlue(ctypes.CDLL(str(path)), path)
+            except (OSError, AttributeError) as e:
+                log.debug("loading prebuilt %s: %s", path, e)
+                continue
+            log.info("decode glue (prebuilt, no compiler here): %s", path)
+            return glue
+    log.info("no prebuilt decode glue for this CPU in %s: decode steps keep the torch glue ops", directory)
+    return None
 
 
 def _compiler() -> str | None:
@@ -175,7 +256,7 @@ def _cache_dir() -> Path:
 def _build() -> CpuGlue | None:
     cc = _compiler()
     if cc is None:
-        log.info("no C compiler ($CC, cc, gcc, clang): decode steps keep the torch glue ops")
+        log.info("no C compiler ($CC, cc, gcc, clang): looking for a prebuilt decode glue")
         return None
     try:
         source = SOURCE.read_bytes()
@@ -237,3 +318,28 @@ def _compile_into(directory: Path, name: str, cc: str, flags: list[str]) -> CpuG
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         log.debug("building or loading %s in %s: %s", name, directory, e)
         return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kaito.runtime.cglue", description=__doc__.split("\n")[0])
+    parser.add_argument("--prebuild", nargs="?", const="", metavar="DIR",
+                        help="compile the library for every x86-64 level into DIR (default: next to this module)")
+    args = parser.parse_args(argv)
+    if args.prebuild is None:
+        glue = load()
+        print(f"decode glue: {glue.path if glue else None} (threaded: {bool(glue and glue.threaded)})")
+        return 0
+    try:
+        paths = prebuild(Path(args.prebuild) if args.prebuild else None)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"kaito.runtime.cglue: {e}")
+        return 1
+    for path in paths:
+        print(f"prebuilt {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

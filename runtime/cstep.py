@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 # Rows a step may have (STEP_ROWS in decode_glue.c). The step reads each weight row once for all rows of the
 # batch, from L1, four weight rows at a time; against oneDNN's packed weights (ms per step, 2 threads, 160
 # columns): 88M bench model 3 rows 16.8 vs 18.2, 4 rows 18.8 vs 19.6, 8 rows 24.6 vs 24.6, 16 rows 39.0 vs 34.2,
-# 32 rows 60.6 vs 50.7; 3.7M model 4 rows 0.62 vs 1.10, 8 rows 0.81 vs 1.44, 32 rows 2.58 vs 3.06. So the layout
-# switch turns the linears dense at up to DENSE_ROWS rows (instead of packing's 2) when this step runs.
+# 32 rows 60.6 vs 50.7; 3.7M model 4 rows 0.62 vs 1.10, 8 rows 0.81 vs 1.44, 32 rows 2.58 vs 3.06.
 MAX_ROWS = 64
-DENSE_ROWS = 4
+# The layout switch's dense threshold while this step runs. 4 would win those 1-1.5 ms a step at 3-4 rows, but
+# served it did not show (88M model, 8 and 32 clients, TTFT p99 dominated by the switch's repacking when a burst
+# lands on dense weights, the same at 2 and 4 within the host's noise): kept at packing's own 2 until measured.
+DENSE_ROWS = 2
 PTRS = 18  # pointers per layer in the C table (L_PTRS in decode_glue.c)
 _KV = (16, 17)  # where the layer's K and V cache pointers go
 

@@ -23,8 +23,8 @@ attention on torch's OpenMP team, one for SiLU * up) and each residual added by 
 (`addmm_`). Those ~60 small ops a layer cost several times their own time right after a linear has streamed
 its weight through the caches; the glue took the 88M bench model's batch-1 step from 17.7 to 15.4 ms and its
 32-row step from 71.7 to 60.4, the 3.7M model's from 1.04 to 0.65 and 5.9 to 4.0 (see GLUE_ATTEND_BYTES).
-Once every linear is dense and hook-free (the layout switch turns them dense at up to `kaito.runtime.cstep`'s
-DENSE_ROWS rows), the whole step is one C call instead (`kaito.runtime.cstep`): the 88M model's batch-1 step
+Once every linear is dense and hook-free (the layout switch turns them dense after a run of one- or two-row
+steps), the whole step is one C call instead (`kaito.runtime.cstep`): the 88M model's batch-1 step
 went from 14.1 to 12.3 ms against 11.6 ms for its GEMVs alone, the 3.7M model's from 0.54 to 0.39.
 
 With `compile_decode` the decode step (`_plain_forward`: the same math, linears called without hooks) goes
@@ -42,6 +42,7 @@ is what this module's Python overhead is on CPU) and a paged KV layout instead o
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -228,7 +229,8 @@ class FastDecoder:
             self.layout = LayoutSwitch(groups[:-1] + [groups[-1] + [self.lm_head]] if groups else [])
         self.glue = self._glue(model, cfg, silu)
         # The whole step in one C call once every linear is dense (one or two rows a step): see kaito.runtime.cstep.
-        self.step = cstep.DecodeStep(self.glue, self.layers, self.norm, self.lm_head) if self.glue else None
+        on = self.glue is not None and os.environ.get("KAITO_CPU_STEP", "1") != "0"  # =0: A/B against the glue path
+        self.step = cstep.DecodeStep(self.glue, self.layers, self.norm, self.lm_head) if on and self.glue else None
         if self.step is not None and self._step_threads():
             self.layout.dense_rows = cstep.DENSE_ROWS
         self._wt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(Linear) -> (weight, weight.t())

@@ -276,6 +276,21 @@ def preset_steps(run: Run) -> None:
     run.facts["chat"] = result["chat"]
     with Step(run, "tuning-imports") as st:
         st.note = check_tuning_imports(run, image)
+    with Step(run, "decode-glue") as st:
+        st.note = check_prebuilt_glue(run, image)
+
+
+def check_prebuilt_glue(run: Run, image: str) -> str:
+    """Without a compiler (PATH holds only the venv, as in the slim image) the runtime loads the decode glue that
+    Dockerfiles/base prebuilt, threaded on torch's OpenMP team: CPU pods get the fast decode step."""
+    probe = docker(run, "run", "--rm", "--network", "none", "-e", "PATH=/opt/kaito/bin", "-e", "CC=/nonexistent",
+                   "--entrypoint", "python", image, "-m", "kaito.runtime.cglue", check=False)
+    line = next((x for x in probe.stdout.splitlines() if x.startswith("decode glue: ")), "")
+    if "/kaito/runtime/kernels/decode_glue-" not in line or "threaded: True" not in line:
+        raise StepFailed(f"{image} without a compiler did not load a prebuilt, threaded decode glue "
+                         f"(Dockerfiles/base's `python -m kaito.runtime.cglue --prebuild`):\n{probe.stdout[-1500:]}")
+    run.facts["decode_glue"] = line
+    return line.split("/")[-1]
 
 
 # The tuning Job runs `python -m kaito.tuning` on the preset image (operator/render_tuning.py):

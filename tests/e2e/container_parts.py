@@ -35,7 +35,10 @@ IMPORTED = "kaito-e2e/debian:bookworm"
 LOCAL_BASE = "kaito-e2e/base:e2e"
 PROMPT = "What is Kubernetes?"
 TORCH_WHEEL_DIRS = [Path("/opt/wheels")]
-DEBIAN_PACKAGES = ["python3", "python3-venv", "ca-certificates"]
+# gcc + libc6-dev: Dockerfiles/base's build stage (python:3.11 in production, which has them) prebuilds the CPU
+# decode glue; the runtime stage here is the same Debian, so the glue check hides the compiler (PATH) to load the
+# prebuilt library as the slim production image, which has none, does.
+DEBIAN_PACKAGES = ["python3", "python3-venv", "ca-certificates", "gcc", "libc6-dev"]
 # The Dockerfile expects a python:3.11-slim-like base: `python` and `pip` on PATH, installs
 # allowed. Debian's own Python refuses pip installs (PEP 668), so the rootfs carries a venv
 # that the imported image puts first on PATH.

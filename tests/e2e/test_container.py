@@ -34,14 +34,17 @@ def test_runtime_image_serves_chat_in_a_container():
     assert "OK: tiny-phi-3 served from the container" in out
     # Every step reported, in order, and the layer check passed (build-preset appends to the base).
     steps = [line.split()[0] for line in out.split("\nstep ", 1)[1].splitlines()[1:] if line.strip()]
-    assert steps[:11] == ["dockerd", "rootfs", "wheelhouse", "build-base", "registry", "store-base",
-                          "build-preset", "push-preset", "pull", "serve", "tuning-imports"]
+    assert steps[:12] == ["dockerd", "rootfs", "wheelhouse", "build-base", "registry", "store-base",
+                          "build-preset", "push-preset", "pull", "serve", "tuning-imports", "decode-glue"]
     assert '"Result":' in out and "appended_layers:" in out
     # `make build-preset` found the base `make build-base` stored, by default (issue 12, point 4).
     assert re.search(r"build_preset: oci:out/registry/kaito-tiny-phi-3:\S+@sha256:[0-9a-f]{64} "
                      r"on oci:out/registry/kaito-base:", out), out[-3000:]
     # The tuning Job's entry point and its data readers import in the preset image (issue 13).
     assert re.search(r'tuning_in_image: \{"pyarrow": "[0-9.]+", "peft": "[0-9.]+"\}', out), out[-3000:]
+    # Without a compiler the runtime loads the glue Dockerfiles/base prebuilt, threaded (issue 15).
+    assert re.search(r"decode_glue: decode glue: /\S+/kaito/runtime/kernels/decode_glue-\S+\.so \(threaded: True\)",
+                     out), out[-3000:]
     # Nothing left behind: no daemon or registry of this run, no mounts, no work dir.
     work = re.search(r"work dir (/\S+),", out).group(1)
     assert work not in Path("/proc/mounts").read_text()

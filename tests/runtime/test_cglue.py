@@ -223,7 +223,61 @@ def test_the_library_is_built_once_atomically_and_only_where_it_can_be(tmp_path,
 
     # No compiler anywhere: no glue, and no error.
     monkeypatch.setenv("KAITO_KERNEL_CACHE", str(tmp_path / "fresh"))
+    monkeypatch.setenv("KAITO_PREBUILT_KERNELS", str(tmp_path / "no-prebuilt"))
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    assert cglue._build() is None
+    assert cglue._build() is None and cglue.load_prebuilt() is None
     assert not (tmp_path / "fresh").exists() or not os.listdir(tmp_path / "fresh")
+
+
+def test_without_a_compiler_the_best_prebuilt_library_for_this_cpu_loads(tmp_path, tiny_model_dir, monkeypatch):
+    """What the runtime image does (Dockerfiles/base prebuilds in its build stage; the slim image has no
+    compiler): the best level this CPU runs, OpenMP where torch's libgomp is the only one, none for another
+    source's digest, and its decoder's logits those of the torch ops."""
+    from transformers import AutoModelForCausalLM
+
+    built = cglue.prebuild(tmp_path / "prebuilt")
+    assert len(built) == 2 * len(cglue._levels()) and not [p for p in (tmp_path / "prebuilt").iterdir() if p not in built]
+    monkeypatch.setenv("KAITO_PREBUILT_KERNELS", str(tmp_path / "prebuilt"))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setattr(cglue, "_loaded", {})
+    glue = cglue.load()
+    assert glue is not None and glue.path.parent == tmp_path / "prebuilt" and glue.threaded
+    flags = set(cglue._cpu_flags().split(":", 1)[-1].split())
+    best = next(level for level, needs in cglue._levels() if needs <= flags)
+    assert glue.path.name.startswith(f"decode_glue-{best}-omp-"), glue.path.name
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with_glue = BatchExecutor(model)
+    assert with_glue.fast.glue is glue
+    monkeypatch.setenv("KAITO_CPU_GLUE", "0")
+    without = BatchExecutor(model)
+    for ex in (with_glue, without):
+        ex.prefill([[1, 50, 60], [1, 70]], [(), ()])
+    for step in range(4):
+        toks = [9 + step, 30 + step]
+        torch.testing.assert_close(with_glue.decode(toks), without.decode(toks), atol=1e-4, rtol=1e-4)
+    monkeypatch.delenv("KAITO_CPU_GLUE")
+
+    if cglue._levels()[0][0] == "x86-64-v4":  # a CPU without AVX-512 gets v3, one without AVX2 v2
+        monkeypatch.setattr(cglue, "_cpu_flags", lambda: "flags : " + " ".join(sorted(cglue._V3)))
+        assert "-x86-64-v3-omp-" in cglue.load_prebuilt().path.name  # type: ignore[union-attr]
+        monkeypatch.setattr(cglue, "_cpu_flags", lambda: "flags : " + " ".join(sorted(cglue._V2)))
+        assert "-x86-64-v2-omp-" in cglue.load_prebuilt().path.name  # type: ignore[union-attr]
+        monkeypatch.setattr(cglue, "_cpu_flags", lambda: "flags : fpu sse sse2")
+        assert cglue.load_prebuilt() is None
+        monkeypatch.undo()
+        monkeypatch.setenv("KAITO_PREBUILT_KERNELS", str(tmp_path / "prebuilt"))
+    # Libraries of another source (an upgrade left them behind) are not loaded.
+    for p in built:
+        p.rename(p.with_name(p.name.rsplit("-", 1)[0] + "-0123456789abcdef.so"))
+    assert cglue.load_prebuilt() is None
+
+
+def test_prebuilding_without_a_compiler_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        cglue.prebuild(tmp_path / "out")
+    assert cglue.main(["--prebuild", str(tmp_path / "out")]) == 1

@@ -173,3 +173,11 @@ def test_too_many_rows_is_an_error_not_a_crash(glue, monkeypatch):
     cos, sin = torch.ones(n, d), torch.zeros(n, d)
     with pytest.raises(ValueError, match="rows"):
         fd.step.run(h, cos, sin, kv, 3, None)
+
+
+def test_kaito_cpu_step_0_keeps_the_glue_path(glue, monkeypatch):
+    """The A/B switch the benchmarks use: the decoder keeps the glue but not the whole C step."""
+    monkeypatch.setenv("KAITO_PACKED_LINEARS", "0")
+    monkeypatch.setenv("KAITO_CPU_STEP", "0")
+    fd = FastDecoder.build(_model("llama"))
+    assert fd is not None and fd.glue is not None and fd.step is None
