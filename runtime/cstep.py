@@ -88,17 +88,18 @@ class DecodeStep:
                 if m.weight is not w or m._forward_hooks or m._forward_pre_hooks:
                     break
             else:
-                return self._table is not None
+                return True  # _weights is only kept beside a built table
         self._table = self._build()
         # Kept only for a table built: a model turned away (hooks, packed weights) is asked again next step.
         self._weights = [_w(m) for m in self.linears] if self._table is not None else []
         return self._table is not None
 
     def _build(self) -> ctypes.Array[ctypes.c_void_p] | None:
-        norms = [nm.weight for layer in self.layers for nm in (layer.norm_in, layer.norm_post)]
-        norms.append(self.final_norm.weight)
+        # Asked every step while the model is packed or hooked: the first packed linear ends it.
         if not all(_dense(m) for m in self.linears) or self.lm_head.bias is not None:
             return None
+        norms = [nm.weight for layer in self.layers for nm in (layer.norm_in, layer.norm_post)]
+        norms.append(self.final_norm.weight)
         if not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms):
             return None
         table = (ctypes.c_void_p * (PTRS * len(self.layers)))()
