@@ -1,7 +1,7 @@
 """The whole float32 decode step in one C call (`kaito_decode_step` in decode_glue.c), for dense weights.
 
 Called by `kaito.runtime.fastpath.FastDecoder.forward` on CPU when every linear of the model is a plain dense
-float32 `torch.nn.Linear` without hooks (the layout switch has turned them dense: one or two rows a step) and the
+float32 `torch.nn.Linear` without hooks (the layout switch has turned them dense: up to DENSE_ROWS rows a step) and the
 glue shares torch's OpenMP team. The runtime only.
 
 Why: a batch-1 step of the 88M bench model spent 10.7 ms in its 49 GEMVs (MKL, two threads, at the machine's
@@ -29,10 +29,12 @@ if TYPE_CHECKING:
 # columns): 88M bench model 3 rows 16.8 vs 18.2, 4 rows 18.8 vs 19.6, 8 rows 24.6 vs 24.6, 16 rows 39.0 vs 34.2,
 # 32 rows 60.6 vs 50.7; 3.7M model 4 rows 0.62 vs 1.10, 8 rows 0.81 vs 1.44, 32 rows 2.58 vs 3.06.
 MAX_ROWS = 64
-# The layout switch's dense threshold while this step runs. 4 would win those 1-1.5 ms a step at 3-4 rows, but
-# served it did not show (88M model, 8 and 32 clients, TTFT p99 dominated by the switch's repacking when a burst
-# lands on dense weights, the same at 2 and 4 within the host's noise): kept at packing's own 2 until measured.
-DENSE_ROWS = 2
+# The layout switch's dense threshold while this step runs: up to 8 rows the step ties or beats the packed
+# weights in-process on both hosts measured (88M model, 8 rows: 24.6 vs 24.6 ms on one, 25.8 vs 32-41 on a
+# noisier one, where 16 rows was 42.5 vs 46-47 but 32 rows 71-86 vs 66-80). Served on the noisier host, 8 clients
+# (two rounds each, interleaved): 232-239 tok/s and TPOT p50 30-32 ms at 8, against 149-182 and 41-54 at 2;
+# 32 clients the same (365-403 against 390-398 tok/s). 64 (never packing in decode) lost at 32 clients.
+DENSE_ROWS = 8
 PTRS = 18  # pointers per layer in the C table (L_PTRS in decode_glue.c)
 _KV = (16, 17)  # where the layer's K and V cache pointers go
 

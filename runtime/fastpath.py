@@ -13,7 +13,7 @@ place, by oneDNN's packed layout of it, so the model holds one copy of each weig
 forward, LoRA hooks and `state_dict()` keep working on the same modules. That moved a batch-1 step of the
 88M bench model from 35 to ~18 ms and a 32-row step from ~100 to ~60 ms (one thread). Packing changes the
 model itself, once, when the first FastDecoder is built on it: later executors on that model find it packed.
-One or two rows decode faster on the dense float32 weight (MKL's GEMV), so `kaito.runtime.packing.LayoutSwitch`
+One or two rows (up to eight with the C step below) decode faster on the dense float32 weight (MKL's GEMV), so `kaito.runtime.packing.LayoutSwitch`
 turns the linears back to dense, a layer per step, once a server has decoded that few rows for a while, and
 packs them again when a step has more.
 
@@ -23,8 +23,8 @@ attention on torch's OpenMP team, one for SiLU * up) and each residual added by 
 (`addmm_`). Those ~60 small ops a layer cost several times their own time right after a linear has streamed
 its weight through the caches; the glue took the 88M bench model's batch-1 step from 17.7 to 15.4 ms and its
 32-row step from 71.7 to 60.4, the 3.7M model's from 1.04 to 0.65 and 5.9 to 4.0 (see GLUE_ATTEND_BYTES).
-Once every linear is dense and hook-free (the layout switch turns them dense after a run of one- or two-row
-steps), the whole step is one C call instead (`kaito.runtime.cstep`): the 88M model's batch-1 step
+Once every linear is dense and hook-free (the layout switch turns them dense after a run of steps of up to
+`cstep.DENSE_ROWS` rows), the whole step is one C call instead (`kaito.runtime.cstep`): the 88M model's batch-1 step
 went from 14.1 to 12.3 ms against 11.6 ms for its GEMVs alone, the 3.7M model's from 0.54 to 0.39.
 
 With `compile_decode` the decode step (`_plain_forward`: the same math, linears called without hooks) goes

@@ -24,6 +24,11 @@ def _packed(linears: list[torch.nn.Module]) -> int:
     return sum(type(m) is PackedLinear for m in linears)
 
 
+def _prompts(n: int, start: int = 0) -> list[list[int]]:
+    """n of the PROMPTS from `start` on, cycling (the dense threshold may be above their count)."""
+    return [PROMPTS[(start + i) % len(PROMPTS)] for i in range(n)]
+
+
 def test_linears_go_dense_after_a_run_of_single_rows_and_back_when_rows_grow(tiny_model_dir, monkeypatch):
     monkeypatch.delenv("KAITO_PACKED_LINEARS", raising=False)
     model = _fresh(tiny_model_dir)
@@ -55,7 +60,7 @@ def test_linears_go_dense_after_a_run_of_single_rows_and_back_when_rows_grow(tin
     assert fast.fast.layout.dense_rows == (cstep.DENSE_ROWS if fast.fast.step is not None else packing.DENSE_ROWS)
     rows = fast.fast.layout.dense_rows + 1
     for ex in (fast, slow):  # more rows join: the next steps pack again, a group per step
-        ex.prefill(PROMPTS[1:rows], [()] * (rows - 1))
+        ex.prefill(_prompts(rows - 1, 1), [()] * (rows - 1))
     seen = []
     for step in range(len(groups) + 2):
         toks = [(7 * step + r) % 400 + 3 for r in range(fast.batch_size)]
@@ -75,7 +80,7 @@ def test_a_short_lull_keeps_the_packed_layout(tiny_model_dir, monkeypatch):
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     rows = ex.fast.layout.dense_rows + 1
     for _ in range(3):
-        ex.prefill(PROMPTS[:rows - ex.batch_size], [()] * (rows - ex.batch_size))
+        ex.prefill(_prompts(rows - ex.batch_size), [()] * (rows - ex.batch_size))
         ex.decode([5] * rows)  # more rows than a dense step wins at: the run of short steps restarts
         ex.evict([0])
         for _ in range(DENSE_AFTER - 1):
