@@ -13,9 +13,9 @@ place, by oneDNN's packed layout of it, so the model holds one copy of each weig
 forward, LoRA hooks and `state_dict()` keep working on the same modules. That moved a batch-1 step of the
 88M bench model from 35 to ~18 ms and a 32-row step from ~100 to ~60 ms (one thread). Packing changes the
 model itself, once, when the first FastDecoder is built on it: later executors on that model find it packed.
-One or two rows (up to eight with the C step below) decode faster on the dense float32 weight (MKL's GEMV), so `kaito.runtime.packing.LayoutSwitch`
-turns the linears back to dense, a layer per step, once a server has decoded that few rows for a while, and
-packs them again when a step has more.
+One or two rows (up to eight with the C step below) decode faster on the dense float32 weight (MKL's GEMV),
+so `kaito.runtime.packing.LayoutSwitch` turns the linears back to dense, a layer per step, once a server has
+decoded that few rows for a while, and packs them again when a step has more.
 
 On a float32 CPU model a decode step without adapter rows runs `_glue_decode`: the same math with the ops
 between the linears done by the C glue (`kaito.runtime.cglue`: one call per RMSNorm, one for RoPE + KV write +
