@@ -228,8 +228,9 @@ class FastDecoder:
             groups = [[*layer.modules()] for layer in _module(inner, "layers").children()]
             self.layout = LayoutSwitch(groups[:-1] + [groups[-1] + [self.lm_head]] if groups else [])
         self.glue = self._glue(model, cfg, silu)
-        # The whole step in one C call once every linear is dense (one or two rows a step): see kaito.runtime.cstep.
-        on = self.glue is not None and os.environ.get("KAITO_CPU_STEP", "1") != "0"  # =0: A/B against the glue path
+        # The whole step in one C call once every linear is dense (up to cstep.DENSE_ROWS rows a step): see
+        # kaito.runtime.cstep. KAITO_CPU_STEP=0 keeps the glue path (A/B).
+        on = os.environ.get("KAITO_CPU_STEP", "1") != "0"
         self.step = cstep.DecodeStep(self.glue, self.layers, self.norm, self.lm_head) if on and self.glue else None
         if self.step is not None and self._step_threads():
             self.layout.dense_rows = cstep.DENSE_ROWS
