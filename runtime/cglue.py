@@ -69,6 +69,10 @@ class CpuGlue:
         self._step.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _P,
                                _I]
         self._step.restype = ctypes.c_int
+        self._run = lib.kaito_decode_run
+        self._run.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _I,
+                              _P, _P, _P, _I, _P, _I, _P, ctypes.c_double, _P, _I]
+        self._run.restype = ctypes.c_int64
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
         """out [n, d] = weight * (x * rsqrt(mean(x^2) + eps)), x contiguous [n, d]."""
@@ -123,13 +127,37 @@ class CpuGlue:
                         cos.data_ptr(), sin.data_ptr(), cos.shape[1], rs, hs, width,
                         None if mask is None else mask.data_ptr(), final_norm.data_ptr(), lm_head.data_ptr(),
                         lm_head.shape[0], logits.data_ptr(), torch.get_num_threads() if self.threaded else 1)
-        if rc == -1:
-            raise MemoryError(f"decode step of {n} rows over {width + 1} columns: no memory for its buffers")
-        if rc == -3:
-            raise ValueError(f"decode step of {n} rows: over the C step's row limit (kaito.runtime.cstep.MAX_ROWS)")
-        if rc:
-            raise ValueError(f"decode step: head_dim {head_dim} is over the glue's {MAX_HEAD_DIM}")
+        _check_step(rc, n, width, head_dim)
         return logits
+
+    def decode_run(self, h: torch.Tensor, table: ctypes.Array[ctypes.c_void_p], eps: ctypes.Array[ctypes.c_float],
+                   scaling: ctypes.Array[ctypes.c_float], layers: int, heads: int, kv_heads: int, head_dim: int,
+                   inter: int, cos: torch.Tensor, sin: torch.Tensor, rs: int, hs: int, width: int,
+                   mask: torch.Tensor | None, final_norm: torch.Tensor, lm_head: torch.Tensor, logits: torch.Tensor,
+                   embed: torch.Tensor, tokens: torch.Tensor, eos: torch.Tensor, eos_stops: torch.Tensor,
+                   budget_s: float, interrupt: ctypes.c_int) -> int:
+        """Up to k greedy decode steps in one call (`kaito_decode_run`): tokens int64 [k + 1, n], row 0 the
+        pending tokens, row j + 1 step j's picks; cos/sin [k, n, drot]; mask uint8/bool [n, >= width + k] (row
+        stride its own) or None; eos int64 ids and eos_stops [n] (1: that row ends at EOS). Returns the steps run."""
+        n, d = h.shape
+        k = tokens.shape[0] - 1
+        rc = self._run(h.data_ptr(), n, layers, table, eps, scaling, d, heads, kv_heads, head_dim, inter,
+                       cos.data_ptr(), sin.data_ptr(), cos.shape[2], rs, hs, width,
+                       None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+                       final_norm.data_ptr(), lm_head.data_ptr(), lm_head.shape[0], logits.data_ptr(),
+                       embed.data_ptr(), tokens.data_ptr(), k, eos.data_ptr(), eos.numel(), eos_stops.data_ptr(),
+                       budget_s, ctypes.addressof(interrupt), torch.get_num_threads() if self.threaded else 1)
+        _check_step(rc, n, width, head_dim)
+        return int(rc)
+
+
+def _check_step(rc: int, n: int, width: int, head_dim: int) -> None:
+    if rc == -1:
+        raise MemoryError(f"decode step of {n} rows over {width + 1} columns: no memory for its buffers")
+    if rc == -3:
+        raise ValueError(f"decode step of {n} rows: over the C step's row limit (kaito.runtime.cstep.MAX_ROWS)")
+    if rc == -2:
+        raise ValueError(f"decode step: head_dim {head_dim} is over the glue's {MAX_HEAD_DIM}")
 
 
 def load() -> CpuGlue | None:

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* out[r, i] = up[r, i] * silu(gate[r, i]) */
 void kaito_silu_mul(const float* gate, const float* up, int64_t row_stride, float* out, int64_t n, int64_t m) {
@@ -106,16 +107,17 @@ int kaito_glue_threaded(void) {
 }
 
 /* Item `it` = (row r, kv head kh) of one decode step's attention: k/v of row r's head kh written to the cache
-   (k rotated), then each query head of its group rotated and attended; p: W + D floats of scratch. */
+   (k rotated), then each query head of its group rotated and attended; mask row r at mask + r * ms; p: W + D
+   floats of scratch. */
 static void attend_item(int64_t it, const float* q_in, const float* k_in, const float* v_in, int64_t qs, int64_t ks,
                         int64_t vs, const float* cos, const float* sin, int64_t drot, float* kb, float* vb,
-                        int64_t rs, int64_t hs, int64_t width, const uint8_t* mask, float* out, int64_t H,
-                        int64_t Hk, int64_t D, float scaling, float* p) {
+                        int64_t rs, int64_t hs, int64_t width, const uint8_t* mask, int64_t ms, float* out,
+                        int64_t H, int64_t Hk, int64_t D, float scaling, float* p) {
     int64_t W = width + 1, group = H / Hk, r = it / Hk, kh = it % Hk;
     float* q = p + W;
     const float* c = cos + r * drot;
     const float* s = sin + r * drot;
-    const uint8_t* m = mask ? mask + r * W : NULL;
+    const uint8_t* m = mask ? mask + r * ms : NULL;
     const float* kc = kb + r * rs + kh * hs;
     const float* vc = vb + r * rs + kh * hs;
     put_kv(k_in, v_in, ks, vs, c, s, drot, kb, vb, rs, hs, width, r, kh, D);
@@ -154,8 +156,8 @@ int kaito_decode_attention(const float* q_in, const float* k_in, const float* v_
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             if (!p) continue;
-            attend_item(it, q_in, k_in, v_in, qs, ks, vs, cos, sin, drot, kb, vb, rs, hs, width, mask, out, H, Hk,
-                        D, scaling, p);
+            attend_item(it, q_in, k_in, v_in, qs, ks, vs, cos, sin, drot, kb, vb, rs, hs, width, mask, W, out, H,
+                        Hk, D, scaling, p);
         }
         free(p);
     }
@@ -282,6 +284,60 @@ static void gemv(const float* W, const float* bias, int64_t rows, int64_t K, con
     }
 }
 
+/* One decode step through every layer and the LM head, as run by each thread of the team (see kaito_decode_step):
+   qkv, att, act are the team's shared scratch, x [n * d] and p [width + 1 + D] this thread's. No barrier after
+   the LM head: the caller syncs before reading the logits. */
+static void step_body(float* h, int64_t n, int64_t L, void** table, const float* eps, const float* scaling,
+                      int64_t d, int64_t H, int64_t Hk, int64_t D, int64_t I, const float* cos, const float* sin,
+                      int64_t drot, int64_t rs, int64_t hs, int64_t width, const uint8_t* mask, int64_t ms,
+                      const float* final_norm, const float* lm_head, int64_t V, float* logits, float* qkv,
+                      float* att, float* act, float* x, float* p) {
+    int64_t qd = H * D, kd = Hk * D, qkvw = qd + 2 * kd;
+    for (int64_t l = 0; l < L; l++) {
+        void** P = table + l * L_PTRS;
+        kaito_rmsnorm(h, (const float*)P[L_NORM_IN], x, n, d, eps[2 * l]);
+        gemv((const float*)P[L_Q], (const float*)P[L_QB], qd, d, x, n, qkv, qkvw, 0);
+        gemv((const float*)P[L_K], (const float*)P[L_KB], kd, d, x, n, qkv + qd, qkvw, 0);
+        gemv((const float*)P[L_V], (const float*)P[L_VB], kd, d, x, n, qkv + qd + kd, qkvw, 0);
+        BARRIER
+        int64_t a, b;
+        share(n * Hk, &a, &b);
+        for (int64_t it = a; it < b; it++)
+            attend_item(it, qkv, qkv + qd, qkv + qd + kd, qkvw, qkvw, qkvw, cos, sin, drot, (float*)P[L_KCACHE],
+                        (float*)P[L_VCACHE], rs, hs, width, mask, ms, att, H, Hk, D, scaling[l], p);
+        BARRIER
+        gemv((const float*)P[L_O], (const float*)P[L_OB], d, qd, att, n, h, d, 1);
+        BARRIER
+        kaito_rmsnorm(h, (const float*)P[L_NORM_POST], x, n, d, eps[2 * l + 1]);
+        share(I, &a, &b);
+        const float *G = (const float*)P[L_GATE], *U = (const float*)P[L_UP];
+        const float *gb = (const float*)P[L_GATEB], *ub = (const float*)P[L_UPB];
+        for (int64_t j = a; j < b; j += 4) {
+            float g[4 * STEP_ROWS], u[4 * STEP_ROWS];
+            int64_t m = b - j < 4 ? b - j : 4;
+            if (m == 4) {
+                dot4_all(G + j * d, x, n, d, g);
+                dot4_all(U + j * d, x, n, d, u);
+            } else
+                for (int64_t i = 0; i < m; i++)
+                    for (int64_t r = 0; r < n; r++) {
+                        g[i * n + r] = dot(G + (j + i) * d, x + r * d, d);
+                        u[i * n + r] = dot(U + (j + i) * d, x + r * d, d);
+                    }
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t r = 0; r < n; r++) {
+                    float gr = g[i * n + r] + (gb ? gb[j + i] : 0.0f), ur = u[i * n + r] + (ub ? ub[j + i] : 0.0f);
+                    act[r * I + j + i] = ur * (gr / (1.0f + expf(-gr)));
+                }
+        }
+        BARRIER
+        gemv((const float*)P[L_DOWN], (const float*)P[L_DOWNB], d, I, act, n, h, d, 1);
+        BARRIER
+    }
+    kaito_rmsnorm(h, final_norm, x, n, d, eps[2 * L]);
+    gemv(lm_head, NULL, V, d, x, n, logits, V, 0);
+}
+
 /* The whole decode step for n rows (one new token each) through L layers of a Llama-style decoder with dense
    float32 weights: per layer RMSNorm, q/k/v projections, RoPE + KV write + attention (as
    kaito_decode_attention), o projection added to the residual, RMSNorm, SiLU(gate) * up fused into the
@@ -312,56 +368,91 @@ int kaito_decode_step(float* h, int64_t n, int64_t L, void** table, const float*
             failed = 1;
         }
         BARRIER
-        int ok = !failed;
-        float* p = x + n * d;
-        for (int64_t l = 0; ok && l < L; l++) {
-            void** P = table + l * L_PTRS;
-            kaito_rmsnorm(h, (const float*)P[L_NORM_IN], x, n, d, eps[2 * l]);
-            gemv((const float*)P[L_Q], (const float*)P[L_QB], qd, d, x, n, qkv, qkvw, 0);
-            gemv((const float*)P[L_K], (const float*)P[L_KB], kd, d, x, n, qkv + qd, qkvw, 0);
-            gemv((const float*)P[L_V], (const float*)P[L_VB], kd, d, x, n, qkv + qd + kd, qkvw, 0);
-            BARRIER
-            int64_t a, b;
-            share(n * Hk, &a, &b);
-            for (int64_t it = a; it < b; it++)
-                attend_item(it, qkv, qkv + qd, qkv + qd + kd, qkvw, qkvw, qkvw, cos, sin, drot,
-                            (float*)P[L_KCACHE], (float*)P[L_VCACHE], rs, hs, width, mask, att, H, Hk, D,
-                            scaling[l], p);
-            BARRIER
-            gemv((const float*)P[L_O], (const float*)P[L_OB], d, qd, att, n, h, d, 1);
-            BARRIER
-            kaito_rmsnorm(h, (const float*)P[L_NORM_POST], x, n, d, eps[2 * l + 1]);
-            share(I, &a, &b);
-            const float *G = (const float*)P[L_GATE], *U = (const float*)P[L_UP];
-            const float *gb = (const float*)P[L_GATEB], *ub = (const float*)P[L_UPB];
-            for (int64_t j = a; j < b; j += 4) {
-                float g[4 * STEP_ROWS], u[4 * STEP_ROWS];
-                int64_t m = b - j < 4 ? b - j : 4;
-                if (m == 4) {
-                    dot4_all(G + j * d, x, n, d, g);
-                    dot4_all(U + j * d, x, n, d, u);
-                } else
-                    for (int64_t i = 0; i < m; i++)
-                        for (int64_t r = 0; r < n; r++) {
-                            g[i * n + r] = dot(G + (j + i) * d, x + r * d, d);
-                            u[i * n + r] = dot(U + (j + i) * d, x + r * d, d);
-                        }
-                for (int64_t i = 0; i < m; i++)
-                    for (int64_t r = 0; r < n; r++) {
-                        float gr = g[i * n + r] + (gb ? gb[j + i] : 0.0f), ur = u[i * n + r] + (ub ? ub[j + i] : 0.0f);
-                        act[r * I + j + i] = ur * (gr / (1.0f + expf(-gr)));
-                    }
-            }
-            BARRIER
-            gemv((const float*)P[L_DOWN], (const float*)P[L_DOWNB], d, I, act, n, h, d, 1);
-            BARRIER
-        }
-        if (ok) {
-            kaito_rmsnorm(h, final_norm, x, n, d, eps[2 * L]);
-            gemv(lm_head, NULL, V, d, x, n, logits, V, 0);
-        }
+        if (!failed)
+            step_body(h, n, L, table, eps, scaling, d, H, Hk, D, I, cos, sin, drot, rs, hs, width, mask, W,
+                      final_norm, lm_head, V, logits, qkv, att, act, x, x + n * d);
         free(x);
     }
     free(shared);
     return failed ? -1 : 0;
+}
+
+/* torch.argmax of one row: the first maximum, a NaN counting as the largest (the sampler's greedy pick). */
+static int64_t argmax(const float* v, int64_t V) {
+    int64_t best = 0;
+    float bv = v[0];
+    if (isnan(bv)) return 0;
+    for (int64_t i = 1; i < V; i++) {
+        if (isnan(v[i])) return i;
+        if (v[i] > bv) bv = v[i], best = i;
+    }
+    return best;
+}
+
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Up to k greedy decode steps in one call (kaito.runtime.cstep.DecodeStep.run_greedy): each step as
+   kaito_decode_step, then each row's argmax is its next token, embedded (embed [*, d]) as the next step's
+   input. tokens [(k + 1) * n]: tokens[0 .. n) the rows' pending tokens; step j's picks go to tokens[(j + 1) * n ..).
+   Step j writes cache column width + j, with cos/sin at cos + j * n * drot and the mask (row stride ms, NULL:
+   no padding) read up to that column. The run ends after k steps, or after the step where a row with
+   eos_stops[r] picked one of the n_eos ids in eos, or once the next step would end past budget_s seconds from
+   the start, or when *interrupt is set (another thread: an arrival, a cancellation). Returns the steps run
+   (>= 1), or kaito_decode_step's negative codes. Why: a batch-1 step of the 3.7M bench model takes ~0.35 ms in
+   C and as long again in the Python around it (embedding, rotary, views, sampling, output); a run pays that
+   once. */
+int64_t kaito_decode_run(float* h, int64_t n, int64_t L, void** table, const float* eps, const float* scaling,
+                         int64_t d, int64_t H, int64_t Hk, int64_t D, int64_t I, const float* cos, const float* sin,
+                         int64_t drot, int64_t rs, int64_t hs, int64_t width, const uint8_t* mask, int64_t ms,
+                         const float* final_norm, const float* lm_head, int64_t V, float* logits,
+                         const float* embed, int64_t* tokens, int64_t k, const int64_t* eos, int64_t n_eos,
+                         const uint8_t* eos_stops, double budget_s, const int* interrupt, int64_t threads) {
+    int64_t qd = H * D, kd = Hk * D, qkvw = qd + 2 * kd;
+    (void)threads;
+    if (D > 256) return -2;
+    if (n > STEP_ROWS) return -3;
+    if (k < 1) return 0;
+    float* shared = (float*)malloc(sizeof(float) * n * (qkvw + qd + I));
+    if (!shared) return -1;
+    float *qkv = shared, *att = qkv + n * qkvw, *act = att + n * qd;
+    int failed = 0, go = 1;
+    int64_t done = 0;
+    double t0 = seconds();
+    for (int64_t r = 0; r < n; r++) memcpy(h + r * d, embed + tokens[r] * d, sizeof(float) * d);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float* x = (float*)malloc(sizeof(float) * (n * d + width + k + D));
+        if (!x) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        BARRIER
+        for (int64_t j = 0; !failed && j < k; j++) {
+            step_body(h, n, L, table, eps, scaling, d, H, Hk, D, I, cos + j * n * drot, sin + j * n * drot, drot,
+                      rs, hs, width + j, mask, ms, final_norm, lm_head, V, logits, qkv, att, act, x, x + n * d);
+            BARRIER
+            if (TEAM_ID == 0) {
+                int stop = 0;
+                int64_t* out = tokens + (j + 1) * n;
+                for (int64_t r = 0; r < n; r++) {
+                    out[r] = argmax(logits + r * V, V);
+                    for (int64_t e = 0; e < n_eos; e++) stop |= eos_stops[r] && out[r] == eos[e];
+                    memcpy(h + r * d, embed + out[r] * d, sizeof(float) * d);
+                }
+                done = j + 1;
+                double spent = seconds() - t0;
+                if (stop || __atomic_load_n(interrupt, __ATOMIC_RELAXED) || spent * (j + 2) > budget_s * (j + 1))
+                    go = 0;
+            }
+            BARRIER
+            if (!go) break;
+        }
+        free(x);
+    }
+    free(shared);
+    return failed ? -1 : done;
 }

@@ -17,6 +17,10 @@ plans one forward at a time, nor for rotary embeddings that rescale by length), 
 while the batch decodes, all that wait sharing one forward, and the engine thread merges their rows between
 two decode steps. On CPU that means two forward threads sharing the cores; one thread with every core
 measured faster (see `RuntimeSettings.prefill_thread`). Forwards never run on the event loop.
+
+Greedy runs (`kaito.runtime.greedy_runs`; `decode_run_s`, the server's `decode_run_ms`): when every running row
+is plain greedy and nothing waits, one executor call decodes several steps in C and the step's Python is paid
+once per run; an arrival, cancellation or adapter change ends a run at its next token (`runs.interrupt()`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from kaito.runtime.executor import BatchExecutor
+from kaito.runtime.greedy_runs import GreedyRuns
 from kaito.runtime.faults import ForwardGuard, env_fault_hook, is_device_fault, sample_rows
 from kaito.runtime.lora import LoraAdapter
 from kaito.runtime.output import OutputProcessor
@@ -78,7 +83,8 @@ class Engine:
     def __init__(self, executor: BatchExecutor, tokenizer, *, eos_ids: list[int], max_model_len: int,
                  max_batch_size: int = 32, max_waiting: int = 256, metrics=None,
                  broadcast: Callable[[StepPlan], None] | None = None, max_prefill_tokens: int = 4096,
-                 prefill_chunk_tokens: int = 512, prefill_step_ratio: float = 4.0, prefill_thread: bool = False):
+                 prefill_chunk_tokens: int = 512, prefill_step_ratio: float = 4.0, prefill_thread: bool = False,
+                 decode_run_s: float = 0.0):
         self.ex = executor
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
@@ -111,6 +117,7 @@ class Engine:
         self._ready: list[_Prefilled] = []
         self._merging = 0  # rows taken from `_ready` and not yet in `running` (counted as busy meanwhile)
         self.on_fatal: Callable[[BaseException], None] | None = None  # the server: exit the process
+        self.runs = GreedyRuns(decode_run_s, max_model_len)
 
     # The tokenizer, the EOS rule and the fault hook (tests) live in the components that use them.
     tok = _Delegate("output", "tok")
@@ -132,6 +139,7 @@ class Engine:
             if not self.scheduler.accepts(len(self.waiting), len(seqs), busy):
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.scheduler.max_waiting})")
             self.waiting.extend(seqs)
+            self.runs.interrupt()
             self._cv.notify_all()
         self._gauges()
 
@@ -145,6 +153,7 @@ class Engine:
             for s in seqs:
                 if s.finish_reason is None:
                     s.cancelled = True
+            self.runs.interrupt()
             self._cv.notify_all()
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
@@ -165,6 +174,7 @@ class Engine:
             threaded = self._thread is not None and self._thread.is_alive()
             if threaded:
                 self._ops.append(req)
+                self.runs.interrupt()
                 self._cv.notify_all()
         if not threaded:
             self._apply_ops([req])
@@ -188,6 +198,7 @@ class Engine:
     def stop(self) -> None:
         with self._cv:
             self._stop = True
+            self.runs.interrupt()
             self._cv.notify_all()
         for t in (self._thread, self._prefiller):
             if t is not None:
@@ -364,7 +375,7 @@ class Engine:
                 self._merging -= len(g.rows)
 
     def _evict_and_decode(self) -> float | None:
-        """Run the scheduler's evictions and decode; returns the decode's seconds (None: nothing decoded)."""
+        """Run the scheduler's evictions and decode; returns the decode's seconds per step (None: nothing decoded)."""
         with self._cv:
             ev = self.scheduler.evictions(self.running, self.ex.batch_size)
             for i in ev.aborted:
@@ -374,13 +385,19 @@ class Engine:
             if freed and self.waiting and self._prefiller is not None:
                 self._cv.notify_all()  # the prefill thread may have been waiting for room
             self._drop_cancelled_waiting(self._outbox)
+            idle = not (self.waiting or self._ready or self._ops or self._stop)
+            run = self.runs.steps(ev.plan, self.running, self.eos_ids, idle, self.broadcast is None) if ev.plan is not None else 0
         self.steps += 1
         if ev.plan is None:
             flush(self._outbox)
             return None
         t0 = time.perf_counter()
-        self.guard.decode(ev.plan, self.running, self._advance)
-        decode_s = time.perf_counter() - t0
+        steps = self.guard.decode_run(ev.plan, self.running, self.runs.forward(self.ex, self.running, run, self.eos_ids),
+                                      lambda rows, picks: self.runs.accept(self.output, rows, picks, self._outbox)) if run else 0
+        if not steps:
+            steps = 1
+            self.guard.decode(ev.plan.after_evict() if run else ev.plan, self.running, self._advance)
+        decode_s = (time.perf_counter() - t0) / steps
         flush(self._outbox)
         return decode_s if ev.plan.decode else None
 
@@ -466,6 +483,7 @@ class Engine:
         with self._cv:  # one lock: the rows never count twice (in-flight and ready) for the gauges
             self._ready.append(_Prefilled(rows, kv, mask, pos))
             self._inflight = [s for s in self._inflight if s not in rows]
+            self.runs.interrupt()
             self._cv.notify_all()
 
     # ---- shared by both threads -------------------------------------------------------

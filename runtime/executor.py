@@ -321,6 +321,41 @@ class BatchExecutor:
         self.pos[:n] += 1
         return logits
 
+    @torch.inference_mode()
+    def greedy_run(self, tokens: list[int], k: int, eos_ids: list[int], eos_stops: list[bool], budget_s: float,
+                   interrupt) -> list[list[int]] | None:
+        """Up to k greedy decode steps of every row in one C call (`FastDecoder.greedy_run`; the engine's
+        `decode_run` picks the rows and k): each row's next token is its argmax, fed to the next step. Returns
+        each step's tokens ([steps][rows]), or None when the fast path cannot run it now (nothing changed: the
+        caller decodes one step instead). The batch advances by the steps run. eos_stops[i]: row i ends at one of
+        `eos_ids`, so the run stops after that step; `interrupt` (a ctypes int another thread may set) and
+        `budget_s` end it early too (see `kaito_decode_run`)."""
+        B, n = self.batch_size, len(tokens)
+        if self.fast is None or n != B or k < 1 or any(self.rows) or not self.fast.runnable(n, self.width + k):
+            return None
+        cap = self.bufs[0][0].shape[2]
+        if self.off + self.width + k > cap:  # as decode: slide back to column 0, else regrow
+            if cap - self.width >= max(k, HEADROOM // 2):
+                self._slide_left()
+            else:
+                self._realloc(B, self.width, self.width)
+            k = min(k, self.bufs[0][0].shape[2] - self.off - self.width)
+        a, col = self.off, self.off + self.width
+        old = self.mask_buf[:n, a:col].bool()
+        # As decode: no mask when no row has padding; the run's own columns are real for every row.
+        mask = None if bool(old.all()) else torch.cat([old, old.new_ones(n, k)], 1)
+        kv = [(kb[:n, :, a:col + k], vb[:n, :, a:col + k]) for kb, vb in self.bufs]
+        eos = torch.tensor(eos_ids, dtype=torch.long)
+        stops = torch.tensor(eos_stops, dtype=torch.uint8)
+        picks = self.fast.greedy_run(tokens, self.pos[:n], mask, kv, self.width, k, eos, stops, budget_s, interrupt)
+        if picks is None:
+            return None
+        steps = len(picks)
+        self.mask_buf[:n, col:col + steps] = 1
+        self.width += steps
+        self.pos[:n] += steps
+        return picks
+
     @property
     def compiled(self) -> bool:
         """Whether decode steps without adapters run through torch.compile (`compile_decode`)."""

@@ -318,6 +318,39 @@ class FastDecoder:
             return self._glue_decode(self.glue, ids, position_ids, mask, kv, width)
         return self._decode(ids, position_ids, mask, kv, width, _lin)
 
+    def runnable(self, n: int, width: int) -> bool:
+        """Whether `greedy_run` could run n rows up to `width` columns now (cheap: asked before every decode of
+        few enough rows while the engine offers runs)."""
+        return (self.step is not None and self.compiled is None and n <= cstep.MAX_ROWS and self._step_threads()
+                and self.usable(width) and self.step.ready() and cstep.plain_embedding(self.embed, self.lm_head))
+
+    def greedy_run(self, tokens: list[int], positions: torch.Tensor, mask: torch.Tensor | None,
+                   kv: list[tuple[torch.Tensor, torch.Tensor]], width: int, k: int, eos: torch.Tensor,
+                   eos_stops: torch.Tensor, budget_s: float, interrupt: Any) -> list[list[int]] | None:
+        """Up to k greedy decode steps in one C call (`cstep.DecodeStep.run_greedy`), or None when this model's
+        step cannot run them now (not all dense, hooks, a rotary that rescales, a sliding window in reach): the
+        caller then decodes one step as usual. tokens: the rows' pending tokens; positions [n]: theirs;
+        mask: bool [n, >= width + k] or None; kv: views with room for k new columns. Returns each step's
+        picks ([steps][n]); the K/V of every step's input are written."""
+        step, n = self.step, len(tokens)
+        if step is None or not self.runnable(n, width + k - 1):
+            return None
+        pos = positions.view(n, 1) + torch.arange(k, device=positions.device)
+        if not cstep.rope_batchable(self.rotary, int(pos.max()) + 1):
+            return None
+        self.layout.step(n)
+        if not step.ready():  # the layout started packing
+            return None
+        table = self.embed.weight
+        assert isinstance(table, torch.Tensor)  # runnable() checked: a plain nn.Embedding
+        cos, sin = self.rotary(table[:1], position_ids=pos)  # [n, k, drot]
+        cos, sin = cos.transpose(0, 1).contiguous(), sin.transpose(0, 1).contiguous()
+        picks = torch.empty(k + 1, n, dtype=torch.long)
+        picks[0] = torch.tensor(tokens, dtype=torch.long)
+        done = step.run_greedy(table, picks, cos, sin, kv, width, mask, eos, eos_stops, budget_s,
+                               interrupt)
+        return None if done is None else picks[1:done + 1].tolist()
+
     def _t(self, m: torch.nn.Linear) -> torch.Tensor:
         """The transposed view of a dense Linear's weight, made again when the layout switch swapped it."""
         w, wt = self._wt.get(id(m), (None, None))

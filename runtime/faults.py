@@ -195,6 +195,26 @@ class ForwardGuard:
         self._contained("decode", rows, lambda r: self.run("decode", r, lambda: self.ex.decode(tokens)), accept, None,
                         alone=lambda s: self._decode_one(batch, s))
 
+    def decode_run(self, plan: StepPlan, batch: list[Sequence], run: Callable[[list[int]], Any],
+                   accept: Callable[[list[Sequence], Any], None]) -> int:
+        """A greedy run (several decode steps in one call, `Engine._run_steps`) in place of `decode`, in one process
+        only: evict (`keep`), then run(tokens) over the first len(decode) rows and accept their picks. Returns
+        the steps run; 0 when it did not run (the executor could not, or the run raised, which changes nothing):
+        the caller then decodes `plan.after_evict()` one step as usual, where a fault is contained row by row."""
+        if self.broadcast is not None:
+            return 0
+        self.ex.evict(list(plan.keep))
+        rows = batch[:len(plan.decode)]
+        try:
+            picks = self.run("decode", rows, lambda: run(list(plan.decode)))
+        except Exception as e:
+            log.warning("a greedy run of %d rows failed (%r); decoding them one step at a time", len(rows), e)
+            return 0
+        if not picks:
+            return 0
+        accept(rows, picks)
+        return len(picks)
+
     def _decode_one(self, batch: list[Sequence], s: Sequence):
         """Decode one running row alone: it moves to the batch's front (a permutation of the cache rows)
         and the executor decodes that prefix of one; the other rows get a padding column."""

@@ -15,7 +15,7 @@ runs another kaito build than rank 0 and replaying would silently diverge.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from kaito.presets.errors import KaitoError
@@ -71,6 +71,10 @@ class StepPlan:
     @property
     def loras(self) -> list[Lora]:
         return [r.lora for r in self.prefill]
+
+    def after_evict(self) -> StepPlan:
+        """This plan once its evictions are done: the same forward over the rows as they now stand."""
+        return replace(self, keep=tuple(range(len(self.keep))))
 
     def to_json(self) -> bytes:
         # vars(), not dataclasses.asdict: asdict deep-copies every token id (milliseconds for a long prompt).

@@ -78,7 +78,9 @@ def _penalise(logits: torch.Tensor, rows: list, seqs: list) -> None:
             row -= freq * counts + pres * (counts > 0).to(row.dtype)
 
 
-def _plain_greedy(p: SamplingParams, n_out: int, eos_ids: list[int]) -> bool:
+def plain_greedy(p: SamplingParams, n_out: int, eos_ids: list[int]) -> bool:
+    """A row whose next token is the argmax of its raw logits (no penalty, processor, logprobs or pending
+    min_tokens): the batch's one-argmax path here, and the engine's greedy runs (`Engine.decode_run_s`)."""
     return (is_greedy(p) and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
             and p.logprobs is None and not p.logits_processors and (not eos_ids or n_out >= p.min_tokens))
 
@@ -90,7 +92,7 @@ def sample(logits: torch.Tensor, seqs: list, eos_ids: list[int]) -> tuple[list[i
     When every row is plain greedy (no penalties, logprobs or pending min_tokens) the whole batch is one
     argmax; otherwise the general path below applies each row's parameters (same tokens for greedy rows).
     """
-    if all(_plain_greedy(s.params, len(s.output_ids), eos_ids) for s in seqs):
+    if all(plain_greedy(s.params, len(s.output_ids), eos_ids) for s in seqs):
         return logits.float().argmax(-1).tolist(), [None] * len(seqs)
     return sample_general(logits, seqs, eos_ids)
 

@@ -131,7 +131,7 @@ class Runtime:
                 executor, loaded.tokenizer, eos_ids=loaded.eos_ids, max_model_len=loaded.max_model_len,
                 max_batch_size=self.settings.max_batch_size, max_waiting=self.settings.max_waiting,
                 prefill_chunk_tokens=self.settings.prefill_chunk_tokens, prefill_step_ratio=self.settings.prefill_step_ratio,
-                prefill_thread=prefill_thread,
+                prefill_thread=prefill_thread, decode_run_s=self.settings.decode_run_ms / 1000,
                 metrics=self.metrics, broadcast=self.broadcast,
             )
             if self.broadcast is not None:

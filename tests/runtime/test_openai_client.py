@@ -277,8 +277,10 @@ def test_metrics_have_vllm_names_types_and_model_name(client, server):
 
 
 def test_gauges_while_a_stream_runs(client, server):
-    stream = client.completions.create(model="tiny-phi-3", prompt="hi", max_tokens=400, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
+    # Sampled, so one token per engine step: a greedy stream of the tiny model decodes in runs of up to 64
+    # tokens a call and can be done inside the engine before this reads the gauges.
+    stream = client.completions.create(model="tiny-phi-3", prompt="hi", max_tokens=400, temperature=1.0, seed=3,
+                                       stream=True, extra_body={"ignore_eos": True})
     try:
         next(iter(stream))
         text = httpx.get(server.url + "/metrics", timeout=10).text
