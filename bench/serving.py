@@ -4,8 +4,8 @@ Run: `.venv/bin/python bench/serving.py --vllm-python /work/vllm-venv/bin/python
 2 repeats: about 15 minutes on 2 CPU cores). Without --vllm-python it says how to get vLLM and runs
 ours alone; `--classic` adds a Kaito-classic pipeline server (`bench/classic.py`) as a third side.
 
-Models (`bench/models.py`): random-weight Phi-3 with a word-level tokenizer, so every decode step
-streams one chunk: `small` (3.7M parameters, hidden 256 x 4 layers) and `medium` (88M, hidden 768 x 12).
+Models (`bench/models.py`): random-weight Phi-3 with a word-level tokenizer, so every token streams text
+(tokens are counted from the usage chunk: our greedy runs send a run's tokens in one chunk): `small` (3.7M parameters, hidden 256 x 4 layers) and `medium` (88M, hidden 768 x 12).
 Servers run one at a time on 127.0.0.1, in their own process, alternating (ours, vLLM, then vLLM, ours,
 ...) for --repeats rounds, so a noisy host shows as spread rather than as a difference. Each level sends
 `requests-per-client x concurrency` streaming /v1/completions requests (fixed prompt, fixed output
