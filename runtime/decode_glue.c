@@ -5,8 +5,9 @@
  * same math in one pass each (RMSNorm; RoPE + KV write + attention, or RoPE + KV write alone; SiLU(gate) * up). No threads of
  * their own: built with -fopenmp the attention splits its (row, kv head) items over the calling thread's
  * OpenMP team, which in a torch process is torch's own libgomp and the same team its GEMVs just used (the
- * loader reuses the libgomp.so.1 already mapped). No allocation but attention's score rows. Plain C, so
- * compiling takes a fraction of a second with the system compiler. */
+ * loader reuses the libgomp.so.1 already mapped). The whole step in one call (kaito_decode_step) and greedy
+ * runs of such steps (kaito_decode_run) come last. Plain C, so compiling takes a fraction of a second with the
+ * system compiler. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from kaito.runtime.executor import BatchExecutor
-from kaito.runtime.greedy_runs import GreedyRuns
 from kaito.runtime.faults import ForwardGuard, env_fault_hook, is_device_fault, sample_rows
+from kaito.runtime.greedy_runs import GreedyRuns
 from kaito.runtime.lora import LoraAdapter
 from kaito.runtime.output import OutputProcessor
 from kaito.runtime.plan import NOOP, AdapterOp, StepPlan

@@ -325,7 +325,7 @@ class BatchExecutor:
     def greedy_run(self, tokens: list[int], k: int, eos_ids: list[int], eos_stops: list[bool], budget_s: float,
                    interrupt) -> list[list[int]] | None:
         """Up to k greedy decode steps of every row in one C call (`FastDecoder.greedy_run`; the engine's
-        `decode_run` picks the rows and k): each row's next token is its argmax, fed to the next step. Returns
+        `kaito.runtime.greedy_runs` picks when and k): each row's next token is its argmax, fed to the next step. Returns
         each step's tokens ([steps][rows]), or None when the fast path cannot run it now (nothing changed: the
         caller decodes one step instead). The batch advances by the steps run. eos_stops[i]: row i ends at one of
         `eos_ids`, so the run stops after that step; `interrupt` (a ctypes int another thread may set) and

@@ -197,12 +197,12 @@ class ForwardGuard:
 
     def decode_run(self, plan: StepPlan, batch: list[Sequence], run: Callable[[list[int]], Any],
                    accept: Callable[[list[Sequence], Any], None]) -> int:
-        """A greedy run (several decode steps in one call, `Engine._run_steps`) in place of `decode`, in one process
-        only: evict (`keep`), then run(tokens) over the first len(decode) rows and accept their picks. Returns
-        the steps run; 0 when it did not run (the executor could not, or the run raised, which changes nothing):
-        the caller then decodes `plan.after_evict()` one step as usual, where a fault is contained row by row."""
-        if self.broadcast is not None:
-            return 0
+        """A greedy run (several decode steps in one call, `kaito.runtime.greedy_runs`) in place of `decode`: evict
+        (`keep`), then run(tokens) over the first len(decode) rows and accept their picks. Returns the steps run;
+        0 when it did not run (the executor could not, or the run raised, which changes nothing): the caller then
+        decodes `plan.after_evict()` one step as usual, where a fault is contained row by row. One process only:
+        no plan describes a run to torchrun workers (the engine offers none there)."""
+        assert self.broadcast is None, "greedy runs are for one process: workers replay one-step plans"
         self.ex.evict(list(plan.keep))
         rows = batch[:len(plan.decode)]
         try:

@@ -80,7 +80,7 @@ def _penalise(logits: torch.Tensor, rows: list, seqs: list) -> None:
 
 def plain_greedy(p: SamplingParams, n_out: int, eos_ids: list[int]) -> bool:
     """A row whose next token is the argmax of its raw logits (no penalty, processor, logprobs or pending
-    min_tokens): the batch's one-argmax path here, and the engine's greedy runs (`Engine.decode_run_s`)."""
+    min_tokens): the batch's one-argmax path here, and the engine's greedy runs (`kaito.runtime.greedy_runs`)."""
     return (is_greedy(p) and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
             and p.logprobs is None and not p.logits_processors and (not eos_ids or n_out >= p.min_tokens))
 
