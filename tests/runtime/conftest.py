@@ -17,6 +17,16 @@ from kaito.runtime.api import build_app
 from kaito.runtime.settings import RuntimeSettings
 
 
+@pytest.fixture(scope="module")
+def glue():
+    """The C glue built threaded (OpenMP, sharing torch's libgomp): the C step and greedy runs need it."""
+    from kaito.runtime import cglue
+
+    g = cglue.load()
+    assert g is not None and g.threaded, "the C glue did not build with OpenMP: is gcc installed? (CI installs it)"
+    return g
+
+
 def make_adapter(model_dir: Path, dest: Path, seed: int, r: int = 4, alpha: int = 8,
                  targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) -> Path:
     """A real peft LoRA on the tiny model with random (non-zero) A and B, saved as safetensors."""

@@ -15,13 +15,6 @@ from kaito.runtime.fastpath import FastDecoder
 from .test_cglue import _hf_greedy, _model
 
 
-@pytest.fixture(scope="module")
-def glue() -> cglue.CpuGlue:
-    g = cglue.load()
-    assert g is not None and g.threaded, "the C glue did not build with OpenMP: is gcc installed? (CI installs it)"
-    return g
-
-
 class _Counter:
     """Stands in for the step's CpuGlue and counts its whole-step calls."""
 

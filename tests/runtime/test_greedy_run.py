@@ -23,13 +23,6 @@ from .test_cglue import _hf_greedy, _model
 PROMPTS = [[3, 17, 29, 4, 90, 11], [5, 8], [7, 140, 2, 66], [9], [12, 13, 14, 15, 16, 17, 18, 19]]
 
 
-@pytest.fixture(scope="module")
-def glue() -> cglue.CpuGlue:
-    g = cglue.load()
-    assert g is not None and g.threaded, "the C glue did not build with OpenMP: is gcc installed? (CI installs it)"
-    return g
-
-
 class _Runs:
     """Stands in for the step's CpuGlue and records the k and the steps of each run."""
 
