@@ -45,6 +45,9 @@ from kaito.runtime.sequence import EngineDead, Finished, NeverFits, QueueFull, S
 
 log = logging.getLogger("kaito.runtime.engine")
 
+# Quiet this long before an idle engine turns a layer of its weights dense (and between layers): a gap between
+# one client's requests is shorter, so steady traffic never sees a conversion it did not ask for.
+IDLE_LAYOUT_S = 0.05
 OP_TIMEOUT_S = 60.0  # an adapter change the engine thread has not taken by then is withdrawn and reported
 
 
@@ -252,17 +255,29 @@ class Engine:
 
     def _wait_for_work(self) -> bool:
         """Block until there is work (True) or the engine stops (False); idle torchrun workers block in a
-        collective, so a periodic no-op plan keeps it under its timeout."""
+        collective, so a periodic no-op plan keeps it under its timeout. In one process, a quiet spell turns the
+        CPU weight layout dense a layer at a time (`BatchExecutor.idle_layout`), checking for work between."""
         while True:
             with self._cv:
                 while not (self._stop or self._has_work()):
-                    if not self._cv.wait(timeout=30 if self.broadcast else None):
+                    if self.broadcast is not None:
+                        timeout: float | None = 30
+                    else:
+                        timeout = IDLE_LAYOUT_S if self.ex.idle_layout_pending else None
+                    if not self._cv.wait(timeout=timeout):
                         break
                 if self._stop:
                     return False
                 if self._has_work():
                     return True
-            self.guard.send(NOOP)
+            if self.broadcast is not None:
+                self.guard.send(NOOP)
+                continue
+            try:
+                self.ex.idle_layout()
+            except Exception:  # e.g. no memory for a dense copy: the layout stays as it is, nothing is lost
+                log.exception("turning the weight layout dense while idle failed; keeping the layout as it is")
+                self.ex.freeze_layout()
 
     def _has_work(self) -> bool:
         return bool(self.running or self._ready or self._ops or (self.waiting and self._prefiller is None))

@@ -97,6 +97,15 @@ class BatchExecutor:
         rotary = getattr(inner, "rotary_emb", None)
         return getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope")
 
+    def idle_layout(self) -> bool:
+        """While the engine idles: one decoder layer's linears toward the dense layout a lone request decodes
+        fastest on (`LayoutSwitch.idle`); returns whether layers remain. Only while nothing else runs forwards."""
+        return self.fast is not None and self.fast.layout.idle()
+
+    @property
+    def idle_layout_pending(self) -> bool:
+        return self.fast is not None and self.fast.layout.idle_pending
+
     def freeze_layout(self) -> None:
         """Keep the linears' CPU weight layout as it is from now on (`kaito.runtime.packing.LayoutSwitch`):
         for when another thread runs forwards beside `decode`, which would race with a switch."""

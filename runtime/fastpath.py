@@ -15,7 +15,8 @@ forward, LoRA hooks and `state_dict()` keep working on the same modules. That mo
 model itself, once, when the first FastDecoder is built on it: later executors on that model find it packed.
 One or two rows (up to eight with the C step below) decode faster on the dense float32 weight (MKL's GEMV),
 so `kaito.runtime.packing.LayoutSwitch` turns the linears back to dense, a layer per step, once a server has
-decoded that few rows for a while, and packs them again when a step has more.
+decoded that few rows for a while or sat idle (`LayoutSwitch.idle`, from the engine), and packs them again when
+a step has more.
 
 On a float32 CPU model a decode step without adapter rows runs `_glue_decode`: the same math with the ops
 between the linears done by the C glue (`kaito.runtime.cglue`: one call per RMSNorm, one for RoPE + KV write +

@@ -3,12 +3,17 @@ weight follows the rows decode steps have, one layer per step, and the outputs d
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from kaito.runtime import cstep, packing
+from kaito.runtime.engine import IDLE_LAYOUT_S, Engine
 from kaito.runtime.executor import BatchExecutor
 from kaito.runtime.loader import load
 from kaito.runtime.packing import DENSE_AFTER, PackedLinear
+from kaito.runtime.sampling import SamplingParams
+from kaito.runtime.sequence import Sequence
 from kaito.runtime.settings import RuntimeSettings
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
@@ -121,3 +126,72 @@ def test_bfloat16_linears_stay_packed(monkeypatch):
     for _ in range(DENSE_AFTER + 5):
         ex.decode([7])
     assert _packed(linears) == len(linears)
+
+
+def _until(cond, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_an_idle_engine_turns_the_layout_dense_and_a_burst_packs_it_again(tiny_model_dir, monkeypatch):
+    """A started engine with nothing to do turns its layers dense one at a time (a fresh server's first request
+    decodes dense from its first step); a burst of more rows packs them again step by step, and the quiet after it
+    turns them dense again. The tokens are the same whatever the layout."""
+    monkeypatch.delenv("KAITO_PACKED_LINEARS", raising=False)
+    loaded = load(RuntimeSettings(model_dir=tiny_model_dir, preset="tiny-phi-3", device="cpu"))
+    model = loaded.model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    e = Engine(BatchExecutor(model), loaded.tokenizer, eos_ids=loaded.eos_ids, max_model_len=loaded.max_model_len,
+               max_batch_size=16)
+    layout = e.ex.fast.layout
+    assert _packed(linears) == len(linears) and layout.idle_pending
+    seen: list[int] = []
+    step = layout.step
+
+    def spy(rows: int) -> None:
+        step(rows)
+        seen.append(_packed(linears))
+
+    layout.step = spy  # type: ignore[method-assign]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = Sequence(PROMPTS[0], greedy)
+    e.start()
+    try:
+        assert _until(lambda: _packed(linears) == 0), "an idle engine turns every layer dense"
+        assert not layout.idle_pending and seen[-1] == 0
+        seen.clear()  # `idle` converts through `step` too
+        e.submit([alone])
+        assert _until(lambda: alone.finish_reason is not None)
+        assert seen and set(seen) == {0}, "the first request decoded dense from its first step"
+        seen.clear()
+        burst = [Sequence(_prompts(1, i)[0], SamplingParams(max_tokens=len(layout.groups) + 6, temperature=0.0,
+                                                            ignore_eos=True))
+                 for i in range(layout.dense_rows + 2)]
+        e.submit(burst)
+        assert _until(lambda: all(s.finish_reason is not None for s in burst))
+        assert max(seen) == len(linears), "a burst of more rows packs every layer again, a layer per step"
+        assert _until(lambda: _packed(linears) == 0), "and the quiet after it turns them dense again"
+        again = Sequence(PROMPTS[0], greedy)
+        e.submit([again])
+        assert _until(lambda: again.finish_reason is not None)
+    finally:
+        e.stop()
+    assert e.error is None
+    assert alone.output_ids == again.output_ids and len(alone.output_ids) == 12
+
+
+def test_an_idle_engine_beside_a_prefill_thread_keeps_its_layout(tiny_model_dir, monkeypatch):
+    """The prefill thread forwards beside the engine thread: no layout switch then, idle or not."""
+    monkeypatch.delenv("KAITO_PACKED_LINEARS", raising=False)
+    loaded = load(RuntimeSettings(model_dir=tiny_model_dir, preset="tiny-phi-3", device="cpu"))
+    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+    e = Engine(BatchExecutor(loaded.model), loaded.tokenizer, eos_ids=loaded.eos_ids,
+               max_model_len=loaded.max_model_len, prefill_thread=True)
+    e.start()
+    try:
+        time.sleep(10 * IDLE_LAYOUT_S)
+        assert _packed(linears) == len(linears)
+    finally:
+        e.stop()
