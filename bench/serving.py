@@ -15,7 +15,9 @@ definition); then per model and level the median over repeats [min-max] of both 
 ratios, and the memory-bandwidth floor of a batch-1 decode step (`bench/floor.py`) measured in the
 same run with our server's torch threads (its default on this host unless --threads) and on one thread
 (the one core vLLM's CPU engine takes on a 2-core host), and again right after each of our 1-client levels,
-so the batch-1 ratio of each round is against the host's speed of that minute.
+so the batch-1 ratio of each round is against the host's speed of that minute. Last, per model, our decode
+step alone (no server) against that floor's GEMV timed in the same rounds (`bench/decode_floor.py`): the served
+TPOT's distance from the floor minus this is what serving adds per token.
 """
 
 from __future__ import annotations
@@ -267,6 +269,17 @@ def floor(size: str, threads: int) -> dict:
     return json.loads(out)
 
 
+def decode_floor(model_dir: Path, threads: int) -> dict:
+    """Our batch-1 decode step in-process against the floor's GEMV timed in the same rounds (`bench/decode_floor.py`)."""
+    env = {**os.environ, "KAITO_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("decode_floor.py")), "--model-dir", str(model_dir),
+         "--threads", str(threads)],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _spread(xs: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
     xs = [x * scale for x in xs]
     if len(xs) == 1:
@@ -282,7 +295,9 @@ def _floor_line(threads: int, fl: dict, who: str) -> str:
     )
 
 
-def report(name: str, runs: dict[str, list[dict]], floors: dict[int, dict], a: argparse.Namespace) -> None:
+def report(
+    name: str, runs: dict[str, list[dict]], floors: dict[int, dict], a: argparse.Namespace, step: dict | None = None
+) -> None:
     print(f"\n== {name} ({n_params(name) / 1e6:.1f}M params): median over {a.repeats} rounds [min-max]")
     for threads, fl in floors.items():
         print(_floor_line(threads, fl, "ours" if threads == a.threads else "one core, as vLLM's engine"))
@@ -319,6 +334,14 @@ def report(name: str, runs: dict[str, list[dict]], floors: dict[int, dict], a: a
             f"per round: x{_spread(ratios, 1, '{:.2f}')} (floors {_spread([fl[key] for _, fl in paired], 1, '{:.2f}')} ms; "
             "goal <= 1.3)"
         )
+    if step is not None:
+        lo, hi = step["run_ratio_range"]
+        print(
+            f"  ours batch-1 decode step in-process, {a.threads} thread(s), against the floor's GEMV timed in the same "
+            f"{step['rounds']} rounds (bench/decode_floor.py): greedy run {step['run_ms']:.2f} ms = "
+            f"x{step['run_ratio']:.2f} [{lo:.2f}-{hi:.2f}], one step at a time {step['step_ms']:.2f} ms = "
+            f"x{step['step_ratio']:.2f}; floor {step['floor_ms']:.2f} ms (goal <= 1.3)"
+        )
     if "vllm" in runs:
         texts = runs["ours"][0].get("text"), runs["vllm"][0].get("text")
         # Word-level tokens: equal words are equal tokens (vLLM also keeps the space before the first word).
@@ -339,7 +362,8 @@ def _bench(a: argparse.Namespace, tmp: Path) -> int:
         for rnd in range(a.repeats):
             for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
                 runs[kind].append(bench_server(kind, a, model_dir, name, tmp, rnd))
-        report(name, runs, floors, a)
+        step = decode_floor(model_dir, a.threads) if a.dtype == "float32" else None
+        report(name, runs, floors, a, step)
     return 0
 
 
