@@ -104,6 +104,7 @@ class BatchExecutor:
 
     @property
     def idle_layout_pending(self) -> bool:
+        """Whether `idle_layout` has layers left to turn dense (the engine then wakes to do so while idle)."""
         return self.fast is not None and self.fast.layout.idle_pending
 
     def freeze_layout(self) -> None:
