@@ -6,10 +6,10 @@ work per token (HTTP, SSE, the output processor, the event loop sharing the core
 measures the engine's decode alone, so the two can be told apart. On a shared host whose memory bandwidth
 drifts by a third between minutes, a floor measured before or after says little about one measured in the
 same second: each round here times the step, then the floor's GEMV over a buffer of the model's weight bytes
-(as `bench/floor.py`), as many times in a row as steps were timed (a best-of over a few 16 ms calls would
-pick the host's calmest instant against our average over half a second), and the ratio is taken per round. Two paths of the step: a greedy run
-(`BatchExecutor.greedy_run`, what plain greedy streams take) and one step at a time (`BatchExecutor.decode`,
-what sampled streams take). Prints one JSON line.
+(`floor.gemv_operands`), as many times in a row as steps were timed (a best-of over a few 16 ms calls would
+pick the host's calmest instant against our average over half a second), and the ratio is taken per round.
+Two paths of the step: a greedy run (`BatchExecutor.greedy_run`, what plain greedy streams take) and one step
+at a time (`BatchExecutor.decode`, what sampled streams take). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from floor import gemv_operands  # bench/ is this script's directory, first on sys.path
 
 PROMPT = list(range(5, 21))
 
@@ -38,8 +39,7 @@ def measure(model_dir: Path, threads: int, rounds: int = 7, steps: int = 24) -> 
     while ex.idle_layout():  # as a server does while idle: the dense layout batch 1 decodes on
         pass
     nbytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    w = torch.randn(max(1, nbytes // 4 // 1024), 1024)
-    x = torch.randn(1, 1024)
+    w, x = gemv_operands(nbytes)
     flag = ctypes.c_int(0)
     out: dict[str, list[float]] = {"run_ms": [], "step_ms": [], "floor_ms": []}
     for r in range(rounds + 1):  # round 0 warms every path up and is dropped

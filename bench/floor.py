@@ -17,12 +17,15 @@ import torch
 import torch.nn.functional as F
 
 
+def gemv_operands(nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The floor's GEMV: one float32 weight of `nbytes` (rows of 1024) and one input row (also bench/decode_floor.py)."""
+    cols = 1024
+    return torch.randn(max(1, nbytes // 4 // cols), cols), torch.randn(1, cols)
+
+
 def measure(nbytes: int, threads: int, reps: int = 7) -> dict:
     torch.set_num_threads(threads)
-    cols = 1024
-    rows = max(1, nbytes // 4 // cols)
-    w = torch.randn(rows, cols)
-    x = torch.randn(1, cols)
+    w, x = gemv_operands(nbytes)
     out = {}
     for name, fn in (("sum", lambda: w.sum()), ("gemv", lambda: F.linear(x, w))):
         fn()
