@@ -3,10 +3,18 @@
 pytest_plugins = ["support.models", "support.registry"]
 
 
+# The suites that need the runtime base image (tests/e2e/container.py's base_steps). They run last: `.ci/run`
+# builds the base in the background meanwhile, and they find it cached (or wait on its lock) instead of
+# spending their first minutes building it.
+NEEDS_BASE = ("cluster/test_seed_workspaces.py", "e2e/test_container.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Hardware tests skip, with the reason, where torch sees too few CUDA GPUs (torch imported only then)."""
+    """The base image's suites go last (stable order otherwise); hardware tests skip, with the reason, where
+    torch sees too few CUDA GPUs (torch imported only then)."""
     import pytest
 
+    items.sort(key=lambda it: any(it.nodeid.startswith("tests/" + name) for name in NEEDS_BASE))
     wanted = [it for it in items if it.get_closest_marker("gpu") or it.get_closest_marker("multi_gpu")]
     if not wanted:
         return

@@ -32,6 +32,8 @@ under $KAITO_E2E_CACHE (default out/e2e-cache).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from container_parts import (
@@ -213,9 +216,33 @@ class Step:
 
 
 def base_steps(run: Run) -> None:
-    """`make build-base`: Dockerfiles/base built offline, stored as <layout>/kaito-base:<version>."""
+    """`make build-base`: Dockerfiles/base built offline, stored as <layout>/kaito-base:<version>.
+
+    Holds the cache's lock throughout: `.ci/run` builds the base in the background while the other tests
+    run, and a test needing it meanwhile waits here, then finds it cached instead of building it twice."""
     with Step(run, "dockerd"):
         run.facts["dockerd"] = start_dockerd(run)
+    with base_lock(run.cache) as waited:
+        if waited >= 1:
+            run.timings.append(("base-lock", waited, "waited for another build of the base"))
+        _base_steps_locked(run)
+
+
+@contextlib.contextmanager
+def base_lock(cache: Path) -> Iterator[float]:
+    """An exclusive flock on <cache>/.base.lock (released when its holder exits, however it exits); yields
+    the seconds spent waiting for it."""
+    t0 = time.monotonic()
+    with open(cache / ".base.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"    another build of the base holds {cache / '.base.lock'}: waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield time.monotonic() - t0
+
+
+def _base_steps_locked(run: Run) -> None:
     with Step(run, "rootfs") as st:
         tarball, cached = make_rootfs(run)
         st.note = "cached" if cached else "mmdebstrap"
