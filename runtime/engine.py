@@ -20,7 +20,8 @@ measured faster (see `RuntimeSettings.prefill_thread`). Forwards never run on th
 
 Greedy runs (`kaito.runtime.greedy_runs`; `decode_run_s`, the server's `decode_run_ms`): when every running row
 is plain greedy and nothing waits, one executor call decodes several steps in C and the step's Python is paid
-once per run; an arrival, cancellation or adapter change ends a run at its next token (`runs.interrupt()`).
+once per run; the run's finished steps are streamed while it goes on (`greedy_runs.RunStreamer`, every
+`decode_run_s`), and an arrival, cancellation or adapter change ends it at its next token (`runs.interrupt()`).
 """
 
 from __future__ import annotations
@@ -407,7 +408,8 @@ class Engine:
             flush(self._outbox)
             return None
         t0 = time.perf_counter()
-        steps = self.guard.decode_run(ev.plan, self.running, self.runs.forward(self.ex, self.running, run, self.eos_ids),
+        steps = self.guard.decode_run(ev.plan, self.running, self.runs.forward(self.ex, self.running, run, self.eos_ids,
+                                                                            self.output),
                                       lambda rows, picks: self.runs.accept(self.output, rows, picks, self._outbox)) if run else 0
         if not steps:
             steps = 1

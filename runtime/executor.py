@@ -333,13 +333,14 @@ class BatchExecutor:
 
     @torch.inference_mode()
     def greedy_run(self, tokens: list[int], k: int, eos_ids: list[int], eos_stops: list[bool], budget_s: float,
-                   interrupt) -> list[list[int]] | None:
+                   interrupt, watch=None) -> list[list[int]] | None:
         """Up to k greedy decode steps of every row in one C call (`FastDecoder.greedy_run`; the engine's
         `kaito.runtime.greedy_runs` picks when and k): each row's next token is its argmax, fed to the next step. Returns
         each step's tokens ([steps][rows]), or None when the fast path cannot run it now (nothing changed: the
         caller decodes one step instead). The batch advances by the steps run. eos_stops[i]: row i ends at one of
         `eos_ids`, so the run stops after that step; `interrupt` (a ctypes int another thread may set) and
-        `budget_s` end it early too (see `kaito_decode_run`)."""
+        `budget_s` end it early too (see `kaito_decode_run`). watch(picks), when given, sees the picks tensor the C
+        loop fills step by step just before it starts (`kaito.runtime.greedy_runs.RunStreamer`)."""
         B, n = self.batch_size, len(tokens)
         if self.fast is None or n != B or k < 1 or any(self.rows) or not self.fast.runnable(n, self.width + k):
             return None
@@ -357,7 +358,8 @@ class BatchExecutor:
         kv = [(kb[:n, :, a:col + k], vb[:n, :, a:col + k]) for kb, vb in self.bufs]
         eos = torch.tensor(eos_ids, dtype=torch.long)
         stops = torch.tensor(eos_stops, dtype=torch.uint8)
-        picks = self.fast.greedy_run(tokens, self.pos[:n], mask, kv, self.width, k, eos, stops, budget_s, interrupt)
+        picks = self.fast.greedy_run(tokens, self.pos[:n], mask, kv, self.width, k, eos, stops, budget_s, interrupt,
+                                     watch)
         if picks is None:
             return None
         steps = len(picks)

@@ -327,12 +327,14 @@ class FastDecoder:
 
     def greedy_run(self, tokens: list[int], positions: torch.Tensor, mask: torch.Tensor | None,
                    kv: list[tuple[torch.Tensor, torch.Tensor]], width: int, k: int, eos: torch.Tensor,
-                   eos_stops: torch.Tensor, budget_s: float, interrupt: Any) -> list[list[int]] | None:
+                   eos_stops: torch.Tensor, budget_s: float, interrupt: Any,
+                   watch: Any = None) -> list[list[int]] | None:
         """Up to k greedy decode steps in one C call (`cstep.DecodeStep.run_greedy`), or None when this model's
         step cannot run them now (not all dense, hooks, a rotary that rescales, a sliding window in reach): the
         caller then decodes one step as usual. tokens: the rows' pending tokens; positions [n]: theirs;
         mask: bool [n, >= width + k] or None; kv: views with room for k new columns. Returns each step's
-        picks ([steps][n]); the K/V of every step's input are written."""
+        picks ([steps][n]); the K/V of every step's input are written. watch(picks) sees the int64 [k + 1, n] tensor
+        the C loop fills (-1 below row 0 until a step writes its row) just before the call."""
         step, n = self.step, len(tokens)
         if step is None or not self.runnable(n, width + k - 1):
             return None
@@ -346,8 +348,10 @@ class FastDecoder:
         assert isinstance(table, torch.Tensor)  # runnable() checked: a plain nn.Embedding
         cos, sin = self.rotary(table[:1], position_ids=pos)  # [n, k, drot]
         cos, sin = cos.transpose(0, 1).contiguous(), sin.transpose(0, 1).contiguous()
-        picks = torch.empty(k + 1, n, dtype=torch.long)
+        picks = torch.full((k + 1, n), -1, dtype=torch.long)
         picks[0] = torch.tensor(tokens, dtype=torch.long)
+        if watch is not None:
+            watch(picks)
         done = step.run_greedy(table, picks, cos, sin, kv, width, mask, eos, eos_stops, budget_s,
                                interrupt)
         return None if done is None else picks[1:done + 1].tolist()

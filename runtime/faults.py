@@ -34,6 +34,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from kaito.runtime.greedy_runs import StreamedRunFailed
 from kaito.runtime.plan import StepPlan, prefill_plan
 from kaito.runtime.sampling import sample
 from kaito.runtime.scheduler import next_token
@@ -200,13 +201,17 @@ class ForwardGuard:
         """A greedy run (several decode steps in one call, `kaito.runtime.greedy_runs`) in place of `decode`: evict
         (`keep`), then run(tokens) over the first len(decode) rows and accept their picks. Returns the steps run;
         0 when it did not run (the executor could not, or the run raised, which changes nothing): the caller then
-        decodes `plan.after_evict()` one step as usual, where a fault is contained row by row. One process only:
+        decodes `plan.after_evict()` one step as usual, where a fault is contained row by row. A run that failed
+        after some of its tokens were streamed (`StreamedRunFailed`) fails its rows instead (returns 1). One process only:
         no plan describes a run to torchrun workers (the engine offers none there)."""
         assert self.broadcast is None, "greedy runs are for one process: workers replay one-step plans"
         self.ex.evict(list(plan.keep))
         rows = batch[:len(plan.decode)]
         try:
             picks = self.run("decode", rows, lambda: run(list(plan.decode)))
+        except StreamedRunFailed as e:  # some tokens are out: a step again would send them twice; these rows fail
+            self.contain(e, rows)
+            return 1
         except Exception as e:
             log.warning("a greedy run of %d rows failed (%r); decoding them one step at a time", len(rows), e)
             return 0

@@ -8,6 +8,8 @@ ends, with any arrival, cancellation or adapter change ending a run and a failin
 from __future__ import annotations
 
 import ctypes
+import threading
+import time
 
 import pytest
 import torch
@@ -325,3 +327,124 @@ def test_a_run_is_offered_only_to_plain_greedy_rows_and_never_past_a_rows_limit(
     almost = plain(max_tokens=21)
     almost.output_ids = [5] * 20
     assert runs.steps(plan, [plain(), almost], [3], idle=True, one_process=True) == 0  # one token left: one step
+
+
+def test_the_streamer_sends_finished_steps_only_in_order_and_nothing_after_the_run():
+    """A stand-in for the C loop (our own boundary: a thread writing the picks tensor step by step, a row's
+    entries one at a time) against the real streamer thread: each delivery holds only whole steps, in order,
+    none twice; `end` returns how many went out and nothing is delivered after it."""
+    from kaito.runtime.greedy_runs import RunStreamer, finished_steps
+
+    k, n = 12, 3
+    picks = torch.full((k + 1, n), -1, dtype=torch.long)
+    picks[0] = torch.tensor([1, 2, 3])
+    got: list[list[int]] = []
+    streamer = RunStreamer(0.002)
+    streamer.begin(picks, got.extend)
+    for j in range(1, 9):  # the loop writes 8 of its 12 steps, a row entry by entry
+        for r in range(n):
+            picks[j, r] = 100 * j + r
+            time.sleep(0.003)
+        assert all(len(row) == n and -1 not in row for row in got)
+    time.sleep(0.02)
+    sent = streamer.end()
+    assert 1 <= sent <= 8 and got == [[100 * j + r for r in range(n)] for j in range(1, sent + 1)]
+    picks[9] = torch.tensor([900, 901, 902])  # written after end: never sent
+    time.sleep(0.02)
+    assert len(got) == sent
+    assert finished_steps(picks, 0) == 9 and finished_steps(picks, 9) == 0 and finished_steps(picks, k) == 0
+
+
+def test_a_runs_tokens_stream_while_it_goes_on(small_model_dir, monkeypatch):
+    """Runs 2 s long at most, their tokens due every 2 ms: the streamer sends most of them while the C loop is
+    still going (on its own thread), and the tokens, texts and endings are one step at a time's (a stop string
+    hit mid-run ends that row there and interrupts the run)."""
+    monkeypatch.setenv("KAITO_PACKED_LINEARS", "0")  # dense from the first step: runs from the first token
+    loaded = load(RuntimeSettings(model_dir=small_model_dir, preset="tiny-phi-3-small"))
+    rows = lambda **kw: [Sequence(_ids(loaded, t), SamplingParams(max_tokens=150, temperature=0.0, **kw))
+                         for t in (TEXTS[0], TEXTS[1], "the cat sat on the mat and")]
+    probe = rows(ignore_eos=True)
+    run_to_completion(Engine(BatchExecutor(loaded.model), loaded.tokenizer, eos_ids=loaded.eos_ids,
+                             max_model_len=loaded.max_model_len), probe)
+    out = probe[2].output_ids
+    # A stop string the row's text first holds some tokens in (its text's tail there, absent a token before).
+    text = lambda i: loaded.tokenizer.decode(out[:i])
+    stop = next(text(i)[-3:] for i in range(12, 140) if len(text(i)) >= 3 and text(i)[-3:] not in text(i - 1))
+    results, streamed = [], []
+    for every_s in (0.0, 0.002):
+        e = Engine(BatchExecutor(loaded.model), loaded.tokenizer, eos_ids=loaded.eos_ids,
+                   max_model_len=loaded.max_model_len, decode_run_s=every_s)
+        seqs = rows(ignore_eos=True)[:2] + rows(ignore_eos=True, stop=[stop])[2:]
+        threads: set[str] = set()
+        append = e.output.append
+
+        def watched(*a, _seen=threads, _append=append, **kw):
+            _seen.add(threading.current_thread().name)
+            return _append(*a, **kw)
+        e.output.append = watched  # type: ignore[method-assign]
+        steps_sent = 0
+        e.submit(seqs)
+        while any(s.finish_reason is None for s in seqs):
+            e.step()
+            steps_sent += e.runs.streamed
+            e.runs.streamed = 0
+        results.append([(s.output_ids, s.text, s.finish_reason) for s in seqs])
+        streamed.append((steps_sent, threads))
+    assert results[0] == results[1]
+    assert results[1][2][2] == "stop" and len(results[1][2][0]) < 150
+    assert streamed[0][0] == 0
+    assert streamed[1][0] >= 50 and "kaito-run-streamer" in streamed[1][1], streamed
+
+
+def test_a_run_failing_after_it_streamed_fails_its_rows_and_the_engine_goes_on(dense, monkeypatch):
+    """Tokens already streamed cannot be taken back, so a run that raises after sending some must not fall back
+    to decoding that step again (its rows would get a token twice): those rows fail, each token sent once, and
+    the next request decodes as it would have."""
+    want = Sequence(_ids(dense, "hi"), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    run_to_completion(_engine(dense, False), [want])
+    e = Engine(BatchExecutor(dense.model), dense.tokenizer, eos_ids=dense.eos_ids,
+               max_model_len=dense.max_model_len, decode_run_s=0.001)
+    real = e.ex.greedy_run
+
+    def sends_then_breaks(tokens, k, eos_ids, stops, budget_s, flag, watch=None):
+        picks = torch.full((k + 1, len(tokens)), -1, dtype=torch.long)
+        watch(picks)
+        picks[1:4] = 7  # three steps the streamer may send
+        deadline = time.monotonic() + 5
+        while e.runs.streamer._sent < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        raise RuntimeError("injected: the run broke after its loop wrote three steps")
+    monkeypatch.setattr(e.ex, "greedy_run", sends_then_breaks)
+    seq = Sequence(_ids(dense, "What is a GPU?"), SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    run_to_completion(e, [seq])
+    assert seq.finish_reason == "error" and seq.output_ids[1:] == [7, 7, 7], seq.output_ids
+    monkeypatch.setattr(e.ex, "greedy_run", real)
+    again = Sequence(_ids(dense, "hi"), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    run_to_completion(e, [again])
+    assert again.output_ids == want.output_ids and again.finish_reason == "length"
+
+    # The streamer's delivery itself raises (the output processor, on its thread): the run's rows fail too.
+    append = e.output.append
+
+    def breaks_on_the_streamer(*a, **kw):
+        if threading.current_thread().name == "kaito-run-streamer":
+            raise RuntimeError("injected: the output processor broke")
+        return append(*a, **kw)
+
+    def writes_and_returns(tokens, k, eos_ids, stops, budget_s, flag, watch=None):
+        picks = torch.full((k + 1, len(tokens)), -1, dtype=torch.long)
+        watch(picks)
+        picks[1:3] = 7
+        deadline = time.monotonic() + 5
+        while e.runs.streamer.error is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return picks[1:3].tolist()
+    monkeypatch.setattr(e.output, "append", breaks_on_the_streamer)
+    monkeypatch.setattr(e.ex, "greedy_run", writes_and_returns)
+    seq = Sequence(_ids(dense, "What is a GPU?"), SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    run_to_completion(e, [seq])
+    assert seq.finish_reason == "error" and len(seq.output_ids) == 1 and e.error is None
+    monkeypatch.undo()
+    again = Sequence(_ids(dense, "hi"), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    run_to_completion(e, [again])
+    assert again.output_ids == want.output_ids and again.finish_reason == "length"
