@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from floor import gemv_operands  # bench/ is this script's directory, first on sys.path
+from floor import gemv_ms, gemv_operands  # bench/ is this script's directory, first on sys.path
 
 PROMPT = list(range(5, 21))
 
@@ -56,10 +56,7 @@ def measure(model_dir: Path, threads: int, rounds: int = 7, steps: int = 24) -> 
         step_ms = (time.perf_counter() - t) / steps * 1e3
         ex.reset()
         F.linear(x, w)
-        t = time.perf_counter()
-        for _ in range(steps):
-            F.linear(x, w)
-        floor_ms = (time.perf_counter() - t) / steps * 1e3
+        floor_ms = gemv_ms(w, x, steps)
         if r:
             out["run_ms"].append(run_ms)
             out["step_ms"].append(step_ms)

@@ -23,6 +23,15 @@ def gemv_operands(nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(max(1, nbytes // 4 // cols), cols), torch.randn(1, cols)
 
 
+def gemv_ms(w: torch.Tensor, x: torch.Tensor, n: int) -> float:
+    """Mean ms of n GEMVs in a row, as many as the decode steps it is paired with (bench/serving.py `interleaved`,
+    bench/decode_floor.py): a mean over the same stretch, not a best-of."""
+    t = time.perf_counter()
+    for _ in range(n):
+        F.linear(x, w)
+    return (time.perf_counter() - t) / n * 1e3
+
+
 def measure(nbytes: int, threads: int, reps: int = 7) -> dict:
     torch.set_num_threads(threads)
     w, x = gemv_operands(nbytes)

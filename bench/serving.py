@@ -289,7 +289,7 @@ def interleaved(url: str, name: str, a: argparse.Namespace, rounds: int = 6) -> 
     minutes; as `bench/decode_floor.py` does in-process, this pairs both in one stretch. [(tpot_ms, floor_ms)]."""
     import torch
     import torch.nn.functional as F
-    from floor import gemv_operands
+    from floor import gemv_ms, gemv_operands
 
     torch.set_num_threads(a.threads)
     w, x = gemv_operands(n_params(name) * 4)
@@ -299,11 +299,7 @@ def interleaved(url: str, name: str, a: argparse.Namespace, rounds: int = 6) -> 
     out = []
     for _ in range(rounds):
         r = asyncio.run(run_level("ours", url, name, 1, 1, a.output_len, a.level_timeout))
-        steps = max(1, a.output_len - 1)
-        t = time.perf_counter()
-        for _ in range(steps):
-            F.linear(x, w)
-        out.append((r["tpot_p50"] * 1e3, (time.perf_counter() - t) / steps * 1e3))
+        out.append((r["tpot_p50"] * 1e3, gemv_ms(w, x, max(1, a.output_len - 1))))
     return out
 
 
